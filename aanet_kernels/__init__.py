@@ -1,0 +1,18 @@
+"""aanet-kernels: fused attention-augmented convolution (AA-Conv) for PyTorch."""
+
+from aanet_kernels.backends import BACKENDS, available_backends, resolve_backend, use_backend
+from aanet_kernels.ops import attention_2d
+from aanet_kernels.reference import attention_2d_reference
+from aanet_kernels.relative import relative_logits
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "attention_2d",
+    "attention_2d_reference",
+    "available_backends",
+    "relative_logits",
+    "resolve_backend",
+    "use_backend",
+]

@@ -1,0 +1,93 @@
+"""Choosing a backend: the ``backend=`` argument, a context manager, or ``AANET_KERNELS_BACKEND``."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+from aanet_kernels._extension import EXTENSION_ERROR, has_kernel
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "AANET_KERNELS_BACKEND"
+
+_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "aanet_kernels_backend", default=None
+)
+
+
+def triton_interpreted() -> bool:
+    """Triton kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (read at Triton import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _why_unavailable(name: str, device: torch.device) -> str | None:
+    """``None`` if ``name`` can run on ``device``, else the reason in words."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"the 'cpu' backend takes CPU tensors, got {device}"
+        if not has_kernel("attention_2d_fwd", "CPU"):
+            return f"the C++ extension is not loaded ({EXTENSION_ERROR})"
+        return None
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the 'cuda' backend takes CUDA tensors, got {device}"
+        if not has_kernel("attention_2d_fwd", "CUDA"):
+            return "the extension was built without CUDA kernels (no CUDA toolkit at build time?)"
+        return None
+    if name == "triton":
+        if not _triton_importable():
+            return "triton is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+            return None
+        return f"the 'triton' backend takes CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device}"
+    return f"unknown backend {name!r}; expected one of {('auto',) + BACKENDS}"
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on ``device`` (default: every device of this machine)."""
+    devices = [torch.device(device)] if device is not None else [torch.device("cpu")]
+    if device is None and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    return [n for n in BACKENDS if any(_why_unavailable(n, d) is None for d in devices)]
+
+
+# Order in which ``auto`` tries backends per device type; see benchmarks/results for why.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for a call: argument, then context manager, then env var, then auto."""
+    if backend == "auto":
+        backend = _context_backend.get() or os.environ.get(ENV_VAR, "auto") or "auto"
+    if backend == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+            if _why_unavailable(candidate, device) is None:
+                return candidate
+        return "reference"
+    reason = _why_unavailable(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+    return backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Run the enclosed ``attention_2d`` calls (and layers built on it) with ``backend``."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+    token = _context_backend.set(backend)
+    try:
+        yield
+    finally:
+        _context_backend.reset(token)

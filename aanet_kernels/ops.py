@@ -1,0 +1,131 @@
+"""The ``attention_2d`` op: fake implementations, autograd, and the public entry point.
+
+The compiled ops ``torch.ops.aanet_kernels.attention_2d_fwd`` / ``attention_2d_bwd`` are declared in
+``csrc/ops.cpp``. This module registers, on top of them, the fake (meta) implementations that
+``torch.compile`` and ``torch.export`` trace with, and autograd. The same helpers serve the Triton
+ops, which are declared in Python (``aanet_kernels/_triton``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from aanet_kernels import reference
+from aanet_kernels._checks import check_attention_2d_inputs
+from aanet_kernels._extension import extension_loaded
+from aanet_kernels.backends import resolve_backend
+
+Bias = Tensor | None
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax statistics are fp32 for fp32 and lower precisions, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fake_attention_2d_fwd(
+    q: Tensor, k: Tensor, v: Tensor, bias_h: Bias, bias_w: Bias, height: int, width: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    batch, heads, length, _ = q.shape
+    out = q.new_empty((batch, heads, length, v.shape[-1]))
+    lse = q.new_empty((batch, heads, length), dtype=lse_dtype(q.dtype))
+    return out, lse
+
+
+def fake_attention_2d_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias_h: Bias,
+    bias_w: Bias,
+    out: Tensor,
+    lse: Tensor,
+    height: int,
+    width: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    batch, heads, length, _ = q.shape
+    # An absent bias gets an empty (0-element) gradient: op schemas cannot return None.
+    dbias_h = q.new_empty((batch, heads, length, height) if bias_h is not None else (0,))
+    dbias_w = q.new_empty((batch, heads, length, width) if bias_w is not None else (0,))
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape), dbias_h, dbias_w
+
+
+def register_attention_2d_autograd(fwd_op: str, bwd_op: Callable[..., tuple[Tensor, ...]]) -> None:
+    """Register autograd for a forward op ``(q, k, v, bias_h, bias_w, height, width, scale) -> (out,
+    lse)`` whose gradients come from ``bwd_op`` with the ``attention_2d_bwd`` signature."""
+
+    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        q, k, v, bias_h, bias_w, height, width, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, bias_h, bias_w, out, lse)
+        ctx.geometry = (height, width, scale)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def]
+        q, k, v, bias_h, bias_w, out, lse = ctx.saved_tensors
+        height, width, scale = ctx.geometry
+        dq, dk, dv, dbias_h, dbias_w = bwd_op(
+            grad_out, q, k, v, bias_h, bias_w, out, lse, height, width, scale
+        )
+        # A bias broadcast over batch or heads gets the sum of the full-size gradient.
+        dbias_h = dbias_h.sum_to_size(bias_h.shape) if bias_h is not None else None
+        dbias_w = dbias_w.sum_to_size(bias_w.shape) if bias_w is not None else None
+        return dq, dk, dv, dbias_h, dbias_w, None, None, None
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
+if extension_loaded():
+    torch.library.register_fake("aanet_kernels::attention_2d_fwd")(fake_attention_2d_fwd)
+    torch.library.register_fake("aanet_kernels::attention_2d_bwd")(fake_attention_2d_bwd)
+    register_attention_2d_autograd(
+        "aanet_kernels::attention_2d_fwd", torch.ops.aanet_kernels.attention_2d_bwd.default
+    )
+
+
+def attention_2d(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias_h: Tensor | None = None,
+    bias_w: Tensor | None = None,
+    *,
+    height: int,
+    width: int,
+    scale: float = 1.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Fused 2D relative-position attention.
+
+    ``softmax_j(scale * q_i . k_j + bias_h[i, j // width] + bias_w[i, j % width]) @ v``
+
+    Args:
+        q, k: ``(B, Nh, L, dkh)`` with ``L = height * width`` (row-major positions).
+        v: ``(B, Nh, L, dvh)``.
+        bias_h: ``(B, Nh, L, height)`` or ``None``; B and Nh may be 1 to broadcast.
+        bias_w: ``(B, Nh, L, width)`` or ``None``; B and Nh may be 1 to broadcast.
+        scale: multiplies ``q . k`` only (the biases are added as given).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns:
+        ``(B, Nh, L, dvh)``. A query whose logits are all ``-inf`` gets zeros (and zero gradients).
+    """
+    check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width)
+    name = resolve_backend(backend, q.device)
+    if name == "reference":
+        return reference.attention_2d_reference(
+            q, k, v, bias_h, bias_w, height=height, width=width, scale=scale
+        )
+    if name == "triton":
+        from aanet_kernels._triton import attention_2d_triton
+
+        return attention_2d_triton(q, k, v, bias_h, bias_w, height, width, float(scale))
+    out, _ = torch.ops.aanet_kernels.attention_2d_fwd(
+        q, k, v, bias_h, bias_w, height, width, float(scale)
+    )
+    return out

@@ -1,0 +1,110 @@
+// Schema of the aanet_kernels ops and the shared input checks. Device kernels register
+// themselves with TORCH_LIBRARY_IMPL in cpu/ and cuda/; fakes and autograd live in Python
+// (aanet_kernels/ops.py), following pytorch/extension-cpp.
+#include "attention_2d.h"
+
+#include <ATen/ATen.h>
+#include <Python.h>
+#include <torch/library.h>
+
+// An empty module: importing aanet_kernels._C runs the static registrations below.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace aanet_kernels {
+
+namespace {
+
+void check_bias(
+    const std::optional<at::Tensor>& bias,
+    const char* name,
+    const char* size_name,
+    const at::Tensor& q,
+    int64_t size) {
+  if (!bias.has_value()) {
+    return;
+  }
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(
+      b.scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(),
+      " (the dtype of q), got ", b.scalar_type());
+  TORCH_CHECK(
+      b.device() == q.device(), name, ": expected device ", q.device(),
+      " (the device of q), got ", b.device());
+  const bool ok = b.dim() == 4 && (b.size(0) == 1 || b.size(0) == q.size(0)) &&
+      (b.size(1) == 1 || b.size(1) == q.size(1)) && b.size(2) == q.size(2) &&
+      b.size(3) == size;
+  TORCH_CHECK(
+      ok, name, ": expected shape (", q.size(0), ", ", q.size(1), ", ", q.size(2), ", ", size,
+      ") = (B, Nh, L, ", size_name, "), B and Nh may be 1 to broadcast, got ", b.sizes());
+}
+
+} // namespace
+
+void check_attention_2d_inputs(
+    const at::Tensor& q,
+    const at::Tensor& k,
+    const at::Tensor& v,
+    const std::optional<at::Tensor>& bias_h,
+    const std::optional<at::Tensor>& bias_w,
+    int64_t height,
+    int64_t width) {
+  TORCH_CHECK(q.dim() == 4, "q: expected a 4-D tensor (B, Nh, L, dkh), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "k: expected a 4-D tensor (B, Nh, L, dkh), got shape ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, "v: expected a 4-D tensor (B, Nh, L, dvh), got shape ", v.sizes());
+  TORCH_CHECK(
+      at::isFloatingType(q.scalar_type()),
+      "q: expected float16, bfloat16, float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(
+      k.scalar_type() == q.scalar_type(), "k: expected dtype ", q.scalar_type(),
+      " (the dtype of q), got ", k.scalar_type());
+  TORCH_CHECK(
+      v.scalar_type() == q.scalar_type(), "v: expected dtype ", q.scalar_type(),
+      " (the dtype of q), got ", v.scalar_type());
+  TORCH_CHECK(k.device() == q.device(), "k: expected device ", q.device(), ", got ", k.device());
+  TORCH_CHECK(v.device() == q.device(), "v: expected device ", q.device(), ", got ", v.device());
+  TORCH_CHECK(
+      height >= 1 && width >= 1, "height, width: expected positive, got ", height, ", ", width);
+  TORCH_CHECK(
+      q.size(2) == height * width, "q: L = ", q.size(2), " does not equal height * width = ",
+      height, " * ", width, " = ", height * width);
+  TORCH_CHECK(
+      k.sizes() == q.sizes(), "k: expected shape ", q.sizes(), " (the shape of q), got ",
+      k.sizes());
+  TORCH_CHECK(
+      v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2),
+      "v: expected shape (", q.size(0), ", ", q.size(1), ", ", q.size(2),
+      ", dvh) to match q's (B, Nh, L), got ", v.sizes());
+  TORCH_CHECK(
+      q.size(3) >= 1 && v.size(3) >= 1, "q, v: head dims must be at least 1, got dkh=",
+      q.size(3), ", dvh=", v.size(3));
+  check_bias(bias_h, "bias_h", "height", q, height);
+  check_bias(bias_w, "bias_w", "width", q, width);
+}
+
+at::Tensor expand_bias(const std::optional<at::Tensor>& bias, const at::Tensor& q, int64_t size) {
+  if (!bias.has_value()) {
+    return at::Tensor();
+  }
+  return bias->expand({q.size(0), q.size(1), q.size(2), size});
+}
+
+at::ScalarType lse_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+TORCH_LIBRARY(aanet_kernels, m) {
+  m.def(
+      "attention_2d_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias_h, Tensor? bias_w, "
+      "int height, int width, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_2d_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias_h, "
+      "Tensor? bias_w, Tensor out, Tensor lse, int height, int width, float scale) -> "
+      "(Tensor dq, Tensor dk, Tensor dv, Tensor dbias_h, Tensor dbias_w)");
+}
+
+} // namespace aanet_kernels

@@ -1,0 +1,88 @@
+"""Builds aanet_kernels._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build
+and a CUDA toolkit is found (decided without a GPU, so the CUDA code compiles on any machine).
+
+Environment:
+  AANET_KERNELS_SKIP_CUDA=1   build the CPU kernels only
+  TORCH_CUDA_ARCH_LIST        GPU archs to compile for (default "8.0;9.0": Ampere and Hopper)
+  AANET_KERNELS_PORTABLE=1    no -march=native for the CPU kernels (for binaries run elsewhere)
+  AANET_KERNELS_SANITIZE=1    build the C++ CPU code with AddressSanitizer and UBSan
+  MAX_JOBS                    parallel compile jobs (ninja)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def _with_cuda() -> bool:
+    if _flag("AANET_KERNELS_SKIP_CUDA"):
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _write_build_info(with_cuda: bool) -> None:
+    """Record what the extension is built against, for the load-failure message."""
+    path = os.path.join(ROOT, "aanet_kernels", "_build_info.py")
+    with open(path, "w") as handle:
+        handle.write(
+            "# Written by setup.py at build time.\n"
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n"
+        )
+
+
+def _extension():
+    with_cuda = _with_cuda()
+    _write_build_info(with_cuda)
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    link = ["-fopenmp"]
+    if not _flag("AANET_KERNELS_PORTABLE"):
+        cxx.append("-march=native")
+    if _flag("AANET_KERNELS_SANITIZE"):
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g", "-fsanitize=address,undefined",
+                                                "-fno-omit-frame-pointer"]
+        link.append("-fsanitize=address,undefined")
+    if not with_cuda:
+        return CppExtension(
+            "aanet_kernels._C",
+            sources,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
+            py_limited_api=True,
+        )
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    nvcc = [
+        "-O3",
+        "-std=c++17",
+        "-lineinfo",
+        "--expt-relaxed-constexpr",
+        "-DPy_LIMITED_API=0x03090000",
+    ]
+    return CUDAExtension(
+        "aanet_kernels._C",
+        sources,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
+        py_limited_api=True,
+    )
+
+
+setup(
+    packages=find_packages(include=["aanet_kernels*", "aanet*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

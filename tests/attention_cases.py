@@ -1,0 +1,73 @@
+"""Shared test inputs for every attention_2d backend: awkward shapes and fresh random tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    heads: int
+    height: int
+    width: int
+    dkh: int
+    dvh: int
+    bias: str = "hw"  # which tables are present: "hw", "h", "w" or ""
+
+    @property
+    def length(self) -> int:
+        return self.height * self.width
+
+    def __str__(self) -> str:
+        return (
+            f"B{self.batch}xNh{self.heads}_{self.height}x{self.width}"
+            f"_dk{self.dkh}_dv{self.dvh}_{self.bias or 'nobias'}"
+        )
+
+
+# The design's awkward shapes: H != W, odd sizes, L = 1, L not a multiple of any block,
+# dkh != dvh, head dims of 1, 3, 20 and 64, batch x heads of 1, and each bias on its own.
+AWKWARD_CASES = [
+    Case(1, 1, 1, 1, 3, 1),
+    Case(2, 3, 3, 5, 8, 4),
+    Case(1, 2, 7, 7, 1, 3),
+    Case(2, 1, 5, 3, 20, 20, "h"),
+    Case(1, 2, 4, 9, 3, 64, "w"),
+    Case(2, 2, 6, 11, 64, 8),
+    Case(1, 1, 9, 13, 16, 1, ""),
+    Case(3, 2, 8, 8, 17, 5),
+]
+
+
+def make_inputs(
+    case: Case,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    *,
+    bias_scale: float = 1.0,
+    requires_grad: bool = False,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Fresh random (never zero) q, k, v, bias_h, bias_w for ``case``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0) -> Tensor:
+        t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        return t.to(device).requires_grad_(requires_grad)
+
+    b, n, length = case.batch, case.heads, case.length
+    q = rand(b, n, length, case.dkh)
+    k = rand(b, n, length, case.dkh)
+    v = rand(b, n, length, case.dvh)
+    bias_h = rand(b, n, length, case.height, scale=bias_scale) if "h" in case.bias else None
+    bias_w = rand(b, n, length, case.width, scale=bias_scale) if "w" in case.bias else None
+    return q, k, v, bias_h, bias_w
+
+
+def poison_(t: Tensor) -> Tensor:
+    """Fill with NaN (in place) so a kernel that leaves part of its output unwritten is caught."""
+    return t.fill_(float("nan"))
