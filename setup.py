@@ -46,7 +46,7 @@ def _extension():
     with_cuda = _with_cuda()
     _write_build_info(with_cuda)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
     link = ["-fopenmp"]
     if not _flag("AANET_KERNELS_PORTABLE"):
         cxx.append("-march=native")
@@ -66,7 +66,6 @@ def _extension():
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     nvcc = [
         "-O3",
-        "-std=c++17",
         "-lineinfo",
         "--expt-relaxed-constexpr",
         "-DPy_LIMITED_API=0x03090000",
