@@ -1,0 +1,1 @@
+"""Data: WFLW and 300W loaders, the synthetic WFLW-layout set, augmentation, torch datasets."""

@@ -1,0 +1,100 @@
+"""Annotation records and the bad-data policy shared by every loader."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger("aanet.data")
+
+ON_ERROR_CHOICES = ("skip", "stop")
+
+
+class DataError(ValueError):
+    """A problem with one annotation, named by file and line."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where = where
+
+
+@dataclass
+class Record:
+    """One annotated face.
+
+    ``landmarks`` is ``(N, 2)`` float32 pixel coordinates with pixel centres at integers,
+    ``box`` is ``(x_min, y_min, x_max, y_max)``, ``attributes`` the six WFLW flags (zeros when the
+    data set has none).
+    """
+
+    image_path: Path
+    landmarks: np.ndarray
+    box: np.ndarray
+    attributes: np.ndarray
+    where: str
+
+
+@dataclass
+class BadDataLog:
+    """Collects bad entries; raises at the first one under ``stop``, counts them under ``skip``."""
+
+    on_error: str = "skip"
+    problems: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"on_error: expected one of {ON_ERROR_CHOICES}, got {self.on_error!r}")
+
+    def report(self, error: DataError) -> None:
+        if self.on_error == "stop":
+            raise error
+        self.problems.append(str(error))
+
+    def summarize(self, source: str, kept: int) -> None:
+        """Log the count of skipped entries (and the first few) after loading ``source``."""
+        if self.problems:
+            shown = "\n  ".join(self.problems[:5])
+            more = f"\n  ... and {len(self.problems) - 5} more" if len(self.problems) > 5 else ""
+            log.warning(
+                "%s: skipped %d bad entries, kept %d:\n  %s%s",
+                source,
+                len(self.problems),
+                kept,
+                shown,
+                more,
+            )
+
+
+def validate_record(record: Record, tolerance: float = 0.0) -> None:
+    """Raise :class:`DataError` if the image is missing or unreadable or a point lies outside it.
+
+    Only the image header is read (PIL opens lazily), so this is cheap enough to run on every
+    record at load time instead of failing later inside a DataLoader worker.
+    """
+    if not record.image_path.is_file():
+        raise DataError(record.where, f"image not found: {record.image_path}")
+    try:
+        with Image.open(record.image_path) as image:
+            width, height = image.size
+    except OSError as exc:
+        raise DataError(record.where, f"unreadable image {record.image_path}: {exc}") from exc
+    if not np.isfinite(record.landmarks).all():
+        raise DataError(record.where, "landmarks contain NaN or infinity")
+    xs, ys = record.landmarks[:, 0], record.landmarks[:, 1]
+    outside = (
+        (xs < -tolerance)
+        | (ys < -tolerance)
+        | (xs > width - 1 + tolerance)
+        | (ys > height - 1 + tolerance)
+    )
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        raise DataError(
+            record.where,
+            f"{int(outside.sum())} points outside the {width}x{height} image "
+            f"(first: point {first} at ({xs[first]:.1f}, {ys[first]:.1f}))",
+        )

@@ -1,0 +1,89 @@
+"""300W / iBUG ``.pts`` files (68 points) next to their images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from aanet.datasets.records import BadDataLog, DataError, Record, validate_record
+
+NUM_POINTS = 68
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def parse_pts(path: Path) -> np.ndarray:
+    """The ``(n_points, 2)`` array of a ``.pts`` file (``version``, ``n_points``, ``{ ... }``)."""
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln]
+    header = {}
+    body_start = None
+    for index, (number, text) in enumerate(numbered):
+        if text == "{":
+            body_start = index + 1
+            break
+        key, _, value = text.partition(":")
+        header[key.strip()] = (number, value.strip())
+    if body_start is None:
+        raise DataError(f"{path}:1", "no '{' opening the point list")
+    if "n_points" not in header:
+        raise DataError(f"{path}:1", "missing 'n_points:' header")
+    count_line, count_text = header["n_points"]
+    try:
+        count = int(count_text)
+    except ValueError as exc:
+        raise DataError(
+            f"{path}:{count_line}", f"n_points is not an integer: {count_text!r}"
+        ) from exc
+    points = []
+    for number, text in numbered[body_start:]:
+        if text == "}":
+            break
+        fields = text.split()
+        if len(fields) != 2:
+            raise DataError(f"{path}:{number}", f"expected 2 numbers (x y), got {len(fields)}")
+        try:
+            points.append((float(fields[0]), float(fields[1])))
+        except ValueError as exc:
+            raise DataError(f"{path}:{number}", f"non-numeric coordinate: {text!r}") from exc
+    else:
+        raise DataError(f"{path}:{numbered[-1][0]}", "no '}' closing the point list")
+    if len(points) != count:
+        raise DataError(f"{path}:{count_line}", f"n_points says {count}, found {len(points)}")
+    return np.asarray(points, dtype=np.float32)
+
+
+def _image_for(pts: Path) -> Path:
+    for suffix in IMAGE_SUFFIXES:
+        candidate = pts.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    return pts.with_suffix(IMAGE_SUFFIXES[0])  # validate_record reports it missing
+
+
+def load_300w(folder: Path | str, on_error: str = "skip") -> list[Record]:
+    """Every ``*.pts`` under ``folder`` (recursively) with the image beside it.
+
+    300W has no face boxes or attributes: the box is the landmarks' bounding box and the flags
+    are zeros. Points are converted from the 1-based ``.pts`` convention to 0-based pixels.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"300W folder not found: {folder}")
+    bad = BadDataLog(on_error)
+    records = []
+    for pts in sorted(folder.rglob("*.pts")):
+        try:
+            points = parse_pts(pts)
+            if len(points) != NUM_POINTS:
+                raise DataError(f"{pts}:1", f"expected {NUM_POINTS} points, got {len(points)}")
+            points = points - 1.0  # .pts files count pixels from 1
+            box = np.concatenate([points.min(axis=0), points.max(axis=0)])
+            record = Record(_image_for(pts), points, box, np.zeros(6, np.int64), f"{pts}:1")
+            validate_record(record)
+        except DataError as error:
+            bad.report(error)
+            continue
+        records.append(record)
+    bad.summarize(str(folder), len(records))
+    return records

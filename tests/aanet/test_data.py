@@ -1,0 +1,246 @@
+"""Parsing, the synthetic set, the bad-data policy, augmentation geometry and flip maps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+
+from aanet.datasets import synthetic, w300, wflw
+from aanet.datasets.augment import AugmentConfig, augment_sample
+from aanet.datasets.records import DataError
+from aanet.landmarks import W300, WFLW
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    return synthetic.generate(
+        root, synthetic.SyntheticConfig(num_train=6, num_test=3, image_size=96)
+    )
+
+
+def _append_line(root, text):
+    path = wflw.annotation_file(root, "train")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + [text]) + "\n")
+    return len(lines) + 1
+
+
+def test_synthetic_set_reads_back_through_the_wflw_loader(synth_root):
+    train = wflw.load_wflw(synth_root, "train", on_error="stop")
+    test = wflw.load_wflw(synth_root, "test", on_error="stop")
+    assert len(train) == 6 and len(test) == 3
+    for record in train:
+        assert record.landmarks.shape == (98, 2)
+        assert record.attributes.shape == (6,)
+        image = cv2.imread(str(record.image_path))
+        assert image.shape == (96, 96, 3)
+
+
+def test_synthetic_set_is_reproducible(tmp_path):
+    config = synthetic.SyntheticConfig(num_train=2, num_test=1, image_size=64, seed=7)
+    a = synthetic.generate(tmp_path / "a", config)
+    b = synthetic.generate(tmp_path / "b", config)
+    name = "WFLW_images/synthetic_train/00001.png"
+    assert (a / name).read_bytes() == (b / name).read_bytes()
+    text_a = wflw.annotation_file(a, "train").read_text()
+    assert text_a == wflw.annotation_file(b, "train").read_text()
+    other = synthetic.generate(tmp_path / "c", dataclasses.replace(config, seed=8))
+    assert wflw.annotation_file(other, "train").read_text() != text_a
+
+
+def test_attribute_flags_follow_the_drawn_conditions():
+    params = synthetic.sample_params(np.random.default_rng(0), 128)
+    plain = dataclasses.replace(
+        params,
+        yaw=0.0,
+        roll=0.0,
+        mouth_open=0.0,
+        smile=0.0,
+        eye_open=1.0,
+        light=0.0,
+        makeup=False,
+        occluder=False,
+        blur_sigma=0.0,
+    )
+    assert synthetic.attribute_flags(plain, 0).tolist() == [0] * 6
+    changes = [
+        {"yaw": 30.0},
+        {"mouth_open": 0.2},
+        {"light": 0.7},
+        {"makeup": True},
+        {},
+        {"blur_sigma": 2.0},
+    ]
+    for position, change in enumerate(changes):
+        occluded = synthetic.OCCLUDED_POINTS if position == 4 else 0
+        flags = synthetic.attribute_flags(dataclasses.replace(plain, **change), occluded)
+        assert flags.tolist() == [int(i == position) for i in range(6)]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("1 2 3 a.png", "expected 207 fields"),
+        (" ".join(["1"] * 199 + ["x"] + ["0"] * 6) + " a.png", "non-numeric"),
+        (" ".join(["1"] * 200 + ["0", "2", "0", "0", "0", "0"]) + " a.png", "must be 0 or 1"),
+    ],
+)
+def test_malformed_wflw_lines_name_file_and_line(synth_root, tmp_path, line, message):
+    with pytest.raises(DataError, match=message) as info:
+        wflw.parse_line(line, "list.txt:12", tmp_path)
+    assert "list.txt:12" in str(info.value)
+
+
+def test_bad_wflw_entries_skip_with_count_or_stop(tmp_path, caplog):
+    root = synthetic.generate(
+        tmp_path, synthetic.SyntheticConfig(num_train=3, num_test=1, image_size=64)
+    )
+    good = wflw.annotation_file(root, "train").read_text().splitlines()[0].split()
+    missing = " ".join(good[:-1] + ["synthetic_train/nope.png"])
+    outside = " ".join(["500"] + good[1:])
+    short = " ".join(good[5:])
+    numbers = [_append_line(root, text) for text in (missing, outside, short)]
+    records = wflw.load_wflw(root, "train", on_error="skip")
+    assert len(records) == 3
+    assert "skipped 3 bad entries" in caplog.text
+    path = wflw.annotation_file(root, "train")
+    for number, what in zip(
+        numbers, ("image not found", "1 points outside", "expected 207"), strict=True
+    ):
+        assert f"{path}:{number}: {what}" in caplog.text
+    with pytest.raises(DataError, match=f":{numbers[0]}: image not found"):
+        wflw.load_wflw(root, "train", on_error="stop")
+    with pytest.raises(ValueError, match="on_error"):
+        wflw.load_wflw(root, "train", on_error="ignore")
+
+
+def _write_pts(path, points, count=None, close=True):
+    body = "\n".join(f"{x} {y}" for x, y in points)
+    text = f"version: 1\nn_points: {count or len(points)}\n{{\n{body}\n" + ("}\n" if close else "")
+    path.write_text(text)
+
+
+def test_300w_pts_parsing_good_and_bad(tmp_path):
+    rng = np.random.default_rng(1)
+    points = rng.uniform(5, 60, size=(68, 2)).round(3)
+    _write_pts(tmp_path / "a.pts", points)
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((64, 64, 3), np.uint8))
+    np.testing.assert_allclose(w300.parse_pts(tmp_path / "a.pts"), points, atol=1e-4)
+    records = w300.load_300w(tmp_path, on_error="stop")
+    np.testing.assert_allclose(records[0].landmarks, points - 1, atol=1e-4)
+    _write_pts(tmp_path / "b.pts", points, count=70)
+    with pytest.raises(DataError, match=r"b.pts:2: n_points says 70, found 68"):
+        w300.parse_pts(tmp_path / "b.pts")
+    (tmp_path / "c.pts").write_text("version: 1\nn_points: 1\n{\n1.0 oops\n}\n")
+    with pytest.raises(DataError, match=r"c.pts:4: non-numeric"):
+        w300.parse_pts(tmp_path / "c.pts")
+    _write_pts(tmp_path / "d.pts", points, close=False)
+    with pytest.raises(DataError, match="no '}'"):
+        w300.parse_pts(tmp_path / "d.pts")
+    assert len(w300.load_300w(tmp_path, on_error="skip")) == 1  # b, c, d skipped; a kept
+
+
+@pytest.mark.parametrize("scheme", [WFLW, W300], ids=["98", "68"])
+def test_flip_maps_are_involutions(scheme):
+    mapping = np.array(scheme.flip_map)
+    assert sorted(mapping.tolist()) == list(range(scheme.num_points))
+    np.testing.assert_array_equal(mapping[mapping], np.arange(scheme.num_points))
+    assert mapping[scheme.left_eye_outer] == scheme.right_eye_outer
+
+
+def test_wflw_flip_map_matches_a_mirrored_frontal_face():
+    """A frontal, centred synthetic face is its own mirror image once the map renames points."""
+    params = synthetic.sample_params(np.random.default_rng(3), 100)
+    params = dataclasses.replace(
+        params, yaw=0.0, roll=0.0, smile=0.05, gaze=(0.0, 0.01), center=(50.0, 50.0)
+    )
+    canon, depth = synthetic.canonical_landmarks(params)
+    mirrored = canon * np.array([-1.0, 1.0])
+    np.testing.assert_allclose(mirrored[list(WFLW.flip_map)], canon, atol=1e-9)
+    # Every swapped pair really sits on opposite sides, and self-mapped points on the midline.
+    for i, j in enumerate(WFLW.flip_map):
+        if i == j:
+            assert abs(canon[i, 0]) < 1e-9
+        else:
+            assert np.sign(canon[i, 0]) == -np.sign(canon[j, 0])
+
+
+def test_300w_flip_map_semantics():
+    """Points named by 300W's index meanings: the map pairs them across the face."""
+    mapping = W300.flip_map
+    assert [mapping[i] for i in (0, 8, 17, 21, 30, 31, 33, 36, 39, 48, 51, 54, 57, 60, 62, 66)] == [
+        16,
+        8,
+        26,
+        22,
+        30,
+        35,
+        33,
+        45,
+        42,
+        54,
+        51,
+        48,
+        57,
+        64,
+        62,
+        66,
+    ]
+
+
+def _blob_centres(image: np.ndarray, points: np.ndarray, radius: float = 4.0) -> np.ndarray:
+    """Intensity-weighted centroid of the image around each of ``points``."""
+    ys, xs = np.mgrid[: image.shape[0], : image.shape[1]]
+    centres = []
+    for x, y in points:
+        window = ((xs - x) ** 2 + (ys - y) ** 2 <= radius**2) * image
+        centres.append([(window * xs).sum() / window.sum(), (window * ys).sum() / window.sum()])
+    return np.array(centres)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_augmented_landmarks_follow_the_image(seed):
+    """Draw a Gaussian dot at a few WFLW points, warp, and find the dots at the moved points."""
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(30, 170, size=(98, 2)).astype(np.float32)
+    chosen = [0, 16, 33, 60, 72, 96]  # far apart after the uniform draw is not guaranteed: spread
+    points[chosen] = [[40, 60], [100, 170], [60, 40], [150, 90], [90, 120], [160, 160]]
+    ys, xs = np.mgrid[:200, :200]
+    image = np.zeros((200, 200), np.float64)
+    for x, y in points[chosen]:
+        image += np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * 1.5**2))
+    image8 = np.repeat((image * 200).astype(np.uint8)[..., None], 3, axis=2)
+    box = np.array([30.0, 30.0, 170.0, 170.0])
+    config = AugmentConfig(rotation=30, scale=0.2, shift=0.1, flip=True, colour=0.0, blur=0.0)
+    out, moved, matrix = augment_sample(
+        image8, points, box, 128, np.random.default_rng(seed), config
+    )
+    flipped = np.linalg.det(matrix[:, :2]) < 0
+    renamed = [WFLW.flip_map[i] for i in chosen] if flipped else chosen
+    renamed = [i for i in renamed if (moved[i] > 6).all() and (moved[i] < 121).all()]
+    assert len(renamed) >= 3  # dots pushed off the crop by the shift are not checked
+    found = _blob_centres(out[:, :, 0].astype(np.float64), moved[renamed])
+    np.testing.assert_allclose(found, moved[renamed], atol=0.35)
+
+
+def test_flip_happens_for_some_seed_and_keeps_left_eye_left():
+    config = AugmentConfig(rotation=0, scale=0, shift=0, flip=True, colour=0, blur=0)
+    points = synthetic.canonical_landmarks(synthetic.sample_params(np.random.default_rng(0), 100))[
+        0
+    ]
+    points = (points * 30 + 64).astype(np.float32)
+    box = np.array([20.0, 20.0, 108.0, 108.0])
+    image = np.zeros((128, 128, 3), np.uint8)
+    dets = []
+    for seed in range(8):
+        _, moved, matrix = augment_sample(
+            image, points, box, 96, np.random.default_rng(seed), config
+        )
+        dets.append(np.linalg.det(matrix[:, :2]))
+        assert moved[WFLW.left_eye_outer, 0] < moved[WFLW.right_eye_outer, 0]
+        assert moved[33, 0] < moved[46, 0] and moved[96, 0] < moved[97, 0]
+    assert min(dets) < 0 < max(dets)
