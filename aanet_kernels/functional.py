@@ -1,0 +1,179 @@
+"""Functional attention-augmented convolution (Bello et al., 2019), built on ``attention_2d``.
+
+``aa_conv2d`` computes the layer of DESIGN.md section 2 from explicit weights; the module
+``aanet_kernels.nn.AAConv2d`` holds those weights and calls it. The helpers here are public
+because users of SAM-style relative positions need them too (``resize_rel_table``) or want to
+feed ``attention_2d`` from their own projections (``split_heads``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aanet_kernels.ops import attention_2d
+from aanet_kernels.relative import relative_logits
+
+_IntPair = int | tuple[int, int]
+
+
+def resize_rel_table(table: Tensor, length: int) -> Tensor:
+    """Resize a relative-position table ``(n, d)`` to ``(length, d)`` by linear interpolation.
+
+    The rule of SAM / ViTDet's ``get_rel_pos``: ``F.interpolate(mode="linear",
+    align_corners=False)`` along the offsets. A table of ``2 * n - 1`` rows for offsets
+    ``-(n - 1) .. n - 1`` resized to ``2 * m - 1`` rows keeps offset 0 at the centre row and the
+    extreme offsets near the ends. Returns ``table`` itself when it already has ``length`` rows.
+    """
+    if table.dim() != 2:
+        raise ValueError(f"table: expected a 2-D tensor (n, d), got shape {tuple(table.shape)}")
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length: expected a positive int, got {length!r}")
+    if table.shape[0] == length:
+        return table
+    resized = F.interpolate(table.t().unsqueeze(0), size=length, mode="linear", align_corners=False)
+    return resized.squeeze(0).t()
+
+
+def split_heads(qkv: Tensor, dk: int, dv: int, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Views ``q, k (B, Nh, L, dk / Nh)``, ``v (B, Nh, L, dv / Nh)`` of ``qkv (B, 2dk + dv, H, W)``.
+
+    No data is copied: channel ``c = head * d_head + d`` of position ``l = y * W + x``. With a
+    ``channels_last`` ``qkv`` the views have a contiguous last dim; with a contiguous (NCHW) one
+    their last dim has stride ``L``. ``attention_2d`` takes either.
+    """
+    if qkv.dim() != 4 or qkv.shape[1] != 2 * dk + dv:
+        raise ValueError(
+            f"qkv: expected shape (B, 2 * dk + dv, H, W) = (B, {2 * dk + dv}, H, W), "
+            f"got {tuple(qkv.shape)}"
+        )
+    flat = qkv.flatten(2)  # (B, C, L): a view in both NCHW and channels_last layouts
+    q, k, v = flat.split([dk, dk, dv], dim=1)
+
+    def heads(t: Tensor) -> Tensor:
+        return t.unflatten(1, (num_heads, t.shape[1] // num_heads)).transpose(-1, -2)
+
+    return heads(q), heads(k), heads(v)
+
+
+def merge_heads(out: Tensor, height: int, width: int, channels_last: bool) -> Tensor:
+    """``(B, Nh, L, dvh) -> (B, Nh * dvh, height, width)``, in the memory format asked for."""
+    batch, heads, _, dvh = out.shape
+    if channels_last:
+        merged = out.permute(0, 2, 1, 3).reshape(batch, height, width, heads * dvh)
+        return merged.permute(0, 3, 1, 2)
+    return out.transpose(-1, -2).reshape(batch, heads * dvh, height, width)
+
+
+def _check_weight(name: str, w: Tensor | None, rows: int | None, cols: int | None) -> None:
+    if w is None:
+        return
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
+    expected = ("rows", rows), ("cols", cols)
+    for dim, (_, size) in enumerate(expected):
+        if size is not None and (w.dim() <= dim or w.shape[dim] != size):
+            raise ValueError(
+                f"{name}: expected dim {dim} of size {size}, got shape {tuple(w.shape)}"
+            )
+
+
+def aa_conv2d(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    out_weight: Tensor,
+    out_bias: Tensor | None,
+    rel_h: Tensor | None = None,
+    rel_w: Tensor | None = None,
+    *,
+    num_heads: int,
+    stride: _IntPair = 1,
+    padding: _IntPair | str = 0,
+    dilation: _IntPair = 1,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention-augmented convolution: ``concat([conv(x), attention(x)], dim=1)``.
+
+    Args:
+        x: ``(B, Cin, H, W)``.
+        conv_weight, conv_bias: the k x k convolution, ``(Fout - dv, Cin, kh, kw)`` and
+            ``(Fout - dv,)``.
+        qkv_weight, qkv_bias: the 1x1 projection to ``[q | k | v]``, ``(2 dk + dv, Cin, 1, 1)``.
+        out_weight, out_bias: the 1x1 output projection of the merged heads, ``(dv, dv, 1, 1)``.
+        rel_h, rel_w: relative embeddings ``(2 h0 - 1, dkh)`` and ``(2 w0 - 1, dkh)`` for some
+            nominal attention grid ``h0 x w0``, or both ``None`` for attention without position.
+            They are resized with ``resize_rel_table`` to the actual grid when it differs.
+        num_heads: ``Nh``; ``dk`` and ``dv`` (read from the weights) must divide by it.
+        stride, padding, dilation: of the k x k convolution, as in ``F.conv2d``.
+        backend: passed to ``attention_2d``.
+
+    Attention runs on the convolution's output grid ``Ho x Wo`` (so the two halves concatenate).
+    When that differs from ``H x W`` (stride > 1), ``x`` is first area-averaged to it with
+    ``F.adaptive_avg_pool2d``, which for stride ``s`` and sizes divisible by ``s`` is exactly the
+    ``s x s`` average pooling Bello et al. use when downsampling. Attending at the output grid
+    costs ``s**4`` times fewer logits than attending at the input grid and pooling afterwards,
+    and unlike a strided 1x1 projection it does not drop ``1 - 1 / s**2`` of the pixels.
+
+    The paper scales ``q`` by ``dkh ** -0.5`` before both ``q . k`` and the relative logits. Here
+    ``q`` stays an unscaled view of the projection (no copy): ``attention_2d`` applies the scale
+    to ``q . k`` (``scale=``) and the small tables are scaled instead, since
+    ``(s q) . r == q . (s r)``.
+
+    Returns:
+        ``(B, Fout, Ho, Wo)``: the convolution's ``Fout - dv`` channels, then attention's ``dv``.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {shape}")
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+    if out_weight.dim() != 4 or out_weight.shape[0] != out_weight.shape[1]:
+        raise ValueError(
+            f"out_weight: expected shape (dv, dv, 1, 1), got {tuple(out_weight.shape)}"
+        )
+    dv = out_weight.shape[0]
+    dk2 = qkv_weight.shape[0] - dv
+    if qkv_weight.dim() != 4 or dk2 < 2 or dk2 % 2:
+        raise ValueError(
+            f"qkv_weight: expected shape (2 * dk + dv, Cin, 1, 1) with dv = {dv} (from out_weight) "
+            f"and dk >= 1, got {tuple(qkv_weight.shape)}"
+        )
+    dk = dk2 // 2
+    for name, size in (("dk", dk), ("dv", dv)):
+        if size % num_heads:
+            raise ValueError(
+                f"{name} = {size} (from the weights) does not divide by num_heads = {num_heads}"
+            )
+    dkh = dk // num_heads
+    _check_weight("qkv_bias", qkv_bias, 2 * dk + dv, None)
+    _check_weight("out_bias", out_bias, dv, None)
+    if (rel_h is None) != (rel_w is None):
+        raise ValueError("rel_h, rel_w: expected both tensors or both None")
+    _check_weight("rel_h", rel_h, None, dkh)
+    _check_weight("rel_w", rel_w, None, dkh)
+
+    conv_out = F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation)
+    height, width = conv_out.shape[-2:]
+    x_att = x if x.shape[-2:] == (height, width) else F.adaptive_avg_pool2d(x, (height, width))
+    qkv = F.conv2d(x_att, qkv_weight, qkv_bias)
+    q, k, v = split_heads(qkv, dk, dv, num_heads)
+
+    scale = dkh**-0.5
+    bias_h = bias_w = None
+    if rel_h is not None and rel_w is not None:
+        table_h = resize_rel_table(rel_h, 2 * height - 1) * scale
+        table_w = resize_rel_table(rel_w, 2 * width - 1) * scale
+        bias_h, bias_w = relative_logits(q, table_h, table_w, height, width)
+        # Under autocast the einsum may land in another dtype than q; the op wants one dtype.
+        bias_h, bias_w = bias_h.to(q.dtype), bias_w.to(q.dtype)
+    out = attention_2d(
+        q, k, v, bias_h, bias_w, height=height, width=width, scale=scale, backend=backend
+    )
+    # Follow the input's layout; a tensor that is both (C == 1 or H == W == 1) counts as NCHW.
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    attn_out = F.conv2d(merge_heads(out, height, width, channels_last), out_weight, out_bias)
+    return torch.cat([conv_out, attn_out], dim=1)

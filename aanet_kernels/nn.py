@@ -1,0 +1,306 @@
+"""``AAConv2d``: a drop-in attention-augmented replacement for ``nn.Conv2d``, and helpers to upgrade
+existing (pretrained) CNNs with it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedParameter, is_lazy
+
+from aanet_kernels.backends import BACKENDS
+from aanet_kernels.functional import aa_conv2d
+
+_IntPair = int | tuple[int, int]
+
+
+def _pair(name: str, value: _IntPair, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else value
+    ok = (
+        isinstance(pair, tuple | list)
+        and len(pair) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+    )
+    if not ok or min(pair) < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum} or a pair of them, got {value!r}")
+    return tuple(pair)  # type: ignore[return-value]
+
+
+def _positive_int(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def resolve_channels(name: str, value: int | float, out_channels: int, num_heads: int) -> int:
+    """``dk`` or ``dv`` as a channel count: an int is taken as is, a float is a fraction of
+    ``out_channels`` (the paper's kappa / upsilon) rounded to the nearest multiple of
+    ``num_heads``. Raises if the count is not a positive multiple of ``num_heads``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{name}: expected an int (channels) or a float (fraction of out_channels), "
+            f"got {type(value).__name__}"
+        )
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive channel count or fraction, got {value!r}")
+    if isinstance(value, float):
+        count = round(value * out_channels / num_heads) * num_heads
+        if count == 0:
+            raise ValueError(
+                f"{name}={value} of out_channels={out_channels} is {value * out_channels:.3g} "
+                f"channels, which rounds to 0 channels per head with num_heads={num_heads}; "
+                f"pass a larger fraction, fewer heads, or an int"
+            )
+        return count
+    if value % num_heads:
+        raise ValueError(
+            f"{name}={value} does not divide by num_heads={num_heads} "
+            f"({name} / num_heads is the depth of each head)"
+        )
+    return value
+
+
+def conv_output_size(
+    size: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] | str,
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """The ``(Ho, Wo)`` that ``nn.Conv2d`` produces from an ``(H, W)`` input."""
+    if padding == "same":
+        return size
+    pad = (0, 0) if padding == "valid" else padding
+    return tuple(  # type: ignore[return-value]
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(size, kernel_size, stride, pad, dilation, strict=True)
+    )
+
+
+class AAConv2d(LazyModuleMixin, nn.Module):
+    """Attention-augmented convolution (Bello et al., ICCV 2019), a drop-in for ``nn.Conv2d``.
+
+    ``Y = concat([Conv_kxk(X) (out_channels - dv channels), MHA(X) (dv channels)], dim=1)``, the
+    layer of DESIGN.md section 2, computed by ``aanet_kernels.functional.aa_conv2d``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, bias, dilation: as in ``nn.Conv2d``;
+            ``bias`` applies to all three convolutions (k x k, qkv 1x1, output 1x1).
+        padding: of the k x k convolution; ``None`` means ``dilation * (kernel_size // 2)``
+            ("same" for odd kernels), else anything ``nn.Conv2d`` takes.
+        dk, dv: total key and value depths: an int is a channel count, a float a fraction of
+            ``out_channels`` (kappa and upsilon in the paper; the default is kappa = 2 upsilon =
+            0.2) rounded to the nearest multiple of ``num_heads``. Both must be positive multiples
+            of ``num_heads`` and ``dv < out_channels``.
+        num_heads: attention heads ``Nh``.
+        relative: add the 2D relative-position logits (``rel_h``, ``rel_w``) to the attention.
+        backend: the ``attention_2d`` backend (``"auto"`` follows ``use_backend`` and the env var).
+        input_size: nominal input ``(H, W)`` (or one int for square maps) for the relative tables.
+
+    Relative tables: ``rel_h (2 h0 - 1, dkh)`` and ``rel_w (2 w0 - 1, dkh)`` cover the attention
+    grid ``h0 x w0`` that the nominal input gives (the convolution's output grid). With
+    ``input_size`` they are built at construction; without it, at the first forward call, from
+    that call's input (call the layer once, or load a state_dict, before building the optimizer,
+    as for ``nn.LazyConv2d``). Inputs of any other size use the tables resized by linear
+    interpolation (``functional.resize_rel_table``, the rule of SAM / ViTDet's ``get_rel_pos``).
+
+    Stride: attention runs at the output resolution, on the input average-pooled to the output
+    grid (the paper's downsampling); see ``aa_conv2d`` for why.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _IntPair,
+        stride: _IntPair = 1,
+        padding: _IntPair | str | None = None,
+        dk: int | float = 0.2,
+        dv: int | float = 0.1,
+        num_heads: int = 8,
+        relative: bool = True,
+        backend: str = "auto",
+        bias: bool = True,
+        *,
+        dilation: _IntPair = 1,
+        input_size: _IntPair | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _positive_int("in_channels", in_channels)
+        _positive_int("out_channels", out_channels)
+        _positive_int("num_heads", num_heads)
+        kernel = _pair("kernel_size", kernel_size, 1)
+        strides = _pair("stride", stride, 1)
+        dilations = _pair("dilation", dilation, 1)
+        if padding is None:
+            padding = (dilations[0] * (kernel[0] // 2), dilations[1] * (kernel[1] // 2))
+        elif not isinstance(padding, str):
+            padding = _pair("padding", padding, 0)
+        if not isinstance(relative, bool):
+            raise TypeError(f"relative: expected a bool, got {type(relative).__name__}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+        self.dk = resolve_channels("dk", dk, out_channels, num_heads)
+        self.dv = resolve_channels("dv", dv, out_channels, num_heads)
+        if self.dv >= out_channels:
+            raise ValueError(
+                f"dv: expected fewer than out_channels={out_channels} channels (the convolution "
+                f"keeps out_channels - dv of them), got dv={self.dv}"
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.num_heads, self.relative, self.backend = num_heads, relative, backend
+        factory = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(
+            in_channels, out_channels - self.dv, kernel, strides, padding, dilations,
+            bias=bias, **factory,
+        )  # fmt: skip
+        self.qkv_conv = nn.Conv2d(in_channels, 2 * self.dk + self.dv, 1, bias=bias, **factory)
+        self.attn_out = nn.Conv2d(self.dv, self.dv, 1, bias=bias, **factory)
+        if not relative:
+            self.register_parameter("rel_h", None)
+            self.register_parameter("rel_w", None)
+        elif input_size is None:
+            self.rel_h = UninitializedParameter(**factory)
+            self.rel_w = UninitializedParameter(**factory)
+        else:
+            grid = self._attention_grid(_pair("input_size", input_size, 1))
+            self.rel_h = nn.Parameter(torch.empty(2 * grid[0] - 1, self.dkh, **factory))
+            self.rel_w = nn.Parameter(torch.empty(2 * grid[1] - 1, self.dkh, **factory))
+            self._reset_tables()
+
+    @property
+    def dkh(self) -> int:
+        return self.dk // self.num_heads
+
+    @property
+    def nominal_size(self) -> tuple[int, int] | None:
+        """The attention grid ``(h0, w0)`` the relative tables cover (``None`` until built)."""
+        if self.rel_h is None or is_lazy(self.rel_h):
+            return None
+        return (self.rel_h.shape[0] + 1) // 2, (self.rel_w.shape[0] + 1) // 2
+
+    def _attention_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        c = self.conv
+        return conv_output_size(size, c.kernel_size, c.stride, c.padding, c.dilation)
+
+    def _reset_tables(self) -> None:
+        # The initialisation of Bello et al.'s code: N(0, dkh ** -0.5).
+        with torch.no_grad():
+            self.rel_h.normal_(0.0, self.dkh**-0.5)
+            self.rel_w.normal_(0.0, self.dkh**-0.5)
+
+    def initialize_parameters(self, x: Tensor) -> None:  # type: ignore[override]
+        """Build lazy relative tables for the attention grid of ``x`` (first call only)."""
+        if self.rel_h is not None and is_lazy(self.rel_h):
+            if not isinstance(x, Tensor) or x.dim() != 4:
+                raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {x!r:.80}")
+            grid = self._attention_grid(tuple(x.shape[-2:]))
+            with torch.no_grad():
+                self.rel_h.materialize((2 * grid[0] - 1, self.dkh))
+                self.rel_w.materialize((2 * grid[1] - 1, self.dkh))
+            self._reset_tables()
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.conv
+        return aa_conv2d(
+            x, c.weight, c.bias, self.qkv_conv.weight, self.qkv_conv.bias,
+            self.attn_out.weight, self.attn_out.bias, self.rel_h, self.rel_w,
+            num_heads=self.num_heads, stride=c.stride, padding=c.padding, dilation=c.dilation,
+            backend=self.backend,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        c = self.conv
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={c.kernel_size}, "
+            f"stride={c.stride}, padding={c.padding}, dk={self.dk}, dv={self.dv}, "
+            f"num_heads={self.num_heads}, relative={self.relative}, backend={self.backend!r}, "
+            f"nominal_size={self.nominal_size}"
+        )
+
+    @classmethod
+    def from_conv2d(
+        cls,
+        conv: nn.Conv2d,
+        dk: int | float = 0.2,
+        dv: int | float = 0.1,
+        num_heads: int = 8,
+        relative: bool = True,
+        backend: str = "auto",
+        *,
+        input_size: _IntPair | None = None,
+    ) -> AAConv2d:
+        """An ``AAConv2d`` with the geometry of ``conv`` that keeps its pretrained filters.
+
+        The first ``out_channels - dv`` filters (and biases) of ``conv`` become the k x k part, so
+        those output channels keep their position and meaning for the layers downstream; the
+        last ``dv`` channels, whose filters are dropped, now come from attention (freshly
+        initialised). Grouped convolutions and non-zero padding modes are not supported.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(
+                f"conv: expected groups=1 (grouped filters cannot be split), "
+                f"got groups={conv.groups}"
+            )
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv: expected padding_mode='zeros', got {conv.padding_mode!r}")
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            dk, dv, num_heads, relative, backend, conv.bias is not None,
+            dilation=conv.dilation, input_size=input_size,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )  # fmt: skip
+        keep = conv.out_channels - layer.dv
+        with torch.no_grad():
+            layer.conv.weight.copy_(conv.weight[:keep])
+            if conv.bias is not None:
+                layer.conv.bias.copy_(conv.bias[:keep])
+        return layer.train(conv.training)
+
+
+def augment_model(
+    model: nn.Module,
+    where: Callable[[str, nn.Conv2d], bool] | Iterable[str],
+    **kwargs: object,
+) -> nn.Module:
+    """Replace chosen ``nn.Conv2d`` layers of ``model`` (in place) by ``AAConv2d.from_conv2d``.
+
+    Args:
+        model: any module; convolutions already inside an ``AAConv2d`` are never touched.
+        where: qualified names (as in ``model.named_modules()``) of the convolutions to replace,
+            or a predicate ``where(name, conv) -> bool``.
+        kwargs: passed to ``AAConv2d.from_conv2d`` (``dk``, ``dv``, ``num_heads``, ...).
+
+    Returns:
+        ``model``, for chaining.
+    """
+    convs: dict[str, nn.Conv2d] = {}
+    inside: list[str] = []  # prefixes of AAConv2d layers, whose own convs are not candidates
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, AAConv2d):
+            inside.append(name + ".")
+        elif isinstance(module, nn.Conv2d):
+            convs[name] = module
+    if callable(where):
+        targets = [name for name, conv in convs.items() if where(name, conv)]
+    else:
+        targets = [where] if isinstance(where, str) else list(where)
+        for name in targets:
+            if name not in convs:
+                raise ValueError(
+                    f"where: {name!r} is not an nn.Conv2d of the model; candidates: {list(convs)}"
+                )
+    for name in targets:
+        if name == "":
+            raise ValueError("where: the model itself is an nn.Conv2d; use AAConv2d.from_conv2d")
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, AAConv2d.from_conv2d(convs[name], **kwargs))
+    return model
