@@ -1,0 +1,307 @@
+"""Shared benchmark helpers: device naming, timing, peak memory, and result files.
+
+Every benchmark of the repository (attention, AA-Conv, training) uses these so that their numbers
+are measured and written the same way:
+
+- ``time_fn``: median wall time over repeats after warm-up; CUDA events on a GPU, ``perf_counter``
+  on the CPU; an optional untimed ``setup`` before each call (e.g. the forward before a timed
+  backward).
+- ``peak_memory``: extra memory at the peak of one call, above what was allocated before it.
+  CUDA: ``max_memory_allocated`` delta. CPU: see ``rss_peak_bytes`` (resident-set high-water mark,
+  measured in a worker process started with ``memory_worker_env``).
+- ``run_metadata``, ``device_slug``: what keys a result (device, versions, date) and names its
+  files.
+- ``write_csv``, ``markdown_table``, ``plot_family``: the files under ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+# glibc returns a freed block to the OS only if it was mmap'ed. Fixing the mmap threshold (which
+# also turns off glibc's dynamic raising of it) makes every block of 64 KiB or more its own mapping,
+# so the resident set follows the live allocations and its high-water mark is the peak.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is present, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(device: torch.device | str) -> str:
+    """Human name of the device: the GPU's name, or the CPU model from ``/proc/cpuinfo``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def slugify(text: str) -> str:
+    """Lower-case, dash-separated, file-name-safe form of ``text``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_slug(device: torch.device | str) -> str:
+    """``cpu-amd-epyc`` / ``cuda-nvidia-h100-80gb-hbm3``: the device part of result file names."""
+    device = torch.device(device)
+    return f"{device.type}-{slugify(device_name(device))}"
+
+
+def run_metadata(device: torch.device | str) -> dict[str, str]:
+    """What keys a benchmark run: device, its name, library versions, threads and the date."""
+    device = torch.device(device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": str(torch.version.cuda),
+        "python": platform.python_version(),
+        "cpu_threads": str(torch.get_num_threads()),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work; a no-op on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median and spread of the repeats of one measurement, in seconds."""
+
+    median_s: float
+    min_s: float
+    max_s: float
+    repeats: int
+
+
+def time_fn(
+    fn: Callable[..., Any],
+    device: torch.device | str,
+    *,
+    setup: Callable[[], Any] | None = None,
+    warmup: int = 2,
+    repeats: int = 10,
+    min_repeats: int = 3,
+    budget_s: float = 5.0,
+) -> Timing:
+    """Median time of ``fn`` after ``warmup`` untimed calls.
+
+    Runs at least ``min_repeats`` and at most ``repeats`` timed calls, stopping early once
+    ``budget_s`` of timed work has passed, so a slow case costs a few runs and a fast one many.
+    With ``setup``, each call is ``fn(setup())`` and only ``fn`` is timed.
+    """
+    if min_repeats < 1 or repeats < min_repeats:
+        raise ValueError(
+            f"repeats, min_repeats: need 1 <= min_repeats <= repeats, got {repeats}, {min_repeats}"
+        )
+    device = torch.device(device)
+
+    def call() -> None:
+        if setup is None:
+            fn()
+        else:
+            fn(setup())
+
+    for _ in range(warmup):
+        call()
+    synchronize(device)
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < min_repeats or sum(times) < budget_s):
+        args = () if setup is None else (setup(),)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), min(times), max(times), len(times))
+
+
+def cuda_peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> int:
+    """Peak bytes allocated by the caching allocator during ``fn`` above what was live before it."""
+    synchronize(device)
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del result
+    return peak
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} field")
+
+
+def rss_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak growth of this process's resident set while ``fn`` runs (Linux).
+
+    Resets the high-water mark (``/proc/self/clear_refs`` = 5), runs ``fn``, and returns
+    ``VmHWM - VmRSS(before)``. This counts every allocation of the call: tensors, a C++ kernel's own
+    scratch, BLAS buffers. It is sound only in a process started with ``memory_worker_env()``
+    (see ``_MALLOC_ENV``): with glibc's defaults, memory freed by an earlier case stays resident and
+    is reused unseen. Run ``fn`` once before measuring so one-time costs (code pages, thread pools,
+    library workspaces) are not counted.
+    """
+    gc.collect()
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    result = fn()
+    peak = _status_kib("VmHWM")
+    del result
+    return max(peak - before, 0) * 1024
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str) -> int:
+    """Extra bytes at the peak of one call of ``fn`` on ``device`` (see the module docstring)."""
+    if torch.device(device).type == "cuda":
+        return cuda_peak_bytes(fn, device)
+    return rss_peak_bytes(fn)
+
+
+def memory_worker_env() -> dict[str, str]:
+    """Environment for a process that measures CPU memory with ``rss_peak_bytes``."""
+    env = dict(os.environ, **_MALLOC_ENV)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def in_memory_worker() -> bool:
+    """Whether this process was started with ``memory_worker_env()``."""
+    return all(os.environ.get(k) == v for k, v in _MALLOC_ENV.items())
+
+
+def run_worker(args: Sequence[str], payload: Any, timeout_s: float | None = None) -> Any:
+    """Run ``python <args>`` in a fresh process with ``memory_worker_env()``; JSON in and out.
+
+    The payload goes to the worker's stdin as JSON; the worker prints its answer as JSON on the last
+    line of stdout. Raises ``RuntimeError`` with the worker's stderr if it fails.
+    """
+    proc = subprocess.run(
+        [sys.executable, *args],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        env=memory_worker_env(),
+        timeout=timeout_s,
+        cwd=REPO_ROOT,
+    )
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise RuntimeError(
+            f"memory worker {args} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Write ``rows`` (dicts with the same keys) as CSV, creating the folder."""
+    if not rows:
+        raise ValueError("rows: expected at least one row to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV written by ``write_csv``."""
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def markdown_table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> str:
+    """A GitHub markdown table; ``None`` cells print as an en dash."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join("–" if c is None else str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, digits: int = 3) -> str | None:
+    """``value`` with ``digits`` significant digits, or ``None`` when absent."""
+    return None if value is None else f"{value:.{digits}g}"
+
+
+def plot_family(
+    series: dict[str, dict[str, list[tuple[float, float]]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    path: Path,
+    logy: bool = True,
+) -> Path:
+    """One PNG: a panel per key of ``series`` (e.g. a mode), a line of ``(x, y)`` per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(series)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for method, points in series[panel].items():
+            if points:
+                xs, ys = zip(*sorted(points), strict=True)
+                ax.plot(xs, ys, marker="o", label=method)
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
