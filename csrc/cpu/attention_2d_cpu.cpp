@@ -18,20 +18,12 @@
 #define CPU_CAPABILITY_AVX2
 #endif
 #define CPU_CAPABILITY aanet_kernels_native
-// Declare torch's dispatch-stub entry point with the signature libtorch exports on x86-64
-// (built with AVX2 and AVX512 kernels). Were it ever different, the mangled name would not
-// resolve and the extension would fail to load (with a warning), never call the wrong thing.
-#if defined(__x86_64__) || defined(_M_X64)
-#define HAVE_AVX512_CPU_DEFINITION
-#define HAVE_AVX2_CPU_DEFINITION
-#endif
 
 #include "../attention_2d.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -51,8 +43,33 @@ constexpr int64_t kKeyBlockTarget = 128;
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
+// The Fortran BLAS that libtorch links and exports (MKL on x86-64 wheels, OpenBLAS elsewhere).
+// torch's own typed cpublas::gemm wrappers that call it are not exported to extensions.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc);
+}
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                      const float* alpha, const float* a, const int* lda, const float* b,
+                      const int* ldb, const float* beta, float* c, const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                      const double* alpha, const double* a, const int* lda, const double* b,
+                      const int* ldb, const double* beta, double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 // Row-major C = alpha * op(A) @ op(B) + beta * C. BLAS is column-major, and a row-major matrix is
-// its transpose seen column-major, so this computes C^T = op(B)^T op(A)^T.
+// its transpose seen column-major, so this computes C^T = op(B)^T op(A)^T. Every leading
+// dimension here is the exact row length of a tile (at most a few thousand), so int is enough
+// and BLAS's ld checks hold.
 template <typename T>
 void gemm_row_major(
     bool trans_a,
@@ -68,21 +85,29 @@ void gemm_row_major(
     T beta,
     T* c,
     int64_t ldc) {
-  using at::native::TransposeType;
-  // torch's exported gemm dispatch stub (the typed cpublas::gemm wrappers are not exported from
-  // libtorch). Every leading dimension here is the exact row length, so BLAS's ld checks hold.
-  at::native::cpublas::gemm_stub(
-      at::kCPU, c10::CppTypeToScalarType<T>::value,
-      trans_b ? TransposeType::Transpose : TransposeType::NoTranspose,
-      trans_a ? TransposeType::Transpose : TransposeType::NoTranspose,
-      n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int m_ = static_cast<int>(n), n_ = static_cast<int>(m), k_ = static_cast<int>(k);
+  const int lda_ = static_cast<int>(ldb), ldb_ = static_cast<int>(lda);
+  const int ldc_ = static_cast<int>(ldc);
+  blas_gemm(&ta, &tb, &m_, &n_, &k_, &alpha, b, &lda_, a, &ldb_, &beta, c, &ldc_);
 }
 
 // Maximum of x[0:n] that propagates NaN (so a NaN logit poisons its row, as in the reference).
 template <typename T>
 T row_max(const T* x, int64_t n) {
+  using Vec = Vectorized<T>;
+  Vec acc(kNegInf<T>);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    acc = at::vec::maximum(acc, Vec::loadu(x + j));  // NaN-propagating, unlike std::max
+  }
+  T lanes[Vec::size()];
+  acc.store(lanes);
   T result = kNegInf<T>;
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t l = 0; l < Vec::size(); ++l) {
+    result = (lanes[l] > result || lanes[l] != lanes[l]) ? lanes[l] : result;
+  }
+  for (; j < n; ++j) {
     result = (x[j] > result || x[j] != x[j]) ? x[j] : result;
   }
   return result;
