@@ -1,0 +1,4 @@
+// bwd launchers for double, all padded head dims (one file per type keeps each nvcc job short).
+#include "attention_2d_bwd.cuh"
+
+AANET_INSTANTIATE_ATTENTION_2D_BWD(double)

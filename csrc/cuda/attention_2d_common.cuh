@@ -1,0 +1,299 @@
+// Device building blocks shared by the forward and backward kernels: type traits, tile shapes,
+// shared-memory tile loads, a block-wide tile GEMM (WMMA tensor cores for fp16/bf16, plain FMA
+// loops for fp32/fp64) and row-group reductions.
+//
+// Every tile lives in shared memory, row-major, with a padded leading dimension. Operand tiles
+// (Q, K, V, dO, P, dS) are stored in the input type T; accumulators (S, dP, O, dQ, dK, dV) in the
+// accumulator type A (fp32, or fp64 for fp64 inputs). Out-of-range rows and head-dim columns are
+// zero-filled on load, so padded products contribute nothing.
+#pragma once
+
+#include "attention_2d_cuda.h"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstddef>
+#include <type_traits>
+
+namespace aanet_kernels::cuda::detail {
+
+// c10 scalar type -> CUDA device type (same bit layout).
+template <typename T>
+struct DeviceTypeOf {
+  using type = T;
+};
+template <>
+struct DeviceTypeOf<c10::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceTypeOf<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+using AccOf = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+constexpr bool kTensorCore = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+__device__ __forceinline__ float to_acc(__half x) {
+  return __half2float(x);
+}
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+__device__ __forceinline__ float to_acc(float x) {
+  return x;
+}
+__device__ __forceinline__ double to_acc(double x) {
+  return x;
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ T from_acc(A x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(x);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
+__device__ __forceinline__ float exp_acc(float x) {
+  return expf(x);
+}
+__device__ __forceinline__ double exp_acc(double x) {
+  return exp(x);
+}
+__device__ __forceinline__ float log_acc(float x) {
+  return logf(x);
+}
+__device__ __forceinline__ double log_acc(double x) {
+  return log(x);
+}
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() {
+  return -static_cast<A>(INFINITY);
+}
+
+__host__ __device__ constexpr int round_up(int x, int multiple) {
+  return (x + multiple - 1) / multiple * multiple;
+}
+
+// Byte offsets of shared-memory buffers are kept 128-byte aligned (WMMA needs 32).
+__host__ __device__ constexpr size_t smem_align(size_t bytes) {
+  return (bytes + 127) / 128 * 128;
+}
+
+// Tile shapes for input type T (device type) and padded head dim D.
+//   kFwdM x kFwdN: query rows per block x keys per step, forward.
+//   kBwdM x kBwdN: query rows x key rows of one step in both backward kernels.
+//   kStep: the granularity head dims and tile sides are padded to (16 for WMMA).
+//   kPadT / kPadA: leading-dimension padding of operand / accumulator tiles (bank conflicts;
+//   WMMA needs ld multiple of 8 halves or 4 floats).
+template <typename T, int D>
+struct Tiles {
+  static constexpr bool kTC = kTensorCore<T>;
+  static constexpr bool kF64 = std::is_same_v<T, double>;
+  static constexpr int kThreads = 128;
+  static constexpr int kFwdM = kTC ? 64 : (kF64 ? 16 : 32);
+  static constexpr int kFwdN = kTC ? (D <= 64 ? 64 : 32) : (kF64 ? 16 : 32);
+  static constexpr int kBwdM = kTC ? 32 : 16;
+  static constexpr int kBwdN = kTC ? (D <= 64 ? 64 : 32) : (kF64 ? 16 : 32);
+  static constexpr int kStep = 16;
+  static constexpr int kPadT = kTC ? 8 : 1;
+  static constexpr int kPadA = kTC ? 4 : 1;
+  static_assert(kThreads % kFwdM == 0 && kThreads % kBwdM == 0, "row groups must tile the block");
+  static_assert(kThreads / kFwdM <= 32, "a row group must fit in a warp");
+};
+
+// Pointer to element (b, h, 0, 0) of a strided 4-D tensor.
+template <typename T>
+__device__ __forceinline__ const T* head_ptr(const Tensor4& t, int b, int h) {
+  return static_cast<const T*>(t.ptr) + b * t.stride[0] + h * t.stride[1];
+}
+
+// dst[r][c] = src[row0 + r][c] for rows < n_rows and columns < n_cols, zero elsewhere;
+// ROWS x COLS elements, dst leading dim ld.
+template <typename T, int ROWS, int COLS, int NT>
+__device__ __forceinline__ void load_tile(
+    T* dst,
+    int ld,
+    const T* src,
+    int64_t row_stride,
+    int64_t col_stride,
+    int row0,
+    int n_rows,
+    int n_cols) {
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
+    const int r = idx / COLS;
+    const int c = idx % COLS;
+    const int row = row0 + r;
+    T value = from_acc<T>(0.0f);
+    if (row < n_rows && c < n_cols) {
+      value = src[row * row_stride + c * col_stride];
+    }
+    dst[r * ld + c] = value;
+  }
+}
+
+template <typename A, int ROWS, int COLS, int NT>
+__device__ __forceinline__ void zero_tile(A* dst, int ld) {
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
+    dst[(idx / COLS) * ld + idx % COLS] = A(0);
+  }
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// Tensor-core body of block_gemm: warps take 16x16 output tiles in turn (fp32 accumulation).
+template <typename T, bool A_ROW, bool B_ROW, int NT>
+__device__ __forceinline__ void wmma_gemm(
+    float* c,
+    int ldc,
+    const T* a,
+    int lda,
+    const T* b,
+    int ldb,
+    int m,
+    int n,
+    int kdim,
+    bool accumulate) {
+  namespace wmma = nvcuda::wmma;
+  using LayoutA = std::conditional_t<A_ROW, wmma::row_major, wmma::col_major>;
+  using LayoutB = std::conditional_t<B_ROW, wmma::row_major, wmma::col_major>;
+  const int warp = threadIdx.x / 32;
+  const int tiles_n = n / 16;
+  const int tiles = (m / 16) * tiles_n;
+  for (int t = warp; t < tiles; t += NT / 32) {
+    const int tm = (t / tiles_n) * 16;
+    const int tn = (t % tiles_n) * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    if (accumulate) {
+      wmma::load_matrix_sync(acc, c + tm * ldc + tn, ldc, wmma::mem_row_major);
+    } else {
+      wmma::fill_fragment(acc, 0.0f);
+    }
+    for (int kk = 0; kk < kdim; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb;
+      wmma::load_matrix_sync(fa, A_ROW ? a + tm * lda + kk : a + kk * lda + tm, lda);
+      wmma::load_matrix_sync(fb, B_ROW ? b + kk * ldb + tn : b + tn * ldb + kk, ldb);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(c + tm * ldc + tn, acc, ldc, wmma::mem_row_major);
+  }
+}
+#endif
+
+// C (m x n, ld ldc) = [C +] A (m x kdim) * B (kdim x n), all in shared memory.
+// A_ROW: A(i, kk) = a[i * lda + kk], else a[kk * lda + i]  (the transpose of a row-major tile).
+// B_ROW: B(kk, j) = b[kk * ldb + j], else b[j * ldb + kk].
+// m, n and kdim are multiples of 16. Called by all NT threads; no barrier inside. Tensor cores
+// for fp16/bf16 (sm_80+), plain FMA loops otherwise.
+template <typename T, typename A, bool A_ROW, bool B_ROW, int NT>
+__device__ __forceinline__ void block_gemm(
+    A* c,
+    int ldc,
+    const T* a,
+    int lda,
+    const T* b,
+    int ldb,
+    int m,
+    int n,
+    int kdim,
+    bool accumulate) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kTensorCore<T>) {
+    wmma_gemm<T, A_ROW, B_ROW, NT>(c, ldc, a, lda, b, ldb, m, n, kdim, accumulate);
+  } else
+#endif
+  {
+    for (int idx = threadIdx.x; idx < m * n; idx += NT) {
+      const int i = idx / n;
+      const int j = idx % n;
+      A sum = accumulate ? c[i * ldc + j] : A(0);
+      for (int kk = 0; kk < kdim; ++kk) {
+        const A x = to_acc(A_ROW ? a[i * lda + kk] : a[kk * lda + i]);
+        const A y = to_acc(B_ROW ? b[kk * ldb + j] : b[j * ldb + kk]);
+        sum += x * y;
+      }
+      c[i * ldc + j] = sum;
+    }
+  }
+}
+
+// Reductions over a group of G consecutive lanes (G a power of two <= 32); every lane of the
+// group gets the same result (xor butterfly), and every lane of the warp must call.
+template <int G, typename A>
+__device__ __forceinline__ A group_max(A x) {
+#pragma unroll
+  for (int offset = G / 2; offset > 0; offset /= 2) {
+    x = fmax(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  }
+  return x;
+}
+
+template <int G, typename A>
+__device__ __forceinline__ A group_sum(A x) {
+#pragma unroll
+  for (int offset = G / 2; offset > 0; offset /= 2) {
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
+  }
+  return x;
+}
+
+// Logit bias of query i (< L) and key j (< L): bias_h[i, j / width] + bias_w[i, j % width].
+template <typename T, typename A>
+__device__ __forceinline__ A bias_at(
+    const T* bias_h,
+    const T* bias_w,
+    const Tensor4& p_h,
+    const Tensor4& p_w,
+    int i,
+    int j,
+    int width) {
+  const int y = j / width;
+  const int x = j - y * width;
+  A value = A(0);
+  if (bias_h != nullptr) {
+    value += to_acc(bias_h[i * p_h.stride[2] + y * p_h.stride[3]]);
+  }
+  if (bias_w != nullptr) {
+    value += to_acc(bias_w[i * p_w.stride[2] + x * p_w.stride[3]]);
+  }
+  return value;
+}
+
+// Shared memory must fit the device's opt-in limit; above 48 KiB the kernel must opt in.
+template <typename Kernel>
+void prepare_smem(Kernel kernel, size_t bytes) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int limit = 0;
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(
+      bytes <= static_cast<size_t>(limit), "attention_2d (cuda backend): a tile needs ", bytes,
+      " bytes of shared memory, device ", device, " allows ", limit,
+      " per block; use a smaller head dim or another backend");
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+inline dim3 tile_grid(int length, int rows_per_block, const Attention2dParams& p) {
+  return dim3((length + rows_per_block - 1) / rows_per_block, p.heads, p.batch);
+}
+
+} // namespace aanet_kernels::cuda::detail
