@@ -1,0 +1,176 @@
+"""Smoke tests of the benchmark harness and the profiler: tiny shapes, seconds of work.
+
+They check that the harness measures what it says (the baselines compute the same attention as the
+reference, the CPU memory method sees an allocation of known size, the timer runs what it is told)
+and that each entry point writes its files. Speed itself is never asserted here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import aanet_kernels
+from aanet_kernels.reference import attention_2d_reference
+from benchmarks import bench_attention, common
+from benchmarks.roofline import Ceilings, roofline_time
+
+TINY = bench_attention.PRESETS["tiny"]
+
+
+@pytest.mark.parametrize("shape", TINY, ids=lambda s: s.label)
+@pytest.mark.parametrize("method", ["cpu", "sdpa_dense", "sdpa_nobias"])
+def test_baselines_compute_the_reference_attention(shape, method):
+    if method not in bench_attention.methods_for(torch.device("cpu")):
+        pytest.skip(f"{method} is not available here")
+    x = bench_attention.make_inputs(shape, torch.float64, torch.device("cpu"), seed=3)
+    out = bench_attention.forward_fn(method, x, shape)()
+    bias = (None, None) if method == "sdpa_nobias" else (x["bias_h"], x["bias_w"])
+    expected = attention_2d_reference(
+        x["q"], x["k"], x["v"], *bias, height=shape.height, width=shape.width, scale=shape.dkh**-0.5
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fwdbwd_mode_gives_every_input_a_gradient():
+    shape = TINY[1]
+    x = bench_attention.make_inputs(shape, torch.float64, torch.device("cpu"))
+    for t in x.values():
+        t.requires_grad_(True)
+    fn, setup = bench_attention.mode_fns(
+        bench_attention.forward_fn("sdpa_dense", x, shape), x, "fwdbwd"
+    )
+    assert setup is None
+    fn()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in x.values())
+
+
+def test_time_fn_runs_warmup_then_repeats_with_setup_before_each():
+    calls: list[str] = []
+    timing = common.time_fn(
+        lambda arg: calls.append(arg), "cpu", setup=lambda: calls.append("s") or "f",
+        warmup=2, repeats=4, min_repeats=4, budget_s=0.0,
+    )  # fmt: skip
+    assert calls == ["s", "f"] * 6
+    assert timing.repeats == 4 and 0 <= timing.min_s <= timing.median_s <= timing.max_s
+
+
+def test_time_fn_rejects_bad_repeats():
+    with pytest.raises(ValueError, match="min_repeats"):
+        common.time_fn(lambda: None, "cpu", repeats=2, min_repeats=3)
+
+
+def test_rss_peak_bytes_sees_a_known_allocation():
+    # 64 MiB touched and freed inside the call, measured in a worker as the harness does.
+    code = (
+        "import json, torch; from benchmarks.common import rss_peak_bytes; "
+        "f = lambda: torch.ones(16 << 20).sum(); f(); "
+        "print(json.dumps([rss_peak_bytes(f), rss_peak_bytes(lambda: None)]))"
+    )
+    big, nothing = common.run_worker(["-c", code], None, timeout_s=120)
+    assert 62 * 2**20 <= big <= 72 * 2**20
+    assert nothing < 2 * 2**20
+
+
+def test_roofline_time_takes_the_binding_ceiling():
+    ceilings = Ceilings(1e12, 1e9, 1e11, "float32")
+    assert roofline_time(2e12, 1e6, 1e9, ceilings) == (2.0, "matmul")
+    assert roofline_time(1e9, 3e9, 1e9, ceilings) == (3.0, "exp")
+    assert roofline_time(1e9, 1e6, 5e11, ceilings) == (5.0, "memory")
+
+
+def test_bench_attention_tiny_writes_csv_markdown_and_plot(tmp_path):
+    methods = ["reference", "sdpa_dense", "sdpa_nobias"]
+    rows = bench_attention.main([
+        "--device", "cpu", "--preset", "tiny", "--methods", ",".join(methods),
+        "--modes", "fwd,fwdbwd", "--warmup", "0", "--repeats", "3", "--budget", "0",
+        "--out-dir", str(tmp_path),
+    ])  # fmt: skip
+    assert len(rows) == len(TINY) * len(methods) * 2
+    assert all(r.status == "ok" and r.time_ms > 0 and r.peak_mib is not None for r in rows)
+    stem = f"attention_{common.device_slug('cpu')}"
+    with (tmp_path / f"{stem}.csv").open() as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows)
+    assert {w["torch"] for w in written} == {torch.__version__}
+    assert {w["device_name"] for w in written} == {common.device_name("cpu")}
+    md = (tmp_path / f"{stem}.md").read_text()
+    assert "## fwdbwd" in md and "sdpa_nobias" in md
+    assert (tmp_path / f"{stem}_tiny.png").stat().st_size > 0
+
+
+def test_bench_attention_skips_dense_methods_above_the_length_limit(tmp_path):
+    rows = bench_attention.main([
+        "--device", "cpu", "--preset", "tiny", "--methods", "reference,sdpa_nobias",
+        "--modes", "fwd", "--max-dense-length", "10", "--no-memory", "--no-plot",
+        "--warmup", "0", "--repeats", "3", "--budget", "0", "--out-dir", str(tmp_path),
+    ])  # fmt: skip
+    status = {(r.length, r.method): r.status for r in rows}
+    assert status[(9, "reference")] == "ok"
+    assert status[(15, "reference")].startswith("skipped")
+    assert status[(15, "sdpa_nobias")] == "ok"
+
+
+def test_bench_attention_rejects_unknown_method(tmp_path):
+    with pytest.raises(SystemExit, match="--methods: expected"):
+        bench_attention.main(["--device", "cpu", "--preset", "tiny", "--methods", "nope"])
+
+
+def test_profiler_writes_trace_with_named_phases(tmp_path):
+    from aanet_kernels import profile
+
+    profile.main([
+        "--backend", "reference", "--device", "cpu", "--shape", "1,2,3,4,4,3", "--warmup", "1",
+        "--steps", "1", "--out-dir", str(tmp_path),
+    ])  # fmt: skip
+    (trace,) = tmp_path.glob("*.trace.json")
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"relative_logits", "attention_2d.forward", "attention_2d.backward"} <= names
+    assert "attention_2d.forward" in next(tmp_path.glob("*.top.txt")).read_text()
+
+
+def test_profiler_aaconv_single_launch_runs(capsys):
+    from aanet_kernels import profile
+
+    profile.main([
+        "--op", "aaconv", "--backend", "reference", "--device", "cpu", "--shape", "1,2,4,4,4,2",
+        "--warmup", "1", "--single-launch",
+    ])  # fmt: skip
+    assert "single launch of aaconv fwdbwd" in capsys.readouterr().out
+
+
+def test_profiler_rejects_bad_shape():
+    from aanet_kernels import profile
+
+    with pytest.raises(SystemExit):
+        profile.main(["--shape", "1,2,3"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is present")
+def test_bench_attention_gpu_tiny_every_method(tmp_path):
+    rows = bench_attention.main([
+        "--device", "cuda", "--preset", "tiny", "--dtype", "float32", "--modes", "fwd,fwdbwd",
+        "--repeats", "3", "--budget", "0", "--out-dir", str(tmp_path),
+    ])  # fmt: skip
+    methods = {r.method for r in rows}
+    assert {"reference", "sdpa_dense", "sdpa_nobias", "flex"} <= methods
+    assert set(aanet_kernels.available_backends("cuda")) <= methods
+    assert all(r.time_ms and r.time_ms > 0 for r in rows if r.method != "flex")
+    assert all(r.roofline_pct is not None for r in rows if r.time_ms)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is present")
+def test_flex_baseline_computes_the_reference_attention():
+    shape = bench_attention.Shape("t", 1, 2, 4, 5, 16, 16)
+    x = bench_attention.make_inputs(shape, torch.float32, torch.device("cuda"), seed=1)
+    out = bench_attention.forward_fn("flex", x, shape)()
+    expected = attention_2d_reference(
+        *(x[n].double() for n in ("q", "k", "v", "bias_h", "bias_w")),
+        height=shape.height, width=shape.width, scale=shape.dkh**-0.5,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
