@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU suite in one call, on a machine with an NVIDIA GPU:
+#   build the extension (CUDA kernels included), run the GPU tests, the GPU benchmarks and profiles.
+# Everything lands in one folder: "$OUT" if set, else benchmarks/results/. Logs are named *.log.
+#
+#   benchmarks/run_gpu_suite.sh                     # all steps
+#   STEPS="tests attention" benchmarks/run_gpu_suite.sh   # a subset (e.g. to fit a time limit)
+#
+# Steps: build tests attention aaconv train profile. PYTHON picks the interpreter (default: python).
+# A failing step does not stop the others; the script exits 1 if any failed and says which.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-python}"
+OUT_DIR="${OUT:-benchmarks/results}"
+STEPS="${STEPS:-build tests attention aaconv train profile}"
+mkdir -p "$OUT_DIR"
+failed=()
+
+run_step() {  # run_step NAME CMD...: run CMD, tee its output to NAME.log, remember failures
+  local name="$1"
+  shift
+  echo "=== $name: $*"
+  if ! "$@" 2>&1 | tee "$OUT_DIR/$name.log"; then
+    failed+=("$name")
+  fi
+}
+
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+
+{
+  date -u
+  nvidia-smi || echo "nvidia-smi: not found"
+  "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"
+  "$PY" -c "import triton; print('triton', triton.__version__)" || echo "triton: not installed"
+} > "$OUT_DIR/environment.txt" 2>&1
+cat "$OUT_DIR/environment.txt"
+
+# --no-build-isolation: compile against the torch installed here; --no-deps: leave it untouched.
+wants build && run_step build "$PY" -m pip install --no-build-isolation --no-deps -e .
+wants tests && run_step pytest_gpu "$PY" -m pytest -m gpu -rs -q
+wants attention && run_step bench_attention "$PY" benchmarks/bench_attention.py --device cuda --out-dir "$OUT_DIR"
+if wants aaconv && [[ -f benchmarks/bench_aaconv.py ]]; then
+  run_step bench_aaconv "$PY" benchmarks/bench_aaconv.py --device cuda --out-dir "$OUT_DIR"
+fi
+if wants train && [[ -f benchmarks/bench_train.py ]]; then
+  run_step bench_train "$PY" benchmarks/bench_train.py --device cuda --out-dir "$OUT_DIR"
+fi
+if wants profile; then
+  for backend in $("$PY" -c "import aanet_kernels as a; print(' '.join(b for b in a.available_backends('cuda') if b != 'reference'))"); do
+    run_step "profile_attention_$backend" "$PY" -m aanet_kernels.profile --device cuda --backend "$backend" \
+      --shape 32,8,32,32,16,8 --out-dir "$OUT_DIR/profiles"
+    run_step "profile_aaconv_$backend" "$PY" -m aanet_kernels.profile --op aaconv --device cuda \
+      --backend "$backend" --shape 32,8,32,32,16,8 --out-dir "$OUT_DIR/profiles"
+  done
+fi
+
+if ((${#failed[@]})); then
+  echo "GPU suite: FAILED steps: ${failed[*]} (logs in $OUT_DIR)"
+  exit 1
+fi
+echo "GPU suite: all steps passed; results in $OUT_DIR"
