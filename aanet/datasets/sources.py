@@ -1,0 +1,33 @@
+"""Records of a configured data set: the synthetic set (generated on first use), WFLW or 300W."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aanet.datasets import synthetic, w300, wflw
+from aanet.datasets.records import Record
+
+DATASETS = ("synthetic", "wflw", "300w")
+
+
+def prepare(config) -> None:  # noqa: ANN001 - aanet.config.Config (import cycle otherwise)
+    """Generate the synthetic set if the config asks for it and it is not on disk yet."""
+    if config.data == "synthetic":
+        synthetic.generate(
+            config.data_root,
+            synthetic.SyntheticConfig(
+                config.num_train, config.num_test, config.image_size, config.seed
+            ),
+        )
+
+
+def load_split(config, split: str) -> list[Record]:  # noqa: ANN001
+    """The ``train`` or ``test`` records of the configured data set."""
+    if config.data in ("synthetic", "wflw"):
+        return wflw.load_wflw(config.data_root, split, on_error=config.on_error)
+    if config.data == "300w":
+        folder = config.data_root if split == "train" else config.test_root
+        if not folder:
+            raise ValueError("test_root: the 300W test folder is needed for evaluation")
+        return w300.load_300w(Path(folder), on_error=config.on_error)
+    raise ValueError(f"data: expected one of {DATASETS}, got {config.data!r}")

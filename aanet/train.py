@@ -1,0 +1,228 @@
+"""``aanet train``: the training loop, single process or DDP under ``torchrun``."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from aanet import checkpoint
+from aanet.config import Config
+from aanet.datasets import sources
+from aanet.datasets.augment import AugmentConfig
+from aanet.datasets.dataset import LandmarkDataset
+from aanet.evaluate import predict_errors, subset_report
+from aanet.losses import build_loss
+from aanet.metrics import summarize
+from aanet.model import HEATMAP_STRIDE, build_model
+from aanet_kernels import use_backend
+
+log = logging.getLogger("aanet.train")
+CSV_FIELDS = (
+    "epoch",
+    "train_loss",
+    "test_nme",
+    "test_fr",
+    "test_auc",
+    "lr",
+    "images_per_s",
+    "seconds",
+)
+
+
+@dataclass
+class Dist:
+    """This process's place in a (possibly one-process) group."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the ``torchrun`` group when ``WORLD_SIZE > 1`` (NCCL on GPUs, gloo on the CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: the local GPU if there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device: {name!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _barrier(group: Dist) -> None:
+    if group.world > 1:
+        dist.barrier()
+
+
+def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, DistributedSampler]:
+    """Augmented, sharded training loader and plain test loader."""
+    if group.main:
+        sources.prepare(config)
+    _barrier(group)
+    train_set = LandmarkDataset(
+        sources.load_split(config, "train"), config.input_size, AugmentConfig(), seed=config.seed
+    )
+    test_set = LandmarkDataset(sources.load_split(config, "test"), config.input_size)
+    # The sampler's shuffle depends only on (seed, epoch): a resumed run sees the same order.
+    sampler = DistributedSampler(
+        train_set, group.world, group.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
+    per_rank = max(1, config.batch_size // group.world)
+    common = {"num_workers": config.workers, "persistent_workers": config.workers > 0}
+    train = DataLoader(train_set, per_rank, sampler=sampler, drop_last=True, **common)
+    test = DataLoader(test_set, per_rank, shuffle=False, **common)
+    return train, test, sampler
+
+
+def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    """PNG of the training loss and the test NME per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(epochs, [row["train_loss"] for row in history], marker="o")
+    left.set(xlabel="epoch", ylabel="training loss", yscale="log", title="loss")
+    right.plot(epochs, [100 * row["test_nme"] for row in history], marker="o", color="C1")
+    right.set(xlabel="epoch", ylabel="NME (%)", title="test NME (inter-ocular)")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(config: Config, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train as configured; returns the final test metrics and the history.
+
+    Every epoch ends with an evaluation, a CSV row, a plot and an atomic checkpoint
+    ``<out>/last.pt`` holding model, optimizer, scheduler, RNG states and the epoch, so that
+    ``resume`` (a path, or ``"auto"`` for ``<out>/last.pt``) continues exactly.
+    """
+    group = init_distributed(torch.device("cuda" if config.device.startswith("cuda") else "cpu"))
+    device = pick_device(config.device, group.local_rank)
+    out = Path(config.out)
+    if group.main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    train_loader, test_loader, sampler = make_loaders(config, group)
+    model = build_model(config.model_config()).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    history: list[dict[str, float]] = []
+    start = 0
+    if resume:
+        path = out / "last.pt" if resume == "auto" else Path(resume)
+        state = checkpoint.load(path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        history, start = state["history"], state["epoch"] + 1
+        if group.main:
+            log.info("resumed from %s at epoch %d", path, start)
+    net = (
+        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if group.world > 1
+        else model
+    )
+    loss_fn = build_loss(config.loss)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    with use_backend(config.backend):
+        for epoch in range(start, config.epochs):
+            sampler.set_epoch(epoch)
+            train_loader.dataset.set_epoch(epoch)
+            model.train()
+            began, seen, total = time.perf_counter(), 0, 0.0
+            bar = tqdm(
+                train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                disable=not (progress and group.main), dynamic_ncols=True,
+            )  # fmt: skip
+            for step, batch in enumerate(bar, start=1):
+                images = batch["image"].to(device, non_blocking=True)
+                target = batch["landmarks"].to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
+                    coords, _, logits = net(images)
+                loss = loss_fn(coords.float(), logits, target, HEATMAP_STRIDE)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                seen += len(images) * group.world
+                total += float(loss)
+                rate = seen / (time.perf_counter() - began)
+                bar.set_postfix(loss=f"{total / step:.4g}", img_s=f"{rate:.1f}")
+            scheduler.step()
+            seconds = time.perf_counter() - began
+            row = {
+                "epoch": epoch + 1, "train_loss": total / max(1, len(train_loader)),
+                "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
+                "seconds": seconds,
+            }  # fmt: skip
+            if group.main:
+                metrics = summarize(predict_errors(model, test_loader, device, config.amp)[0])
+                row.update(test_nme=metrics["nme"], test_fr=metrics["fr"], test_auc=metrics["auc"])
+                history.append(row)
+                log.info(
+                    "epoch %d: loss %.4g, test NME %.2f%%, FR %.2f%%, AUC %.4f, %.1f img/s",
+                    epoch + 1, row["train_loss"], 100 * metrics["nme"], 100 * metrics["fr"],
+                    metrics["auc"], row["images_per_s"],
+                )  # fmt: skip
+                state = {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": checkpoint.rng_state(), "epoch": epoch, "history": history,
+                    "config": config.to_dict(),
+                }  # fmt: skip
+                checkpoint.save_atomic(state, out / "last.pt")
+                _write_csv(out / "log.csv", history)
+                plot_curves(history, out / "curves.png")
+            _barrier(group)
+
+    result: dict[str, Any] = {"history": history, "out": str(out)}
+    if group.main:
+        errors, flags = predict_errors(model, test_loader, device, config.amp)
+        result["report"] = subset_report(errors, flags)
+    return result
