@@ -1,0 +1,357 @@
+"""AAConv2d / aa_conv2d against a literal, loop-by-loop transcription of Bello et al.'s formula."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aanet_kernels import available_backends
+from aanet_kernels.functional import aa_conv2d, resize_rel_table, split_heads
+from aanet_kernels.nn import AAConv2d, augment_model
+
+CPU_BACKENDS = available_backends("cpu")
+
+
+def literal_interpolation(table: Tensor, length: int) -> Tensor:
+    """Linear resampling with half-pixel centres (``align_corners=False``), one row at a time."""
+    n = table.shape[0]
+    rows = []
+    for t in range(length):
+        src = max((t + 0.5) * n / length - 0.5, 0.0)
+        i0 = min(int(math.floor(src)), n - 1)
+        i1 = min(i0 + 1, n - 1)
+        lam = src - i0
+        rows.append((1 - lam) * table[i0] + lam * table[i1])
+    return torch.stack(rows)
+
+
+def paper_formula(x: Tensor, m: AAConv2d) -> Tensor:
+    """The layer of DESIGN.md section 2, written out over positions (tiny maps only).
+
+    Stride s > 1 uses s x s average pooling of the input, so sizes must divide by s.
+    """
+    conv = m.conv
+    conv_out = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+    out_h, out_w = conv_out.shape[-2:]
+    s = conv.stride[0]
+    x_att = x if s == 1 else F.avg_pool2d(x, s)
+    assert x_att.shape[-2:] == (out_h, out_w)
+    qkv = F.conv2d(x_att, m.qkv_conv.weight, m.qkv_conv.bias)
+    dk, dv, nh = m.dk, m.dv, m.num_heads
+    dkh, dvh = dk // nh, dv // nh
+    q = qkv[:, :dk] * dkh**-0.5
+    k = qkv[:, dk : 2 * dk]
+    v = qkv[:, 2 * dk :]
+    if m.relative:
+        rel_h = literal_interpolation(m.rel_h, 2 * out_h - 1)
+        rel_w = literal_interpolation(m.rel_w, 2 * out_w - 1)
+    heads_out = torch.zeros(x.shape[0], dv, out_h, out_w, dtype=x.dtype)
+    for b in range(x.shape[0]):
+        for h in range(nh):
+            qs, ks = slice(h * dkh, (h + 1) * dkh), slice(h * dvh, (h + 1) * dvh)
+            for iy in range(out_h):
+                for ix in range(out_w):
+                    q_i = q[b, qs, iy, ix]
+                    logits = torch.zeros(out_h, out_w, dtype=x.dtype)
+                    for jy in range(out_h):
+                        for jx in range(out_w):
+                            logit = q_i @ k[b, qs, jy, jx]
+                            if m.relative:
+                                logit = logit + q_i @ rel_h[jy - iy + out_h - 1]
+                                logit = logit + q_i @ rel_w[jx - ix + out_w - 1]
+                            logits[jy, jx] = logit
+                    weights = torch.softmax(logits.flatten(), dim=0).reshape(out_h, out_w)
+                    heads_out[b, ks, iy, ix] = (weights * v[b, ks]).sum(dim=(-2, -1))
+    attn_out = F.conv2d(heads_out, m.attn_out.weight, m.attn_out.bias)
+    return torch.cat([conv_out, attn_out], dim=1)
+
+
+def randomize_(m: nn.Module, seed: int) -> nn.Module:
+    """Fresh random weights everywhere (biases too, so none is zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+    return m
+
+
+# (name, constructor kwargs, input size): H != W throughout, stride 1 and 2, tables resized up
+# and down from the nominal size, no relative logits, a non-square kernel, L = 1.
+CONFIGS = [
+    ("stride1", dict(kernel_size=3, input_size=(4, 3)), (4, 3)),
+    ("stride2", dict(kernel_size=3, stride=2, input_size=(8, 6)), (8, 6)),
+    ("resize_up", dict(kernel_size=3, input_size=(3, 2)), (5, 4)),
+    ("resize_down", dict(kernel_size=(1, 3), input_size=(5, 6)), (2, 3)),
+    ("stride2_resize", dict(kernel_size=3, stride=2, input_size=(4, 4)), (6, 8)),
+    ("no_relative", dict(kernel_size=3, relative=False), (3, 4)),
+    ("one_pixel", dict(kernel_size=1, input_size=(3, 3)), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name,kwargs,size", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_matches_paper_formula(backend: str, name: str, kwargs: dict, size: tuple) -> None:
+    torch.manual_seed(0)
+    m = AAConv2d(3, 10, dk=4, dv=4, num_heads=2, backend=backend, dtype=torch.float64, **kwargs)
+    randomize_(m, seed=1)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    expected = paper_formula(x, m)
+    got = m(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("stride,size", [(1, (3, 2)), (2, (4, 6))], ids=["stride1", "stride2"])
+def test_gradcheck(backend: str, stride: int, size: tuple) -> None:
+    # Nominal size 2x3 differs from the grid, so gradients also flow through the resizing.
+    m = AAConv2d(
+        2, 6, 3, stride=stride, dk=4, dv=2, num_heads=2, backend=backend,
+        input_size=(2 * stride, 3 * stride), dtype=torch.float64,
+    )  # fmt: skip
+    randomize_(m, seed=2)
+    names = [n for n, _ in m.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in m.parameters()]
+    x = torch.randn(1, 2, *size, dtype=torch.float64, requires_grad=True)
+
+    def f(x: Tensor, *ps: Tensor) -> Tensor:
+        return torch.func.functional_call(m, dict(zip(names, ps, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+def test_state_dict_round_trip() -> None:
+    kwargs = dict(dk=4, dv=4, num_heads=2)
+    trained = AAConv2d(3, 8, 3, **kwargs)
+    x = torch.randn(2, 3, 5, 4)
+    trained(x)  # builds the lazy tables for a 5x4 grid
+    expected = randomize_(trained, seed=3)(x)
+    buffer = io.BytesIO()
+    torch.save(trained.state_dict(), buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()))
+
+    lazy = AAConv2d(3, 8, 3, **kwargs)
+    lazy.load_state_dict(state)  # materializes the tables with the saved shapes
+    assert lazy.nominal_size == (5, 4)
+    eager = AAConv2d(3, 8, 3, input_size=(5, 4), **kwargs)
+    eager.load_state_dict(state)
+    for restored in (lazy, eager):
+        torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="rel_h"):
+        AAConv2d(3, 8, 3, input_size=(6, 4), **kwargs).load_state_dict(state)
+
+
+def test_lazy_tables_follow_the_first_input() -> None:
+    m = AAConv2d(3, 8, 3, stride=2, dk=4, dv=4, num_heads=2)
+    assert m.nominal_size is None
+    m(torch.randn(1, 3, 9, 6))
+    assert m.nominal_size == (5, 3)
+    assert m.rel_h.shape == (9, 2) and m.rel_w.shape == (5, 2)
+
+
+def test_resize_rel_table() -> None:
+    table = torch.randn(7, 5, dtype=torch.float64)
+    assert resize_rel_table(table, 7) is table
+    for length in (1, 3, 13, 27):
+        torch.testing.assert_close(
+            resize_rel_table(table, length), literal_interpolation(table, length)
+        )
+    # A table symmetric in the offset stays symmetric, offset 0 stays at the centre row.
+    symmetric = table + table.flip(0)
+    resized = resize_rel_table(symmetric, 11)
+    torch.testing.assert_close(resized, resized.flip(0))
+
+
+@pytest.mark.parametrize("size,expected", [((7, 5), (4, 3)), ((1, 2), (1, 1)), ((8, 6), (4, 3))])
+def test_stride2_output_grid(size: tuple, expected: tuple) -> None:
+    m = AAConv2d(3, 8, 3, stride=2, dk=4, dv=4, num_heads=2, input_size=(8, 6))
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+    x = torch.randn(2, 3, *size)
+    assert m(x).shape == conv(x).shape == (2, 8, *expected)
+
+
+def test_qkv_are_views_of_the_projection() -> None:
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        qkv = torch.randn(2, 4 + 4 + 6, 3, 5).contiguous(memory_format=fmt)
+        q, k, v = split_heads(qkv, dk=4, dv=6, num_heads=2)
+        assert q.shape == k.shape == (2, 2, 15, 2) and v.shape == (2, 2, 15, 3)
+        channel = qkv.stride(1) * qkv.element_size()
+        assert q.data_ptr() == qkv.data_ptr()
+        assert k.data_ptr() == qkv.data_ptr() + 4 * channel
+        assert v.data_ptr() == qkv.data_ptr() + 8 * channel
+        # head 1, position (y=2, x=3), depth 1
+        torch.testing.assert_close(q[1, 1, 2 * 5 + 3, 1], qkv[1, 3, 2, 3])
+        torch.testing.assert_close(v[0, 1, 7, 2], qkv[0, 8 + 5, 1, 2])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_channels_last(backend: str) -> None:
+    m = AAConv2d(4, 12, 3, dk=4, dv=4, num_heads=2, backend=backend, input_size=(5, 6))
+    randomize_(m, seed=4)
+    x = torch.randn(2, 4, 5, 6)
+    expected = m(x)
+    got = m(x.contiguous(memory_format=torch.channels_last))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_autocast_bf16(backend: str) -> None:
+    m = randomize_(AAConv2d(8, 16, 3, dk=8, dv=8, num_heads=2, input_size=(6, 5)), seed=5)
+    x = torch.randn(2, 8, 6, 5)
+    m.backend = "reference"
+    exact = m.double()(x.double())
+    m.float()
+    errors = {}
+    for name in sorted({"reference", backend}):
+        m.backend = name
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in m.parameters())
+        m.zero_grad()
+        errors[name] = (y.double() - exact).abs().max().item()
+    # The tolerance rule of DESIGN.md: at most twice the reference's own low-precision error.
+    assert errors[backend] <= 2 * errors["reference"] + 1e-3, errors
+    assert errors["reference"] < 0.1 * exact.abs().max().item(), errors
+
+
+def test_compile_fullgraph_small_cnn() -> None:
+    # "aot_eager" traces forward and backward through dynamo and AOT autograd like inductor
+    # would, without minutes of C++ codegen; the layers build their lazy tables while tracing.
+    torch._dynamo.reset()
+    net = nn.Sequential(
+        AAConv2d(3, 16, 3, dk=8, dv=4, num_heads=2, backend="reference"),
+        nn.ReLU(),
+        AAConv2d(16, 16, 3, stride=2, dk=8, dv=8, num_heads=4, backend="reference"),
+    )
+    x = torch.randn(2, 3, 8, 6)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    got.square().sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    expected = net(x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(got, expected)
+    for g, p in zip(grads, net.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_fraction_channels() -> None:
+    m = AAConv2d(64, 256, 3)  # kappa = 0.2 -> 51.2 -> 48; upsilon = 0.1 -> 25.6 -> 24 (8 heads)
+    assert (m.dk, m.dv, m.dkh) == (48, 24, 6)
+    assert m.conv.out_channels == 232 and m.qkv_conv.out_channels == 120
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(dk=6, num_heads=4), ValueError, r"dk=6 does not divide by num_heads=4"),
+        (dict(dv=10, num_heads=4), ValueError, r"dv=10 does not divide by num_heads=4"),
+        (dict(dv=16), ValueError, r"dv: expected fewer than out_channels=16"),
+        (dict(dv=0.99, num_heads=1), ValueError, r"dv: expected fewer than out_channels=16"),
+        (dict(dk=0.05), ValueError, r"dk=0.05 of out_channels=16 .* 0 channels per head"),
+        (dict(dv=0), ValueError, r"dv: expected a positive"),
+        (dict(dk="8"), TypeError, r"dk: expected an int"),
+        (dict(num_heads=0), ValueError, r"num_heads: expected a positive int"),
+        (dict(kernel_size=0), ValueError, r"kernel_size: expected an int >= 1"),
+        (dict(stride=(1, 2, 3)), ValueError, r"stride: expected an int >= 1"),
+        (dict(padding=-1), ValueError, r"padding: expected an int >= 0"),
+        (dict(backend="fast"), ValueError, r"backend: expected one of"),
+        (dict(relative=1), TypeError, r"relative: expected a bool"),
+        (dict(input_size=(0, 4)), ValueError, r"input_size: expected an int >= 1"),
+        (dict(in_channels=0), ValueError, r"in_channels: expected a positive int"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs: dict, error: type, match: str) -> None:
+    args = dict(in_channels=4, out_channels=16, kernel_size=3, dk=8, dv=4, num_heads=2)
+    with pytest.raises(error, match=match):
+        AAConv2d(**{**args, **kwargs})
+
+
+def test_bad_call_arguments() -> None:
+    m = AAConv2d(4, 16, 3, dk=8, dv=4, num_heads=2)
+    with pytest.raises(ValueError, match=r"x: expected a 4-D tensor"):
+        m(torch.randn(4, 5, 5))
+    w = dict(
+        conv_weight=torch.randn(12, 4, 3, 3), conv_bias=None,
+        qkv_weight=torch.randn(20, 4, 1, 1), qkv_bias=None,
+        out_weight=torch.randn(4, 4, 1, 1), out_bias=None,
+    )  # fmt: skip
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"rel_h: expected dim 1 of size 4"):
+        aa_conv2d(x, **w, rel_h=torch.randn(9, 3), rel_w=torch.randn(9, 4), num_heads=2, padding=1)
+    with pytest.raises(ValueError, match=r"rel_h, rel_w: expected both"):
+        aa_conv2d(x, **w, rel_h=torch.randn(9, 4), num_heads=2, padding=1)
+    with pytest.raises(ValueError, match=r"dk = 8 \(from the weights\) does not divide"):
+        aa_conv2d(x, **w, num_heads=3, padding=1)
+    with pytest.raises(ValueError, match=r"out_weight: expected shape \(dv, dv, 1, 1\)"):
+        aa_conv2d(x, **{**w, "out_weight": torch.randn(4, 2, 1, 1)}, num_heads=2, padding=1)
+    with pytest.raises(ValueError, match=r"resize_rel_table|length: expected a positive int"):
+        resize_rel_table(torch.randn(3, 2), 0)
+
+
+def test_from_conv2d_keeps_the_first_filters() -> None:
+    conv = nn.Conv2d(6, 16, 3, stride=2, padding=1)
+    aa = AAConv2d.from_conv2d(conv, dk=8, dv=4, num_heads=2)
+    assert aa.conv.stride == (2, 2) and aa.conv.padding == (1, 1)
+    x = torch.randn(2, 6, 8, 10)
+    torch.testing.assert_close(aa(x)[:, :12], conv(x)[:, :12])
+    assert aa(x).shape == conv(x).shape
+    with pytest.raises(ValueError, match=r"conv: expected groups=1"):
+        AAConv2d.from_conv2d(nn.Conv2d(4, 16, 3, groups=2), dk=8, dv=4, num_heads=2)
+    with pytest.raises(TypeError, match=r"conv: expected an nn.Conv2d"):
+        AAConv2d.from_conv2d(nn.Linear(4, 4))
+
+
+def test_augment_model() -> None:
+    def make() -> nn.Module:
+        torch.manual_seed(6)
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU()),
+            nn.Conv2d(16, 8, 1),
+        )
+
+    x = torch.randn(2, 3, 8, 8)
+    original = make()
+    model = augment_model(make(), where=["2.0"], dk=8, dv=4, num_heads=2)
+    assert isinstance(model[2][0], AAConv2d) and type(model[0]) is nn.Conv2d
+    assert model(x).shape == original(x).shape
+    # The first layer is untouched, the augmented one keeps its first 12 filters.
+    hidden, ref_hidden = model[1](model[0](x)), original[1](original[0](x))
+    torch.testing.assert_close(model[2][0](hidden)[:, :12], original[2][0](ref_hidden)[:, :12])
+
+    # A predicate sees every plain nn.Conv2d, never the convolutions inside an AAConv2d.
+    seen = []
+    augment_model(
+        model,
+        where=lambda name, conv: seen.append(name) or conv.out_channels == 16,
+        dk=8, dv=4, num_heads=2,
+    )  # fmt: skip
+    assert seen == ["0", "3"] and isinstance(model[0], AAConv2d)
+    with pytest.raises(ValueError, match=r"where: '2.0.conv' is not an nn.Conv2d"):
+        augment_model(model, where=["2.0.conv"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
+def test_cuda_backends_match_reference() -> None:
+    m = randomize_(AAConv2d(16, 32, 3, dk=16, dv=16, num_heads=4, input_size=(12, 9)), seed=7)
+    m = m.cuda()
+    x = torch.randn(2, 16, 12, 9, device="cuda")
+    m.backend = "reference"
+    expected = m(x)
+    for backend in available_backends("cuda"):
+        m.backend = backend
+        torch.testing.assert_close(m(x), expected, rtol=2e-3, atol=2e-3)
+        with torch.autocast("cuda", dtype=torch.float16):
+            assert m(x.contiguous(memory_format=torch.channels_last)).dtype == torch.float16
