@@ -119,6 +119,22 @@ def test_bench_attention_rejects_unknown_method(tmp_path):
         bench_attention.main(["--device", "cpu", "--preset", "tiny", "--methods", "nope"])
 
 
+def test_bench_train_tiny_writes_table(tmp_path):
+    pytest.importorskip("aanet.model", reason="the AANet model is not in this checkout")
+    pytest.importorskip("aanet.config", reason="the AANet config is not in this checkout")
+    from benchmarks import bench_train
+
+    rows = bench_train.main([
+        "--device", "cpu", "--variants", f"reference,{bench_train.PLAIN}", "--batch-size", "2",
+        "--input-size", "32", "--warmup", "1", "--repeats", "2", "--min-repeats", "2",
+        "--budget", "0", "--out-dir", str(tmp_path),
+    ])  # fmt: skip
+    assert [r["variant"] for r in rows] == ["reference", bench_train.PLAIN]
+    assert all(r["status"] == "ok" and r["steps_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
+    md = (tmp_path / f"train_{common.device_slug('cpu')}.md").read_text()
+    assert "time / plain conv" in md
+
+
 def test_profiler_writes_trace_with_named_phases(tmp_path):
     from aanet_kernels import profile
 

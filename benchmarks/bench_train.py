@@ -1,0 +1,216 @@
+"""Benchmark AANet training: steps per second and peak memory per attention backend.
+
+Variants: AANet with its AA-Conv layers on each backend of
+``aanet_kernels.available_backends(device)`` (chosen with ``aanet_kernels.use_backend``), and the
+same network with plain 3x3 convolutions (``attention=False``) as the baseline. A step is what
+``aanet.train`` does per batch: forward, the MSE of the landmark coordinates, backward, an Adam
+step. The batch size defaults to the model's (``aanet.config.Config.batch_size``) on random images
+of the default input size; time is the median over steps after warm-up (``benchmarks.common``),
+memory the peak of one step above the model and optimizer state (CUDA: allocator; CPU: resident
+set, in a worker process, see ``benchmarks.common.rss_peak_bytes``).
+
+``--max-batch`` (CUDA) also searches the largest batch that fits: doubling until out of memory,
+then bisecting between the last fit and the first failure.
+
+    python benchmarks/bench_train.py --device cuda
+    python benchmarks/bench_train.py --device cpu --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import aanet_kernels  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+PLAIN = "plain_conv"
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one variant is measured on."""
+
+    variant: str  # a backend name, or PLAIN
+    batch: int
+    input_size: int
+    dtype: str
+
+
+def make_step(job: Job, device: torch.device) -> Callable[[], None]:
+    """A training step of AANet for ``job`` on fixed random data (model, optimizer built here)."""
+    from aanet.config import Config
+    from aanet.model import build_model
+
+    config = Config(input_size=job.input_size, attention=job.variant != PLAIN)
+    dtype = getattr(torch, job.dtype)
+    model = build_model(config.model_config()).to(device=device, dtype=dtype).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    images = torch.randn(job.batch, 3, job.input_size, job.input_size, device=device, dtype=dtype)
+    num_points = config.model_config().num_points
+    targets = torch.rand(job.batch, num_points, 2, device=device, dtype=dtype) * job.input_size
+    backend = "auto" if job.variant == PLAIN else job.variant
+
+    def step() -> None:
+        with aanet_kernels.use_backend(backend):
+            coords, _, _ = model(images)
+            loss = torch.nn.functional.mse_loss(coords.float(), targets.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    return step
+
+
+def variants_for(device: torch.device) -> list[str]:
+    """The backends that run on ``device`` (Triton only on a GPU), then the plain-conv baseline."""
+    backends = aanet_kernels.available_backends(device)
+    return [b for b in backends if b != "triton" or device.type == "cuda"] + [PLAIN]
+
+
+def measure(job: Job, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
+    """Median step time (and steps/s) of ``job``; peak memory too on CUDA."""
+    step = make_step(job, device)
+    timing = common.time_fn(
+        step, device, warmup=args.warmup, repeats=args.repeats, min_repeats=args.min_repeats,
+        budget_s=args.budget,
+    )  # fmt: skip
+    result = {"step_ms": timing.median_s * 1e3, "steps_per_s": 1 / timing.median_s}
+    if device.type == "cuda":
+        result["peak_mib"] = common.cuda_peak_bytes(step, device) / 2**20
+    return result
+
+
+def fits(job: Job, device: torch.device) -> bool:
+    """Whether one training step of ``job`` runs without running out of GPU memory."""
+    try:
+        make_step(job, device)()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+
+
+def largest_batch(job: Job, device: torch.device, limit: int) -> int:
+    """The largest batch (up to ``limit``) whose step fits: doubling, then bisection; 0 if none."""
+    low, high = 0, job.batch
+    while high <= limit and fits(replace(job, batch=high), device):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > max(1, low // 16):  # stop within ~6% of the answer
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(replace(job, batch=mid), device) else (low, mid)
+    return low
+
+
+def memory_worker_main() -> None:
+    """CPU memory worker: a JSON list of jobs on stdin, ``{variant: bytes}`` on stdout."""
+    if not common.in_memory_worker():
+        raise RuntimeError("--memory-worker: start it with benchmarks.common.run_worker")
+    device = torch.device("cpu")
+    out = {}
+    for item in json.load(sys.stdin):
+        step = make_step(Job(**item), device)
+        step()  # first step: one-time costs and the optimizer state are not the step's
+        out[item["variant"]] = common.rss_peak_bytes(step)
+    print(json.dumps(out))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from aanet.config import Config
+
+    defaults = Config()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=common.default_device())
+    parser.add_argument("--variants", help=f"comma-separated backends and/or {PLAIN}")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--input-size", type=int, default=defaults.input_size)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--min-repeats", type=int, default=3)
+    parser.add_argument(
+        "--budget", type=float, default=5.0, help="seconds of timed steps per variant"
+    )
+    parser.add_argument("--max-batch", action="store_true", help="(CUDA) find the largest batch")
+    parser.add_argument("--max-batch-limit", type=int, default=4096)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
+    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
+    """Run the training benchmark; returns the rows it wrote."""
+    args = parse_args(argv)
+    if args.memory_worker:
+        memory_worker_main()
+        return []
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available on this machine")
+    available = variants_for(device)
+    variants = available if args.variants is None else args.variants.split(",")
+    unknown = [v for v in variants if v not in available]
+    if unknown:
+        raise SystemExit(f"--variants: expected a subset of {available}, got {unknown}")
+    jobs = [Job(v, args.batch_size, args.input_size, args.dtype) for v in variants]
+    meta = common.run_metadata(device)
+    rows: list[dict[str, object]] = []
+    for job in jobs:
+        row: dict[str, object] = {**asdict(job), "status": "ok"}
+        try:
+            row.update(measure(job, device, args))
+            if args.max_batch and device.type == "cuda":
+                row["largest_batch"] = largest_batch(job, device, args.max_batch_limit)
+        except (RuntimeError, ValueError) as error:  # OOM included: recorded, not fatal
+            row["status"] = f"error: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        print(row, flush=True)
+        rows.append(row)
+    if device.type == "cpu" and not args.no_memory:
+        ok = [asdict(j) for j, r in zip(jobs, rows, strict=True) if r["status"] == "ok"]
+        peaks = common.run_worker(["-m", "benchmarks.bench_train", "--memory-worker"], ok)
+        for row in rows:
+            if row["variant"] in peaks:
+                row["peak_mib"] = peaks[row["variant"]] / 2**20
+
+    plain = next((r for r in rows if r["variant"] == PLAIN and "step_ms" in r), None)
+    table = [
+        [
+            r["variant"], r["batch"], common.fmt(r.get("steps_per_s")),
+            common.fmt(r.get("step_ms")), common.fmt(r.get("peak_mib")),
+            f"{r['step_ms'] / plain['step_ms']:.2f}x" if plain and "step_ms" in r else None,
+            r.get("largest_batch"), r["status"],
+        ]
+        for r in rows
+    ]  # fmt: skip
+    header = ["variant", "batch", "steps/s", "ms/step", "peak MiB", "time / plain conv"]
+    header += ["largest batch", "status"]
+    stem = f"train_{common.device_slug(device)}"
+    md = (
+        f"# AANet training steps: {meta['device_name']} ({meta['device']})\n\n"
+        f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
+        f"{meta['cpu_threads']} CPU threads; input {args.input_size}x{args.input_size}, "
+        f"{args.dtype}, Adam.\n\n" + common.markdown_table(table, header) + "\n"
+    )
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    common.write_csv(
+        [{**{k: r.get(k) for k in keys}, **meta} for r in rows], args.out_dir / f"{stem}.csv"
+    )
+    (args.out_dir / f"{stem}.md").write_text(md)
+    print(md)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
