@@ -191,7 +191,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> d
                 scaler.step(optimizer)
                 scaler.update()
                 seen += len(images) * group.world
-                total += float(loss)
+                total += float(loss.detach())
                 rate = seen / (time.perf_counter() - began)
                 bar.set_postfix(loss=f"{total / step:.4g}", img_s=f"{rate:.1f}")
             scheduler.step()

@@ -1,0 +1,1 @@
+"""AANet: facial landmarks with attention-augmented convolutions (built on ``aanet_kernels``)."""

@@ -1,0 +1,187 @@
+"""The ``aanet`` command: generate, train, evaluate, predict, export, and ``run`` (all of them)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from aanet.config import Config, make_config, preset_names, read_config_file
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`Config` field; a flag given on the command line beats the file."""
+    parser.add_argument(
+        "--config", help=f"YAML/JSON file or preset name ({', '.join(preset_names())})"
+    )
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        helptext = f"default: {default}"
+        if f.type == "bool":
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=helptext
+            )
+        elif f.type == "list[int]":
+            parser.add_argument(flag, type=int, nargs="+", default=None, help=helptext)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=None, help=helptext)
+
+
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
+    """Defaults, then ``base``, then the config file, then the flags."""
+    values = dict(base or {})
+    if args.config:
+        values.update(read_config_file(args.config))
+    for f in fields(Config):
+        given = getattr(args, f.name)
+        if given is not None:
+            values[f.name] = given
+    return make_config(values)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from aanet.datasets.synthetic import SyntheticConfig, generate
+
+    root = generate(
+        args.out, SyntheticConfig(args.num_train, args.num_test, args.image_size, args.seed)
+    )
+    print(f"synthetic WFLW-layout set in {root}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from aanet.evaluate import format_table
+    from aanet.train import train
+
+    result = train(config_from_args(args), resume=args.resume, progress=not args.no_progress)
+    if "report" in result:
+        print(format_table(result["report"]))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from aanet import checkpoint
+    from aanet.datasets import sources
+    from aanet.datasets.dataset import LandmarkDataset
+    from aanet.evaluate import format_table, predict_errors, subset_report, write_json
+    from aanet.inference import load_model
+    from aanet.train import pick_device
+    from aanet_kernels import use_backend
+
+    saved = checkpoint.load(args.checkpoint)["config"]
+    config = config_from_args(args, base=saved)
+    device = pick_device(config.device)
+    model = load_model(args.checkpoint, device)
+    test_set = LandmarkDataset(sources.load_split(config, "test"), config.input_size)
+    loader = DataLoader(test_set, batch_size=config.batch_size, num_workers=config.workers)
+    with use_backend(config.backend), torch.no_grad():
+        report = subset_report(*predict_errors(model, loader, device, config.amp))
+    print(format_table(report))
+    out = Path(args.json or Path(config.out) / "eval.json")
+    write_json(report, out)
+    print(f"wrote {out}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    import json
+
+    from aanet.inference import load_model
+    from aanet.predict import predict_image, write_results
+    from aanet.train import pick_device
+    from aanet_kernels import use_backend
+
+    device = pick_device(args.device)
+    model = load_model(args.checkpoint, device)
+    with use_backend(args.backend):
+        annotated, faces = predict_image(model, args.image, device, detect=not args.no_detect)
+    image = Path(args.image)
+    out = Path(args.output or image.with_name(f"{image.stem}_landmarks.png"))
+    json_path = out.with_suffix(".json") if args.json else None
+    write_results(annotated, faces, out, json_path)
+    print(f"{len(faces)} face(s); wrote {out}" + (f" and {json_path}" if json_path else ""))
+    if args.json:
+        print(json.dumps({"faces": faces}))
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from aanet.export import export
+    from aanet.inference import load_model
+
+    suffix = {"torchscript": ".ts.pt", "export": ".pt2", "onnx": ".onnx"}[args.format]
+    out = Path(args.output or Path(args.checkpoint).with_suffix(suffix))
+    error = export(load_model(args.checkpoint), out, args.format, args.backend)
+    print(f"wrote {out} ({args.format}); max output difference from eager: {error:.3g}")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from aanet.demo import run_demo
+
+    run_demo(config_from_args(args, base=read_config_file("cpu")), progress=not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aanet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="write the synthetic WFLW-layout face set")
+    gen.add_argument("--out", default="runs/data/synthetic")
+    gen.add_argument("--num-train", type=int, default=1500)
+    gen.add_argument("--num-test", type=int, default=300)
+    gen.add_argument("--image-size", type=int, default=160)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_cmd_generate)
+
+    tr = sub.add_parser("train", help="train AANet (works under torchrun for DDP)")
+    _add_config_flags(tr)
+    tr.add_argument(
+        "--resume", nargs="?", const="auto", help="checkpoint to continue (default: <out>/last.pt)"
+    )
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("evaluate", help="NME / FR / AUC on the test set and the WFLW subsets")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--json", help="where to write the report (default: <out>/eval.json)")
+    _add_config_flags(ev)
+    ev.set_defaults(func=_cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="detect faces in an image and draw their landmarks")
+    pr.add_argument("image")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--output", help="annotated image (default: <image>_landmarks.png)")
+    pr.add_argument("--json", action="store_true", help="also write and print the numbers as JSON")
+    pr.add_argument("--no-detect", action="store_true", help="use the whole image as the face box")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--backend", default="auto")
+    pr.set_defaults(func=_cmd_predict)
+
+    ex = sub.add_parser("export", help="TorchScript / torch.export / ONNX, checked against eager")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--format", choices=("torchscript", "export", "onnx"), default="torchscript")
+    ex.add_argument("--output")
+    ex.add_argument("--backend", default="reference", help="attention backend recorded in the file")
+    ex.set_defaults(func=_cmd_export)
+
+    run = sub.add_parser("run", help="generate, train, evaluate, predict: the `make run` job")
+    _add_config_flags(run)
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``aanet`` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"aanet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,74 @@
+"""``aanet export``: TorchScript or ``torch.export`` (ONNX when installed), checked on output."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from aanet.model import AANet
+from aanet_kernels import use_backend
+
+FORMATS = ("torchscript", "export", "onnx")
+
+
+class _Landmarks(torch.nn.Module):
+    """The exported interface: images to ``(coords, confidence)``."""
+
+    def __init__(self, model: AANet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        coords, confidence, _ = self.model(images)
+        return coords, confidence
+
+
+def export(
+    model: AANet,
+    path: Path | str,
+    fmt: str = "torchscript",
+    backend: str = "reference",
+    atol: float = 1e-4,
+) -> float:
+    """Write ``model`` in ``fmt`` to ``path``, reload it, and return the largest difference of its
+    outputs from the eager model on a fresh random batch (raises if above ``atol``).
+
+    ``backend="reference"`` (the default) records attention as plain ATen operations, so the
+    file runs where ``aanet_kernels``'s compiled extension is absent.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = _Landmarks(model.eval())
+    size = model.config.input_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    check = torch.randn(2, 3, size, size)
+    with use_backend(backend), torch.no_grad():
+        expected = wrapper(check)
+        if fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(wrapper, example), str(path))
+            got = torch.jit.load(str(path))(check)
+        elif fmt == "export":
+            torch.export.save(torch.export.export(wrapper, (example,)), str(path))
+            got = torch.export.load(str(path)).module()(check)
+        else:
+            got = _onnx(wrapper, example, check, path)
+    error = max(float((a - b).abs().max()) for a, b in zip(expected, got, strict=True))
+    if error > atol:
+        raise RuntimeError(f"exported model differs from the eager one by {error:.3g} > {atol}")
+    return error
+
+
+def _onnx(wrapper: torch.nn.Module, example: torch.Tensor, check: torch.Tensor, path: Path):
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+        raise RuntimeError("format 'onnx' needs the onnx and onnxruntime packages installed")
+    import onnxruntime
+
+    torch.onnx.export(wrapper, (example,), str(path), input_names=["images"],
+                      output_names=["coords", "confidence"], dynamo=True)  # fmt: skip
+    session = onnxruntime.InferenceSession(str(path))
+    outputs = session.run(None, {"images": check.numpy()})
+    return [torch.from_numpy(o) for o in outputs]

@@ -1,0 +1,93 @@
+"""``aanet predict``: faces found by OpenCV's bundled Haar cascade, landmarks drawn on the image."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from aanet.datasets.augment import augment_sample
+from aanet.datasets.dataset import to_tensor
+from aanet.model import AANet
+
+log = logging.getLogger("aanet.predict")
+CASCADE = "haarcascade_frontalface_default.xml"
+
+
+def detect_faces(image: np.ndarray) -> list[np.ndarray]:
+    """Face boxes ``(x0, y0, x1, y1)`` from OpenCV's frontal-face Haar cascade."""
+    cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / CASCADE))
+    if cascade.empty():
+        raise RuntimeError(f"cannot load the Haar cascade {CASCADE} from {cv2.data.haarcascades}")
+    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+    return [np.array([x, y, x + w, y + h], dtype=np.float32) for x, y, w, h in found]
+
+
+@torch.no_grad()
+def landmarks_in_box(
+    model: AANet, image: np.ndarray, box: np.ndarray, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """Landmarks ``(N, 2)`` in image pixels and confidences ``(N,)`` for the face in ``box``."""
+    size = model.config.input_size
+    crop, _, matrix = augment_sample(image, np.zeros((1, 2), np.float32), box, size, None)
+    coords, confidence, _ = model(to_tensor(crop)[None].to(device))
+    inverse = cv2.invertAffineTransform(matrix)
+    points = coords[0].float().cpu().numpy() @ inverse[:, :2].T + inverse[:, 2]
+    return points, confidence[0].float().cpu().numpy()
+
+
+def draw(image: np.ndarray, faces: list[dict[str, Any]]) -> np.ndarray:
+    """A copy of ``image`` with each face box and its landmarks (green sure, red unsure)."""
+    out = image.copy()
+    radius = max(1, round(min(image.shape[:2]) / 200))
+    for face in faces:
+        x0, y0, x1, y1 = (int(round(v)) for v in face["box"])
+        cv2.rectangle(out, (x0, y0), (x1, y1), (255, 160, 0), 1)
+        for (x, y), c in zip(face["landmarks"], face["confidence"], strict=True):
+            color = (0, 220, 0) if c >= 0.5 else (0, 0, 255)
+            cv2.circle(out, (int(round(x)), int(round(y))), radius, color, -1, cv2.LINE_AA)
+    return out
+
+
+def predict_image(
+    model: AANet, image_path: Path | str, device: torch.device, detect: bool = True
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Annotated image and per-face results (box, landmarks, confidence)."""
+    image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(f"image: cannot read {image_path}")
+    boxes = detect_faces(image) if detect else []
+    if not boxes:
+        if detect:
+            log.warning("%s: no face found by the Haar cascade; using the whole image", image_path)
+        h, w = image.shape[:2]
+        half = max(w, h) / 2 / 1.25  # the crop adds a 1.25 margin: this box's crop is the image
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+        boxes = [np.array([cx - half, cy - half, cx + half, cy + half], dtype=np.float32)]
+    faces = []
+    for box in boxes:
+        points, confidence = landmarks_in_box(model, image, box, device)
+        faces.append(
+            {
+                "box": [float(v) for v in box],
+                "landmarks": points.round(2).tolist(),
+                "confidence": confidence.round(4).tolist(),
+            }
+        )
+    return draw(image, faces), faces
+
+
+def write_results(
+    annotated: np.ndarray, faces: list[dict[str, Any]], out: Path, as_json: Path | None
+) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), annotated):
+        raise OSError(f"output: cannot write {out}")
+    if as_json is not None:
+        as_json.write_text(json.dumps({"faces": faces}, indent=1) + "\n")
