@@ -1,0 +1,286 @@
+"""The C++/CUDA backend of attention_2d (csrc/cuda/) against the float64 reference.
+
+Every test but the first needs a CUDA GPU: they are marked ``gpu`` and skipped without one (see
+conftest.py). The first runs anywhere: it checks that a build made with CUDA registered the CUDA
+kernels, so a CUDA build that silently lost them cannot pass ``make test``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import aanet_kernels as ak
+from aanet_kernels._extension import extension_loaded, has_kernel
+from aanet_kernels.reference import attention_2d_reference_lse
+from tests.attention_cases import AWKWARD_CASES, Case, make_inputs
+
+DEVICE = "cuda"
+BACKEND = "cuda"
+OPS = ("attention_2d_fwd", "attention_2d_bwd")
+op = torch.ops.aanet_kernels
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# Error floor added to "2x PyTorch's own error": covers cases where PyTorch happens to be exact.
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def _built_with_cuda() -> bool:
+    try:
+        from aanet_kernels._build_info import CUDA_VERSION
+    except ImportError:
+        return False
+    return CUDA_VERSION is not None
+
+
+def test_cuda_build_registers_cuda_kernels():
+    if not _built_with_cuda():
+        pytest.skip("the extension was built without CUDA (aanet_kernels/_build_info.py)")
+    assert extension_loaded(), "aanet_kernels._C was built with CUDA but does not load"
+    for name in OPS:
+        assert has_kernel(name, "CUDA"), f"aanet_kernels::{name} has no CUDA kernel"
+
+
+class TestCudaBackend:
+    """Needs a GPU and an extension built with CUDA."""
+
+    pytestmark = [
+        pytest.mark.gpu,
+        pytest.mark.skipif(
+            not has_kernel("attention_2d_fwd", "CUDA"),
+            reason="the extension was built without CUDA kernels (no toolkit at build time?)",
+        ),
+    ]
+
+    @staticmethod
+    def inputs(case: Case, dtype: torch.dtype, seed: int, requires_grad: bool = False):
+        return make_inputs(case, dtype, DEVICE, requires_grad=requires_grad, seed=seed)
+
+    @staticmethod
+    def kwargs(case: Case, scale: float | None = None) -> dict:
+        scale = case.dkh**-0.5 if scale is None else scale
+        return dict(height=case.height, width=case.width, scale=scale)
+
+    @staticmethod
+    def upcast(tensors):
+        return [
+            None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+            for t in tensors
+        ]
+
+    @staticmethod
+    def max_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
+        return (actual.double() - exact).abs().max().item() if exact.numel() else 0.0
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("case", AWKWARD_CASES, ids=str)
+    def test_forward_within_twice_torch_error(self, case, dtype, poisoned_allocations):
+        inputs = self.inputs(case, dtype, seed=11)
+        kwargs = self.kwargs(case)
+        q64, k64, v64, bh64, bw64 = self.upcast(inputs)
+        exact = ak.attention_2d_reference(q64, k64, v64, bh64, bw64, **kwargs)
+        exact_lse = attention_2d_reference_lse(q64, k64, bh64, bw64, **kwargs)
+        torch_own = ak.attention_2d_reference(*inputs, **kwargs)
+        out, lse = op.attention_2d_fwd(*inputs, case.height, case.width, kwargs["scale"])
+        assert out.shape == exact.shape and out.dtype == dtype and out.is_contiguous()
+        assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        own = self.max_error(torch_own, exact)
+        assert self.max_error(out, exact) <= 2 * own + FLOOR[dtype]
+        # lse is kept in fp32 even for half inputs: only the rounding of the inputs remains.
+        lse_tol = 1e-10 if dtype == torch.float64 else 1e-4
+        assert self.max_error(lse, exact_lse) <= lse_tol * max(1.0, exact_lse.abs().max().item())
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("case", AWKWARD_CASES, ids=str)
+    def test_gradients_within_twice_torch_error(self, case, dtype, poisoned_allocations):
+        inputs = self.inputs(case, dtype, seed=12, requires_grad=True)
+        kwargs = self.kwargs(case, scale=0.7)
+        gen = torch.Generator().manual_seed(13)
+        grad_out = torch.randn(
+            case.batch, case.heads, case.length, case.dvh, generator=gen, dtype=torch.float64
+        ).to(device=DEVICE, dtype=dtype)
+        present = [t for t in inputs if t is not None]
+        exact_present = [t for t in self.upcast(inputs) if t is not None]
+        exact_all = iter(exact_present)
+        exact_inputs = [None if t is None else next(exact_all) for t in inputs]
+        exact_grads = torch.autograd.grad(
+            ak.attention_2d_reference(*exact_inputs, **kwargs), exact_present, grad_out.double()
+        )
+        own_grads = torch.autograd.grad(
+            ak.attention_2d_reference(*inputs, **kwargs), present, grad_out
+        )
+        grads = torch.autograd.grad(
+            ak.attention_2d(*inputs, **kwargs, backend=BACKEND), present, grad_out
+        )
+        names = [
+            n
+            for n, t in zip(("q", "k", "v", "bias_h", "bias_w"), inputs, strict=True)
+            if t is not None
+        ]
+        for name, grad, own, exact in zip(names, grads, own_grads, exact_grads, strict=True):
+            assert grad.shape == exact.shape and grad.dtype == dtype, name
+            limit = 2 * self.max_error(own, exact) + FLOOR[dtype] * max(
+                1.0, exact.abs().max().item()
+            )
+            assert self.max_error(grad, exact) <= limit, name
+
+    @pytest.mark.parametrize(
+        "case",
+        [Case(1, 2, 3, 4, 3, 2), Case(2, 1, 2, 5, 2, 3, "h"), Case(1, 1, 5, 4, 17, 1, "w")],
+        ids=str,
+    )
+    def test_gradcheck_float64(self, case):
+        inputs = self.inputs(case, torch.float64, seed=14, requires_grad=True)
+        kwargs = self.kwargs(case, scale=0.8)
+        assert torch.autograd.gradcheck(
+            lambda *t: ak.attention_2d(*t, **kwargs, backend=BACKEND), inputs
+        )
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_backward_is_deterministic(self, dtype):
+        case = Case(2, 2, 9, 13, 20, 8)  # several key and query tiles
+        inputs = self.inputs(case, dtype, seed=15, requires_grad=True)
+        grad_out = torch.randn(
+            case.batch, case.heads, case.length, case.dvh, device=DEVICE, dtype=dtype
+        )
+
+        def grads():
+            out = ak.attention_2d(*inputs, **self.kwargs(case), backend=BACKEND)
+            return torch.autograd.grad(out, inputs, grad_out)
+
+        for first, second in zip(grads(), grads(), strict=True):
+            assert torch.equal(first, second)
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
+    @pytest.mark.parametrize("with_bias", [True, False])
+    def test_opcheck(self, dtype, with_bias):
+        case = Case(2, 2, 3, 4, 5, 3, "hw" if with_bias else "")
+        q, k, v, bh, bw = self.inputs(case, dtype, seed=16, requires_grad=True)
+        args = (q, k, v, bh, bw, case.height, case.width, 0.5)
+        torch.library.opcheck(op.attention_2d_fwd, args)
+        out, lse = op.attention_2d_fwd(*args)
+        grad_out = torch.randn_like(out)
+        bwd_args = (grad_out, q, k, v, bh, bw, out, lse, case.height, case.width, 0.5)
+        bwd_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in bwd_args)
+        torch.library.opcheck(op.attention_2d_bwd, bwd_args)
+
+    def test_torch_compile_fullgraph(self):
+        case = Case(2, 4, 3, 5, 8, 8, "h")
+
+        def attend(q, k, v, bias_h):
+            return ak.attention_2d(q, k, v, bias_h, None, **self.kwargs(case), backend=BACKEND)
+
+        q, k, v, bias_h, _ = self.inputs(case, torch.float32, seed=17, requires_grad=True)
+        compiled = torch.compile(attend, fullgraph=True)
+        out = compiled(q, k, v, bias_h)
+        torch.testing.assert_close(out, attend(q, k, v, bias_h), rtol=0, atol=0)
+        grads = torch.autograd.grad(out.sum(), (q, k, v, bias_h))
+        ref = torch.autograd.grad(attend(q, k, v, bias_h).sum(), (q, k, v, bias_h))
+        for grad, ref_grad in zip(grads, ref, strict=True):
+            torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+
+    @pytest.mark.skipif(
+        importlib.util.find_spec("triton") is None, reason="triton is not installed"
+    )
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    @pytest.mark.parametrize("case", AWKWARD_CASES[1::2], ids=str)
+    def test_agrees_with_triton(self, case, dtype):
+        if "triton" not in ak.available_backends(DEVICE):
+            pytest.skip("the triton backend is not available on this device")
+        inputs = self.inputs(case, dtype, seed=18, requires_grad=True)
+        present = [t for t in inputs if t is not None]
+        grad_out = torch.randn(
+            case.batch, case.heads, case.length, case.dvh, device=DEVICE, dtype=dtype
+        )
+        results = {}
+        for backend in (BACKEND, "triton"):
+            out = ak.attention_2d(*inputs, **self.kwargs(case), backend=backend)
+            results[backend] = (out, *torch.autograd.grad(out, present, grad_out))
+        tol = {torch.float32: 1e-4, torch.float16: 1e-2}[dtype]
+        for ours, theirs in zip(results[BACKEND], results["triton"], strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+
+    def test_strided_and_broadcast_inputs(self):
+        case = Case(2, 3, 4, 5, 6, 4)
+        q, k, v, _, _ = self.inputs(case, torch.float64, seed=19)
+        b, n, length = case.batch, case.heads, case.length
+        # Heads split out of a (B, C, L) projection without a copy: the head dim is strided.
+        proj = torch.randn(b, n * case.dkh, length, dtype=torch.float64, device=DEVICE)
+        q = proj.view(b, n, case.dkh, length).transpose(-1, -2)
+        k = torch.randn(b, n, length, 2 * case.dkh, dtype=torch.float64, device=DEVICE)[..., ::2]
+        v = torch.randn(length, b, n, case.dvh, dtype=torch.float64, device=DEVICE).permute(
+            1, 2, 0, 3
+        )
+        bias_h = torch.randn(1, n, length, case.height, dtype=torch.float64, device=DEVICE)
+        bias_w = torch.randn(b, 1, length, case.width, dtype=torch.float64, device=DEVICE)
+        for t in (q, k, v, bias_h, bias_w):
+            t.requires_grad_(True)
+        assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+        kwargs = self.kwargs(case)
+        inputs = (q, k, v, bias_h, bias_w)
+        out = ak.attention_2d(*inputs, **kwargs, backend=BACKEND)
+        ref = ak.attention_2d_reference(*inputs, **kwargs)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        grad_out = torch.randn_like(out).transpose(-1, -2).contiguous().transpose(-1, -2)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+        ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+        for grad, ref_grad in zip(grads, ref_grads, strict=True):
+            assert grad.shape == ref_grad.shape
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_fully_masked_row_gives_zeros_and_zero_gradients(self, dtype):
+        case = Case(1, 2, 3, 24, 5, 3)  # L = 72: more than one tile in every dtype
+        q, k, v, bh, bw = self.inputs(case, dtype, seed=20)
+        masked = (0, 1, 50)  # this query sees no key
+        bh = bh.clone()
+        bh[masked] = float("-inf")
+        inputs = [t.requires_grad_(True) for t in (q, k, v, bh, bw)]
+        out, lse = op.attention_2d_fwd(*inputs, case.height, case.width, 0.5)
+        assert torch.equal(out[masked], torch.zeros_like(out[masked]))
+        assert lse[masked].item() == float("-inf")
+        assert torch.isfinite(out).all() and torch.isfinite(lse[torch.isfinite(lse)]).all()
+        grads = torch.autograd.grad(out, inputs, torch.randn_like(out))
+        for grad in grads:
+            assert torch.isfinite(grad).all()
+        for grad in (grads[0], grads[3], grads[4]):  # the masked query's own gradients
+            assert torch.equal(grad[masked], torch.zeros_like(grad[masked]))
+
+    def test_nan_in_a_query_stays_in_its_row(self):
+        case = Case(1, 1, 4, 4, 3, 2)
+        q, k, v, bh, bw = self.inputs(case, torch.float32, seed=21)
+        q[0, 0, 6, 1] = float("nan")
+        out = ak.attention_2d(q, k, v, bh, bw, height=4, width=4, backend=BACKEND)
+        assert torch.isnan(out[0, 0, 6]).all()
+        assert torch.isfinite(out[0, 0, torch.arange(16) != 6]).all()
+
+    @pytest.mark.parametrize("dkh, dvh", [(128, 1), (1, 128), (33, 65), (100, 7)])
+    def test_head_dims_up_to_128(self, dkh, dvh, poisoned_allocations):
+        case = Case(1, 2, 5, 7, dkh, dvh)
+        inputs = self.inputs(case, torch.float16, seed=22, requires_grad=True)
+        kwargs = self.kwargs(case)
+        exact = ak.attention_2d_reference(*self.upcast(inputs), **kwargs)
+        own = self.max_error(ak.attention_2d_reference(*inputs, **kwargs), exact)
+        out = ak.attention_2d(*inputs, **kwargs, backend=BACKEND)
+        assert self.max_error(out, exact) <= 2 * own + FLOOR[torch.float16]
+        grads = torch.autograd.grad(out.float().square().sum(), inputs)
+        assert all(torch.isfinite(g).all() for g in grads)
+
+    def test_head_dim_over_128_is_refused(self):
+        case = Case(1, 1, 2, 2, 129, 4)
+        inputs = self.inputs(case, torch.float32, seed=23)
+        with pytest.raises(RuntimeError, match="head dims up to 128"):
+            op.attention_2d_fwd(*inputs, case.height, case.width, 1.0)
+
+    def test_runs_on_the_current_stream_and_device(self):
+        case = Case(2, 2, 6, 7, 16, 8)
+        inputs = self.inputs(case, torch.float16, seed=24)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            out = ak.attention_2d(*inputs, **self.kwargs(case), backend=BACKEND)
+        stream.synchronize()
+        ref = ak.attention_2d(*inputs, **self.kwargs(case), backend=BACKEND)
+        assert torch.equal(out, ref)
