@@ -6,6 +6,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST        GPU archs to compile for (default "8.0;9.0": Ampere and Hopper)
   AANET_KERNELS_PORTABLE=1    no -march=native for the CPU kernels (for binaries run elsewhere)
   AANET_KERNELS_SANITIZE=1    build the C++ CPU code with AddressSanitizer and UBSan
+  AANET_KERNELS_NO_EXTENSION=1  install the Python packages only (the Makefile builds the
+                              extension in place itself, incrementally, with build_ext --inplace)
   MAX_JOBS                    parallel compile jobs (ninja)
 """
 
@@ -81,7 +83,7 @@ def _extension():
 
 setup(
     packages=find_packages(include=["aanet_kernels*", "aanet*"]),
-    ext_modules=[_extension()],
+    ext_modules=[] if _flag("AANET_KERNELS_NO_EXTENSION") else [_extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -29,8 +30,12 @@ def extension_loaded() -> bool:
     return EXTENSION_ERROR is None
 
 
+@functools.cache
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether ``aanet_kernels::<op>`` has a kernel registered for ``dispatch_key``."""
+    """Whether ``aanet_kernels::<op>`` has a compiled kernel for ``dispatch_key``.
+
+    Cached: the compiled registrations are fixed once ``_C`` is imported.
+    """
     if not extension_loaded():
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"aanet_kernels::{op}", dispatch_key)

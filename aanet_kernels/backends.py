@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 import importlib.util
 import os
@@ -25,6 +26,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -66,6 +68,9 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
+# The choice is a Python-level decision made once per traced call: torch.compile treats it as a
+# constant rather than tracing the availability checks.
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for a call: argument, then context manager, then env var, then auto."""
     if backend == "auto":

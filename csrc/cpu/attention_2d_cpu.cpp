@@ -234,7 +234,8 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
         p.logits_tile(b, h, i0, bm, y0, rows, scores.data());
         for (int64_t r = 0; r < bm; ++r) {
           T* s = scores.data() + r * bn;
-          const T new_max = std::max(run_max[r], row_max(s, bn));
+          const T tile_max = row_max(s, bn);  // NaN stays NaN: std::max would drop it
+          const T new_max = tile_max > run_max[r] || tile_max != tile_max ? tile_max : run_max[r];
           if (new_max == kNegInf<T>) {  // every key so far masked: contributes nothing
             std::fill(s, s + bn, T(0));
             continue;

@@ -1,0 +1,59 @@
+# Two commands for a fresh machine: `make run` and `make test`. Everything else builds on them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# The CUDA toolkit root (holding include/ and lib64/); the CUDA kernels compile when it exists.
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda /usr/local/cuda-13.0 /opt/cuda))
+export CUDA_HOME
+MAX_JOBS ?= 2
+export MAX_JOBS
+TEST_PROCS ?= auto
+
+.PHONY: run test build install bench fuzz sanitize lint format clean
+
+# A virtual environment with the pinned requirements and this package registered (editable,
+# Python only: the extension is built in place below, incrementally).
+$(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	AANET_KERNELS_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# Builds aanet_kernels._C: C++ CPU kernels always, CUDA kernels when torch is a CUDA build and a
+# toolkit is found (no GPU needed). ninja rebuilds only what changed.
+build: install
+	$(PY) setup.py -q build_ext --inplace
+	$(PY) -c "import aanet_kernels as ak; print('aanet_kernels backends here:', ak.available_backends())"
+
+test: build
+	$(PY) -m pytest tests --ignore=tests/triton_interpret -q -p no:cacheprovider
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton_interpret -q -p no:cacheprovider
+
+run: build
+	$(PY) -m aanet demo
+
+bench: build
+	$(PY) benchmarks/bench_attention.py --device cpu --preset cpu
+	$(PY) benchmarks/bench_aaconv.py --device cpu
+
+fuzz: build
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests -q -m "fuzz" -p no:cacheprovider
+
+sanitize: install
+	rm -rf build/sanitize && AANET_KERNELS_SANITIZE=1 AANET_KERNELS_SKIP_CUDA=1 \
+	  $(PY) setup.py -q build_ext --build-temp build/sanitize --build-lib build/sanitize/lib
+	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  PYTHONPATH=build/sanitize/lib $(PY) -m pytest tests/test_attention_cpu.py -q -p no:cacheprovider
+
+lint:
+	$(PY) -m ruff check aanet_kernels aanet benchmarks tests setup.py
+	$(PY) -m ruff format --check aanet_kernels aanet benchmarks tests setup.py
+
+format:
+	$(PY) -m ruff format aanet_kernels aanet benchmarks tests setup.py
+
+clean:
+	rm -rf build aanet_kernels/_C*.so aanet_kernels/_build_info.py

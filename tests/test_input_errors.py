@@ -1,0 +1,60 @@
+"""Bad input raises an error that names the argument, through the Python API and the C++ op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aanet_kernels as ak
+
+BACKENDS = ak.available_backends("cpu")
+
+
+def _inputs(**overrides):
+    base = dict(
+        q=torch.randn(2, 2, 12, 4),
+        k=torch.randn(2, 2, 12, 4),
+        v=torch.randn(2, 2, 12, 3),
+        bias_h=torch.randn(2, 2, 12, 3),
+        bias_w=torch.randn(2, 2, 12, 4),
+    )
+    base.update(overrides)
+    return base
+
+
+CASES = [
+    (dict(q=torch.randn(2, 12, 4)), "q: expected a 4-D tensor"),
+    (dict(v=torch.randn(2, 2, 11, 3)), "v: expected shape"),
+    (dict(k=torch.randn(2, 2, 12, 5)), "k: expected shape"),
+    (dict(k=torch.randn(2, 2, 12, 4, dtype=torch.float64)), "k: expected dtype"),
+    (dict(bias_h=torch.randn(2, 2, 12, 4)), "bias_h: expected shape"),
+    (dict(bias_w=torch.randn(3, 2, 12, 4)), "bias_w: expected shape"),
+    (dict(bias_w=torch.randn(2, 2, 12, 4, device="meta")), "bias_w: expected device"),
+    (dict(q=torch.randint(0, 3, (2, 2, 12, 4))), "q: expected"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("overrides", "message"), CASES)
+def test_python_api_names_the_argument(backend: str, overrides: dict, message: str):
+    with pytest.raises((ValueError, TypeError), match=message):
+        ak.attention_2d(**_inputs(**overrides), height=3, width=4, backend=backend)
+
+
+def test_length_must_equal_height_times_width():
+    with pytest.raises(ValueError, match=r"L = 12 does not equal height \* width = 3 \* 5"):
+        ak.attention_2d(**_inputs(), height=3, width=5)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize(("overrides", "message"), [c for c in CASES if "device" not in c[1]])
+def test_cpp_op_names_the_argument(overrides: dict, message: str):
+    args = _inputs(**overrides)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.aanet_kernels.attention_2d_fwd(*args.values(), 3, 4, 1.0)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+def test_cpp_op_checks_length():
+    with pytest.raises(RuntimeError, match="L = 12 does not equal height"):
+        torch.ops.aanet_kernels.attention_2d_fwd(*_inputs().values(), 4, 4, 1.0)
