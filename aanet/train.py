@@ -131,12 +131,15 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def train(config: Config, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+def train(
+    config: Config, resume: str | None = None, progress: bool = True, stop_after: int | None = None
+) -> dict[str, Any]:
     """Train as configured; returns the final test metrics and the history.
 
     Every epoch ends with an evaluation, a CSV row, a plot and an atomic checkpoint
     ``<out>/last.pt`` holding model, optimizer, scheduler, RNG states and the epoch, so that
-    ``resume`` (a path, or ``"auto"`` for ``<out>/last.pt``) continues exactly.
+    ``resume`` (a path, or ``"auto"`` for ``<out>/last.pt``) continues exactly. ``stop_after``
+    ends this call after that many epochs, as an interruption would (the tests use it).
     """
     group = init_distributed(torch.device("cuda" if config.device.startswith("cuda") else "cpu"))
     device = pick_device(config.device, group.local_rank)
@@ -171,7 +174,8 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> d
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
     with use_backend(config.backend):
-        for epoch in range(start, config.epochs):
+        last = config.epochs if stop_after is None else min(config.epochs, start + stop_after)
+        for epoch in range(start, last):
             sampler.set_epoch(epoch)
             train_loader.dataset.set_epoch(epoch)
             model.train()
@@ -221,7 +225,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> d
                 plot_curves(history, out / "curves.png")
             _barrier(group)
 
-    result: dict[str, Any] = {"history": history, "out": str(out)}
+    result: dict[str, Any] = {"history": history, "out": str(out), "model": model}
     if group.main:
         errors, flags = predict_errors(model, test_loader, device, config.amp)
         result["report"] = subset_report(errors, flags)
