@@ -169,12 +169,19 @@ def make_inputs(
     }
 
 
+_flex_compiled: dict[Shape, Callable[..., Tensor]] = {}
+
+
 def _flex_forward(x: dict[str, Tensor], shape: Shape, scale: float) -> Callable[[], Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
 
-    # A fresh compile per shape: dynamo's recompile limit would otherwise fall back to eager.
-    torch._dynamo.reset()
-    compiled = torch.compile(flex_attention, dynamic=False)
+    if shape not in _flex_compiled:
+        # Start each shape from a clean cache: across many shapes dynamo's recompile limit would
+        # otherwise send later ones to eager. Within a shape, new inputs reuse the compiled code.
+        torch._dynamo.reset()
+        _flex_compiled.clear()
+        _flex_compiled[shape] = torch.compile(flex_attention, dynamic=False)
+    compiled = _flex_compiled[shape]
     bias_h, bias_w, width = x["bias_h"], x["bias_w"], shape.width
 
     def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -317,31 +324,42 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def time_case(
-    shape: Shape, method: str, modes: Sequence[str], device: torch.device, settings: Settings
-) -> dict[str, common.Timing | str]:
-    """Time ``method`` on ``shape`` in each mode: a ``Timing``, or why there is none."""
-    results: dict[str, common.Timing | str] = {}
-    skip = _skip_reason(method, shape, settings)
+def time_shape(
+    shape: Shape,
+    methods: Sequence[str],
+    modes: Sequence[str],
+    device: torch.device,
+    settings: Settings,
+) -> dict[tuple[str, str], common.Timing | str]:
+    """Time every method on ``shape`` in each mode: a ``Timing``, or why there is none.
+
+    Per mode, all methods share one set of inputs and are timed in rounds
+    (``common.time_interleaved``), so a change of load on a shared machine hits them alike.
+    """
+    results: dict[tuple[str, str], common.Timing | str] = {}
     for mode in modes:
-        if skip:
-            results[mode] = skip
-            continue
-        try:
-            fn, setup = prepare(shape, method, mode, device, settings.dtype)
-            results[mode] = common.time_fn(
-                fn,
-                device,
-                setup=setup,
-                warmup=settings.warmup,
-                repeats=settings.repeats,
-                min_repeats=settings.min_repeats,
-                budget_s=settings.budget_s,
-            )
-        except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError) as error:
-            results[mode] = _short_error(error)
-        finally:
-            _release(device)
+        x = make_inputs(shape, settings.dtype, device)
+        if mode != "fwd":
+            for t in x.values():
+                t.requires_grad_(True)
+        cases = {}
+        for method in methods:
+            skip = _skip_reason(method, shape, settings)
+            if skip:
+                results[(method, mode)] = skip
+            else:
+                cases[method] = mode_fns(forward_fn(method, x, shape), x, mode)
+        timings = common.time_interleaved(
+            cases,
+            device,
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+            min_repeats=settings.min_repeats,
+            budget_s=settings.budget_s,
+        )
+        results.update({(method, mode): t for method, t in timings.items()})
+        del x, cases
+        _release(device)
     return results
 
 
@@ -653,16 +671,14 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     timings: dict[tuple[str, str, str], common.Timing | str] = {}
     memory: dict[str, int | str] = {}
     for shape in shapes:
-        for method in methods:
-            for mode, result in time_case(shape, method, modes, device, settings).items():
-                timings[(shape.label, method, mode)] = result
-                shown = (
-                    f"{result.median_s * 1e3:9.3f} ms"
-                    if isinstance(result, common.Timing)
-                    else result
-                )
-                print(f"  {shape.label:32s} {method:12s} {mode:7s} {shown}", flush=True)
-            if device.type == "cuda" and not args.no_memory:
+        for (method, mode), result in time_shape(shape, methods, modes, device, settings).items():
+            timings[(shape.label, method, mode)] = result
+            shown = (
+                f"{result.median_s * 1e3:9.3f} ms" if isinstance(result, common.Timing) else result
+            )
+            print(f"  {shape.label:32s} {method:12s} {mode:7s} {shown}", flush=True)
+        if device.type == "cuda" and not args.no_memory:
+            for method in methods:
                 for mode, value in measure_memory(shape, method, modes, device, settings).items():
                     memory[f"{shape.label}|{method}|{mode}"] = value
     if device.type == "cpu" and not args.no_memory:

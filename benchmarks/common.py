@@ -5,7 +5,8 @@ are measured and written the same way:
 
 - ``time_fn``: median wall time over repeats after warm-up; CUDA events on a GPU, ``perf_counter``
   on the CPU; an optional untimed ``setup`` before each call (e.g. the forward before a timed
-  backward).
+  backward). ``time_interleaved``: the same for competing cases, timed in rounds so that a
+  machine's changing load falls on all of them alike.
 - ``peak_memory``: extra memory at the peak of one call, above what was allocated before it.
   CUDA: ``max_memory_allocated`` delta. CPU: see ``rss_peak_bytes`` (resident-set high-water mark,
   measured in a worker process started with ``memory_worker_env``).
@@ -156,6 +157,68 @@ def time_fn(
             fn(*args)
             times.append(time.perf_counter() - t0)
     return Timing(statistics.median(times), min(times), max(times), len(times))
+
+
+def time_interleaved(
+    cases: dict[str, tuple[Callable[..., Any], Callable[[], Any] | None]],
+    device: torch.device | str,
+    *,
+    warmup: int = 2,
+    repeats: int = 10,
+    min_repeats: int = 3,
+    budget_s: float = 5.0,
+) -> dict[str, Timing | str]:
+    """``time_fn`` for several competing cases, one call of each per round.
+
+    On a shared machine the load changes from second to second; timing the cases in rounds puts
+    every case under the same conditions, so their ratios hold even when the absolute times drift.
+    ``cases`` maps a name to ``(fn, setup)`` as in ``time_fn``. A case leaves the rounds once it
+    has ``repeats`` samples, or ``min_repeats`` and ``budget_s`` of timed calls. A case that raises
+    gets the error as a string instead of a ``Timing``.
+    """
+    if min_repeats < 1 or repeats < min_repeats:
+        raise ValueError(
+            f"repeats, min_repeats: need 1 <= min_repeats <= repeats, got {repeats}, {min_repeats}"
+        )
+    device = torch.device(device)
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    failed: dict[str, str] = {}
+
+    def one_call(name: str, timed: bool) -> None:
+        fn, setup = cases[name]
+        args = () if setup is None else (setup(),)
+        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            elapsed = time.perf_counter() - t0
+        if timed:
+            samples[name].append(elapsed)
+
+    def active(name: str) -> bool:
+        got = samples[name]
+        enough = len(got) >= repeats or (len(got) >= min_repeats and sum(got) >= budget_s)
+        return name not in failed and not enough
+
+    for round_index in range(-warmup, repeats):
+        for name in cases:
+            if name in failed or (round_index >= 0 and not active(name)):
+                continue
+            try:
+                one_call(name, timed=round_index >= 0)
+            except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:
+                failed[name] = f"error: {type(error).__name__}: {str(error).strip()[:160]}"
+    return {
+        name: failed.get(name) or Timing(statistics.median(got), min(got), max(got), len(got))
+        for name, got in samples.items()
+    }
 
 
 def cuda_peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> int:

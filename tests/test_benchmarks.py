@@ -63,6 +63,23 @@ def test_time_fn_rejects_bad_repeats():
         common.time_fn(lambda: None, "cpu", repeats=2, min_repeats=3)
 
 
+def test_time_interleaved_runs_cases_in_rounds_and_records_failures():
+    calls: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("kernel exploded")
+
+    cases = {
+        "a": (lambda: calls.append("a"), None),
+        "b": (lambda arg: calls.append(arg), lambda: "b"),
+        "bad": (broken, None),
+    }
+    out = common.time_interleaved(cases, "cpu", warmup=1, repeats=3, min_repeats=3, budget_s=0)
+    assert calls == ["a", "b"] * 4
+    assert out["a"].repeats == out["b"].repeats == 3
+    assert out["bad"].startswith("error: RuntimeError: kernel exploded")
+
+
 def test_rss_peak_bytes_sees_a_known_allocation():
     # 64 MiB touched and freed inside the call, measured in a worker as the harness does.
     code = (
