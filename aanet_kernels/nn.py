@@ -204,6 +204,23 @@ class AAConv2d(LazyModuleMixin, nn.Module):
                 self.rel_w.materialize((2 * grid[1] - 1, self.dkh))
             self._reset_tables()
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # ``Module.to(memory_format=...)`` asks every tensor for ``.dim()``, which a lazy table
+        # refuses. A lazy table only needs the device and dtype the conversion picks, so convert
+        # the rest as usual and learn those from an empty probe tensor.
+        lazy = {n: p for n, p in self._parameters.items() if p is not None and is_lazy(p)}
+        for name in lazy:
+            del self._parameters[name]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, param in lazy.items():
+                probe = fn(torch.empty(0, device=param.device, dtype=param.dtype))
+                self._parameters[name] = UninitializedParameter(
+                    device=probe.device, dtype=probe.dtype
+                )
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         c = self.conv
         return aa_conv2d(

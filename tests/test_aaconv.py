@@ -154,6 +154,17 @@ def test_lazy_tables_follow_the_first_input() -> None:
     assert m.rel_h.shape == (9, 2) and m.rel_w.shape == (5, 2)
 
 
+def test_lazy_tables_survive_conversions() -> None:
+    # A whole model is often converted before its first call; the lazy tables follow along.
+    m = AAConv2d(3, 8, 3, dk=4, dv=4, num_heads=2)
+    m = m.to(memory_format=torch.channels_last).double()
+    x = torch.randn(1, 3, 5, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = m(x)
+    assert y.dtype == m.rel_h.dtype == torch.float64
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert m.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_resize_rel_table() -> None:
     table = torch.randn(7, 5, dtype=torch.float64)
     assert resize_rel_table(table, 7) is table
