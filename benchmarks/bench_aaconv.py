@@ -9,11 +9,12 @@ Methods: ``AAConv2d`` with each backend of ``aanet_kernels.available_backends(de
 
 Each timed call is one training step of the layer: forward, backward of a fixed random output
 gradient (to the input and every parameter), gradients then cleared. Time: median over repeats
-after warm-up (``benchmarks.common.time_fn``). Peak memory: the extra bytes at the peak of one such
-call above what was live before it (input, parameters). On CUDA the ``max_memory_allocated``
-delta. On the CPU the resident-set high-water mark (``VmHWM`` reset through
-``/proc/self/clear_refs``) minus the resident set before the call, in one fresh worker process
-started with a fixed glibc mmap threshold so that freed blocks leave the resident set
+after warm-up, the methods of a shape timed in interleaved rounds so that a shared machine's load
+falls on all of them alike (``benchmarks.common.time_interleaved``). Peak memory: the extra bytes
+at the peak of one such call above what was live before it (input, parameters). On CUDA the
+``max_memory_allocated`` delta. On the CPU the resident-set high-water mark (``VmHWM`` reset
+through ``/proc/self/clear_refs``) minus the resident set before the call, in one fresh worker
+process started with a fixed glibc mmap threshold so that freed blocks leave the resident set
 (``benchmarks.common.rss_peak_bytes``); each case runs once there before it is measured. This is
 chosen over allocator statistics (e.g. ``torch.profiler``'s ``profile_memory``) because it also sees
 what a C++ kernel or BLAS allocates outside the torch allocator.
@@ -195,6 +196,20 @@ def run(
         memory = {f"{c.label}|{m}": measure_memory(c, m, device, amp_dtype) for c, m in todo}
     rows = []
     for case in cases:
+        # The methods of one case are timed in interleaved rounds, so a shared machine's changing
+        # load falls on all of them alike and their ratios hold.
+        steps, failed = {}, {}
+        for method in methods:
+            if not skip_reason(case, method, args.max_dense_gib):
+                try:
+                    steps[method] = (make_step(case, method, device, amp_dtype), None)
+                except (RuntimeError, ValueError, TypeError) as error:
+                    failed[method] = _short_error(error)
+        timings = common.time_interleaved(
+            steps, device, warmup=args.warmup, repeats=args.repeats,
+            min_repeats=min(3, args.repeats), budget_s=args.budget_s,
+        )  # fmt: skip
+        del steps
         for method in methods:
             layer = build_layer(case, method, torch.device("meta"))
             row = Row(
@@ -202,20 +217,16 @@ def run(
                 getattr(layer, "dk", 0), getattr(layer, "dv", 0), case.num_heads, method,
                 "fp32" if amp_dtype is None else f"{args.amp_dtype} autocast",
             )  # fmt: skip
-            skip = skip_reason(case, method, args.max_dense_gib)
-            if skip:
-                row.status = skip
-                rows.append(row)
-                continue
-            try:
-                timing = common.time_fn(
-                    make_step(case, method, device, amp_dtype), device, warmup=args.warmup,
-                    repeats=args.repeats, min_repeats=min(3, args.repeats), budget_s=args.budget_s,
-                )  # fmt: skip
+            timing = (
+                failed.get(method)
+                or timings.get(method)
+                or skip_reason(case, method, args.max_dense_gib)
+            )
+            if isinstance(timing, str):
+                row.status = timing
+            else:
                 row.time_ms, row.time_min_ms = timing.median_s * 1e3, timing.min_s * 1e3
                 row.repeats = timing.repeats
-            except (RuntimeError, ValueError, TypeError) as error:
-                row.status = _short_error(error)
             mem = memory.get(f"{case.label}|{method}")
             if isinstance(mem, int):
                 row.peak_mib = mem / 2**20
@@ -224,8 +235,8 @@ def run(
             print(f"{case.label:>16} {method:>10}: {common.fmt(row.time_ms)} ms, "
                   f"{common.fmt(row.peak_mib)} MiB {row.status}", flush=True)  # fmt: skip
             rows.append(row)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
