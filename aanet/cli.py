@@ -99,7 +99,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     model = load_model(args.checkpoint, device)
     with use_backend(args.backend):
-        annotated, faces = predict_image(model, args.image, device, detect=not args.no_detect)
+        annotated, faces = predict_image(
+            model, args.image, device, detect=not args.no_detect, box=args.box
+        )
     image = Path(args.image)
     out = Path(args.output or image.with_name(f"{image.stem}_landmarks.png"))
     json_path = out.with_suffix(".json") if args.json else None
@@ -157,13 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="annotated image (default: <image>_landmarks.png)")
     pr.add_argument("--json", action="store_true", help="also write and print the numbers as JSON")
     pr.add_argument("--no-detect", action="store_true", help="use the whole image as the face box")
+    pr.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
+                    help="the face box, instead of detecting faces")  # fmt: skip
     pr.add_argument("--device", default="auto")
     pr.add_argument("--backend", default="auto")
     pr.set_defaults(func=_cmd_predict)
 
     ex = sub.add_parser("export", help="TorchScript / torch.export / ONNX, checked against eager")
     ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--format", choices=("torchscript", "export", "onnx"), default="torchscript")
+    ex.add_argument("--format", choices=("torchscript", "export", "onnx"), default="export")
     ex.add_argument("--output")
     ex.add_argument("--backend", default="reference", help="attention backend recorded in the file")
     ex.set_defaults(func=_cmd_export)

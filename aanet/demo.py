@@ -43,7 +43,7 @@ def run_demo(config: Config, progress: bool = True) -> dict:
     with use_backend(config.backend):
         annotated, faces = predict_image(model, photo, device)
     write_results(annotated, faces, out / "photo_landmarks.png", out / "photo_landmarks.json")
-    error = export(model.cpu(), out / "aanet.ts.pt", "torchscript")
+    error = export(model.cpu(), out / "aanet.pt2", "export")
     full = report["full"]
     print(format_table(report))
     print(
@@ -54,6 +54,6 @@ def run_demo(config: Config, progress: bool = True) -> dict:
     print(
         f"checkpoint {out / 'last.pt'}, log {out / 'log.csv'}, curves {out / 'curves.png'}, "
         f"report {out / 'eval.json'},\nannotated photo {out / 'photo_landmarks.png'} "
-        f"({len(faces)} face(s)), TorchScript {out / 'aanet.ts.pt'} (max diff {error:.2g})"
+        f"({len(faces)} face(s)), torch.export {out / 'aanet.pt2'} (max diff {error:.2g})"
     )
     return report

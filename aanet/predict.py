@@ -20,10 +20,24 @@ CASCADE = "haarcascade_frontalface_default.xml"
 
 
 def detect_faces(image: np.ndarray) -> list[np.ndarray]:
-    """Face boxes ``(x0, y0, x1, y1)`` from OpenCV's frontal-face Haar cascade."""
-    cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / CASCADE))
+    """Face boxes ``(x0, y0, x1, y1)`` from OpenCV's bundled frontal-face Haar cascade.
+
+    OpenCV 5 dropped the cascade classifier and its bundled files; there (and whenever the
+    cascade cannot be loaded) this warns and returns no boxes.
+    """
+    folder = getattr(getattr(cv2, "data", None), "haarcascades", "")
+    cascade_file = Path(folder) / CASCADE
+    if not hasattr(cv2, "CascadeClassifier") or not cascade_file.is_file():
+        log.warning(
+            "OpenCV %s has no bundled Haar cascade (%s): face detection is off; pass --box or "
+            "install opencv-python-headless<5",
+            cv2.__version__,
+            cascade_file,
+        )
+        return []
+    cascade = cv2.CascadeClassifier(str(cascade_file))
     if cascade.empty():
-        raise RuntimeError(f"cannot load the Haar cascade {CASCADE} from {cv2.data.haarcascades}")
+        raise RuntimeError(f"cannot load the Haar cascade {cascade_file}")
     gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
     return [np.array([x, y, x + w, y + h], dtype=np.float32) for x, y, w, h in found]
@@ -56,16 +70,27 @@ def draw(image: np.ndarray, faces: list[dict[str, Any]]) -> np.ndarray:
 
 
 def predict_image(
-    model: AANet, image_path: Path | str, device: torch.device, detect: bool = True
+    model: AANet,
+    image_path: Path | str,
+    device: torch.device,
+    detect: bool = True,
+    box: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Annotated image and per-face results (box, landmarks, confidence)."""
+    """Annotated image and per-face results (box, landmarks, confidence).
+
+    The face boxes are ``box`` if given, else the detector's, else the whole image (with a
+    warning when detection was asked for and found nothing).
+    """
     image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
     if image is None:
         raise FileNotFoundError(f"image: cannot read {image_path}")
-    boxes = detect_faces(image) if detect else []
+    if box is not None:
+        boxes = [np.asarray(box, dtype=np.float32)]
+    else:
+        boxes = detect_faces(image) if detect else []
     if not boxes:
-        if detect:
-            log.warning("%s: no face found by the Haar cascade; using the whole image", image_path)
+        if detect and box is None:
+            log.warning("%s: no face found; using the whole image as the face box", image_path)
         h, w = image.shape[:2]
         half = max(w, h) / 2 / 1.25  # the crop adds a 1.25 margin: this box's crop is the image
         cx, cy = (w - 1) / 2, (h - 1) / 2

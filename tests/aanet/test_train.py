@@ -1,0 +1,182 @@
+"""Training steps, exact resume, DDP replicas, prediction and export, on tiny models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from aanet.cli import main
+from aanet.config import Config
+from aanet.datasets import synthetic
+from aanet.datasets.augment import AugmentConfig
+from aanet.datasets.dataset import LandmarkDataset
+from aanet.datasets.wflw import load_wflw
+from aanet.export import export
+from aanet.inference import load_model
+from aanet.losses import build_loss
+from aanet.model import HEATMAP_STRIDE, ModelConfig, build_model
+from aanet.train import train
+from aanet_kernels import use_backend
+
+HERE = Path(__file__).parent
+
+
+def tiny_config(tmp: Path, **changes) -> Config:
+    config = Config(
+        data_root=str(tmp / "data"), num_train=16, num_test=8, image_size=64, input_size=32,
+        width=16, blocks=[1, 1, 1], batch_size=8, epochs=2, device="cpu", out=str(tmp / "run"),
+    )  # fmt: skip
+    return dataclasses.replace(config, **changes)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Config:
+    config = tiny_config(tmp_path_factory.mktemp("trained"), epochs=1)
+    train(config, progress=False)
+    return config
+
+
+@pytest.mark.parametrize("attention", [True, False], ids=["attention", "no-attention"])
+def test_a_few_steps_lower_the_loss(tmp_path, attention):
+    torch.manual_seed(0)
+    root = synthetic.generate(tmp_path, synthetic.SyntheticConfig(8, 1, 64))
+    data = LandmarkDataset(load_wflw(root, "train"), 32, AugmentConfig())
+    batch = torch.utils.data.default_collate([data[i] for i in range(8)])
+    model = build_model(ModelConfig(input_size=32, width=16, blocks=(1, 1, 1), attention=attention))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = build_loss("mse")
+    losses = []
+    for _ in range(12):
+        coords, _, logits = model(batch["image"])
+        loss = loss_fn(coords, logits, batch["landmarks"], HEATMAP_STRIDE)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_attention_flag_switches_the_layer():
+    from aanet_kernels import AAConv2d
+
+    with_attention = build_model(ModelConfig(input_size=32, width=16, blocks=(1, 1, 1)))
+    without = build_model(ModelConfig(input_size=32, width=16, blocks=(1, 1, 1), attention=False))
+    assert any(isinstance(m, AAConv2d) for m in with_attention.modules())
+    assert not any(isinstance(m, AAConv2d) for m in without.modules())
+
+
+def test_model_outputs_and_backends_agree():
+    model = build_model(ModelConfig(input_size=32, width=16, blocks=(1, 1, 1))).eval()
+    torch.nn.init.normal_(model.head[-1].weight, std=0.1)  # non-flat maps
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), use_backend("reference"):
+        coords, confidence, logits = model(x)
+        assert coords.shape == (2, 98, 2) and confidence.shape == (2, 98)
+        assert logits.shape == (2, 98, 8, 8)
+        assert ((confidence > 0) & (confidence <= 1)).all()
+        assert ((coords >= -0.5) & (coords <= 31.5)).all()
+    with torch.no_grad():
+        auto, _, _ = model(x)
+    torch.testing.assert_close(auto, coords, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight = train(tiny_config(tmp_path / "a"), progress=False)
+    interrupted = tiny_config(tmp_path / "b")
+    train(interrupted, progress=False, stop_after=1)
+    assert len(json.loads(json.dumps(torch.load(Path(interrupted.out) / "last.pt",
+                                                weights_only=False)["history"]))) == 1  # fmt: skip
+    resumed = train(interrupted, resume="auto", progress=False)
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [r["train_loss"] for r in straight["history"]] == [
+        r["train_loss"] for r in resumed["history"]
+    ]
+    rows = (Path(interrupted.out) / "log.csv").read_text().splitlines()
+    assert len(rows) == 3 and (Path(interrupted.out) / "curves.png").stat().st_size > 0
+
+
+def test_checkpoint_is_written_atomically(tmp_path):
+    from aanet.checkpoint import save_atomic
+
+    save_atomic({"x": torch.arange(3)}, tmp_path / "c.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
+    assert torch.equal(torch.load(tmp_path / "c.pt")["x"], torch.arange(3))
+
+
+def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
+    config = tiny_config(tmp_path, epochs=1, batch_size=8)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_port=0" if False else "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
+        str(HERE / "ddp_worker.py"), json.dumps(config.to_dict()),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = torch.load(Path(config.out) / "rank0.pt")
+    rank1 = torch.load(Path(config.out) / "rank1.pt")
+    fresh = build_model(config.model_config()).state_dict()
+    assert any(not torch.equal(rank0[k], fresh[k]) for k in rank0)  # it did train
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+
+
+def test_predict_writes_image_and_json(trained, tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    image, _, _ = synthetic.render_face(np.random.default_rng(5), 96)
+    cv2.imwrite(str(photo), image)
+    out = tmp_path / "annotated.png"
+    checkpoint = Path(trained.out) / "last.pt"
+    code = main(
+        ["predict", str(photo), "--checkpoint", str(checkpoint), "--output", str(out), "--json"]
+    )
+    assert code == 0
+    annotated = cv2.imread(str(out))
+    assert annotated.shape == image.shape and not np.array_equal(annotated, image)
+    faces = json.loads(out.with_suffix(".json").read_text())["faces"]
+    assert faces and all(len(f["landmarks"]) == 98 and len(f["confidence"]) == 98 for f in faces)
+    assert '"faces"' in capsys.readouterr().out
+
+
+def test_predict_without_a_face_warns_and_uses_the_whole_image(trained, tmp_path, caplog):
+    from aanet.predict import predict_image
+
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((64, 80, 3), 127, np.uint8))
+    model = load_model(Path(trained.out) / "last.pt")
+    _, faces = predict_image(model, blank, torch.device("cpu"))
+    assert "no face found" in caplog.text or "no bundled Haar cascade" in caplog.text
+    assert len(faces) == 1
+
+
+def test_export_matches_eager(trained, tmp_path):
+    model = load_model(Path(trained.out) / "last.pt")
+    assert export(model, tmp_path / "model.pt2", "export") <= 1e-4
+
+
+def test_torchscript_export_of_the_model_without_attention(tmp_path):
+    model = build_model(ModelConfig(input_size=32, width=16, blocks=(1, 1, 1), attention=False))
+    torch.nn.init.normal_(model.head[-1].weight, std=0.1)
+    assert export(model.eval(), tmp_path / "model.ts.pt", "torchscript") <= 1e-4
+
+
+def test_evaluate_cli_writes_table_and_json(trained, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert (
+        main(["evaluate", "--checkpoint", str(Path(trained.out) / "last.pt"), "--json", str(out)])
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert report["full"]["count"] == 8
+    assert "NME %" in capsys.readouterr().out
