@@ -48,7 +48,7 @@ def _extension():
     with_cuda = _with_cuda()
     _write_build_info(with_cuda)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-fopenmp"]
     link = ["-fopenmp"]
     if not _flag("AANET_KERNELS_PORTABLE"):
         cxx.append("-march=native")
@@ -70,7 +70,6 @@ def _extension():
         "-O3",
         "-lineinfo",
         "--expt-relaxed-constexpr",
-        "-DPy_LIMITED_API=0x03090000",
     ]
     return CUDAExtension(
         "aanet_kernels._C",
