@@ -199,6 +199,11 @@ def train(
                 rate = seen / (time.perf_counter() - began)
                 bar.set_postfix(loss=f"{total / step:.4g}", img_s=f"{rate:.1f}")
             scheduler.step()
+            if group.world > 1:
+                # DDP keeps parameters in step but each rank's BatchNorm statistics follow its own
+                # last batch: take rank 0's, so that every replica is the checkpointed model.
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, 0)
             seconds = time.perf_counter() - began
             row = {
                 "epoch": epoch + 1, "train_loss": total / max(1, len(train_loader)),
