@@ -1,0 +1,84 @@
+"""Forward kernel of attention_2d: flash-style online softmax over key tiles.
+
+One program owns ``BLOCK_M`` queries of one (batch, head) and walks the keys ``BLOCK_N`` at a time,
+keeping the running max, the running sum and the output accumulator in ``ACC`` (fp32 for
+fp16/bf16/fp32 inputs, fp64 for fp64). Writes ``out`` (input dtype) and ``lse`` (``ACC``).
+
+Precision: for fp32 and fp64 inputs every ``tl.dot`` runs with ``input_precision="ieee"`` (no
+TF32), so fp32 results match an fp32 reference to rounding; fp16/bf16 use tensor cores with fp32
+accumulation, and the softmax weights are rounded to the input dtype before ``P @ V``.
+"""
+
+import triton
+import triton.language as tl
+
+from aanet_kernels._triton.autotune import AUTOTUNE_KEY, forward_configs
+from aanet_kernels._triton.tiles import biased_logits, load_tile
+
+
+@triton.autotune(configs=forward_configs(), key=AUTOTUNE_KEY)
+@triton.jit
+def attention_2d_fwd_kernel(
+    Q, K, V, BH, BW, SCALE, OUT, LSE,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_bhb, stride_bhh, stride_bhl, stride_bhy,
+    stride_bwb, stride_bwh, stride_bwl, stride_bwx,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    NH, L, DKH, DVH, WIDTH,
+    HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    # int64 so that batch/head offsets of large tensors do not overflow.
+    b = (pid_bh // NH).to(tl.int64)
+    h = (pid_bh % NH).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    BH += b * stride_bhb + h * stride_bhh
+    BW += b * stride_bwb + h * stride_bwh
+    OUT += b * stride_ob + h * stride_oh
+    LSE += pid_bh.to(tl.int64) * L
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, DK)
+    offs_dv = tl.arange(0, DV)
+    scale = tl.load(SCALE)
+    q = load_tile(Q, offs_m, offs_dk, stride_ql, stride_qd, L, DKH)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, DV], ACC)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, L, DKH)
+        v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, L, DVH)
+        s = biased_logits(
+            q, k, scale, BH, BW, offs_m, offs_n, L, WIDTH,
+            stride_bhl, stride_bhy, stride_bwl, stride_bwx,
+            HAS_BH, HAS_BW, ACC, PRECISION,
+        )  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # While a row has seen only -inf logits, shift by 0 so exp gives 0 rather than NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    # A fully masked row has l_i = 0: output 0 and lse = -inf.
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse = m_i + tl.log(l_i)
+    row_ok = offs_m < L
+    out_ptrs = OUT + offs_m[:, None] * stride_ol + offs_dv[None, :] * stride_od
+    tl.store(
+        out_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < DVH)[None, :]
+    )
+    tl.store(LSE + offs_m, lse, mask=row_ok)
