@@ -1,6 +1,7 @@
 """Backward kernels of attention_2d: preprocess, dK/dV, and dQ with the bias-table gradients.
 
-With ``P = exp(S - lse)``, ``dP = dO V^T`` and ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O)``:
+With ``P = exp(S - lse)``, ``dP = dO V^T``, ``dS = P * (dP - delta)`` and
+``delta = rowsum(dO * O)``:
 ``dV = P^T dO``, ``dK = scale * dS^T Q``, ``dQ = scale * dS K``,
 ``dbias_h[i, y] = sum_{j in key row y} dS[i, j]`` and ``dbias_w[i, x] = sum_{j in key column x}
 dS[i, j]``. Every output element is written by exactly one program that sums in a fixed order:
@@ -64,7 +65,8 @@ def attention_2d_bwd_dkdv_kernel(
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One program owns ``BLOCK_N`` keys and walks every query tile; ``dk``/``dv`` are contiguous."""
+    """One program owns ``BLOCK_N`` keys and walks every query tile; writes contiguous ``dk``,
+    ``dv``."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // NH).to(tl.int64)

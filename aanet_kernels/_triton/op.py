@@ -13,7 +13,6 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from aanet_kernels.ops import lse_dtype, register_attention_2d_autograd
 from aanet_kernels._triton.autotune import MAX_HEAD_DIM, padded_dim
 from aanet_kernels._triton.backward import (
     attention_2d_bwd_dkdv_kernel,
@@ -21,6 +20,7 @@ from aanet_kernels._triton.backward import (
     attention_2d_bwd_preprocess_kernel,
 )
 from aanet_kernels._triton.forward import attention_2d_fwd_kernel
+from aanet_kernels.ops import lse_dtype, register_attention_2d_autograd
 
 FWD_NAME = "aanet_kernels::attention_2d_triton_fwd"
 BWD_NAME = "aanet_kernels::attention_2d_triton_bwd"
@@ -175,7 +175,7 @@ def attention_2d_triton(
     width: int,
     scale: float,
 ) -> Tensor:
-    """``attention_2d`` on the Triton kernels (inputs already checked by the caller), with autograd."""
+    """``attention_2d`` on the Triton kernels, with autograd (the caller has checked the inputs)."""
     out, _ = torch.ops.aanet_kernels.attention_2d_triton_fwd(
         q, k, v, bias_h, bias_w, height, width, scale
     )
