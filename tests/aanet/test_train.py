@@ -180,3 +180,13 @@ def test_evaluate_cli_writes_table_and_json(trained, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["full"]["count"] == 8
     assert "NME %" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none present)")
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+def test_training_on_the_gpu(tmp_path, amp):
+    result = train(tiny_config(tmp_path, epochs=2, device="cuda", amp=amp), progress=False)
+    losses = [row["train_loss"] for row in result["history"]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert next(result["model"].parameters()).is_cuda
