@@ -13,23 +13,25 @@ from aanet.evaluate import format_table, write_json
 log = logging.getLogger("aanet.run")
 
 
-def demo_photo(path: Path, seed: int = 12345, size: int = 320) -> Path:
-    """A synthetic face photo that is not in the training set."""
+def demo_photo(path: Path, seed: int = 12345, size: int = 320) -> np.ndarray:
+    """Write a synthetic face photo that is not in the training set; return its face box."""
     import cv2
 
     from aanet.datasets.synthetic import render_face
 
-    image, _, _ = render_face(np.random.default_rng([seed, 99]), size)
+    image, points, _ = render_face(np.random.default_rng([seed, 99]), size)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), image)
-    return path
+    return np.concatenate([points.min(axis=0), points.max(axis=0)])
 
 
 def run_demo(config: Config, progress: bool = True) -> dict:
     """Generate the synthetic set, train, evaluate (table + JSON), predict on a photo, export."""
+    import cv2
+
     from aanet.export import export
     from aanet.inference import load_model
-    from aanet.predict import predict_image, write_results
+    from aanet.predict import detect_faces, predict_image, write_results
     from aanet.train import pick_device, train
     from aanet_kernels import use_backend
 
@@ -39,9 +41,14 @@ def run_demo(config: Config, progress: bool = True) -> dict:
     write_json(report, out / "eval.json")
     device = pick_device(config.device)
     model = load_model(out / "last.pt", device)
-    photo = demo_photo(out / "photo.png")
+    photo = out / "photo.png"
+    known_box = demo_photo(photo)
+    box = None
+    if not detect_faces(cv2.imread(str(photo))):
+        log.info("no face detected in the demo photo: using the box it was drawn with")
+        box = known_box
     with use_backend(config.backend):
-        annotated, faces = predict_image(model, photo, device)
+        annotated, faces = predict_image(model, photo, device, box=box)
     write_results(annotated, faces, out / "photo_landmarks.png", out / "photo_landmarks.json")
     error = export(model.cpu(), out / "aanet.pt2", "export")
     full = report["full"]
