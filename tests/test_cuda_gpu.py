@@ -8,6 +8,8 @@ kernels, so a CUDA build that silently lost them cannot pass ``make test``.
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from tests.attention_cases import AWKWARD_CASES, Case, make_inputs
 DEVICE = "cuda"
 BACKEND = "cuda"
 OPS = ("attention_2d_fwd", "attention_2d_bwd")
+OUTPUTS = ("out", "lse", "dq", "dk", "dv", "dbias_h", "dbias_w")
 op = torch.ops.aanet_kernels
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -284,3 +287,54 @@ class TestCudaBackend:
         stream.synchronize()
         ref = ak.attention_2d(*inputs, **self.kwargs(case), backend=BACKEND)
         assert torch.equal(out, ref)
+
+
+EMULATION_SOURCE = (
+    Path(__file__).resolve().parents[1] / "csrc/cuda/emulation/attention_2d_emulated.cpp"
+)
+CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+EMULATION_CASES = AWKWARD_CASES[1:] + [Case(1, 2, 3, 24, 5, 3), Case(1, 1, 70, 1, 33, 65)]
+
+
+@pytest.fixture(scope="module")
+def emulated_kernels():
+    """The CUDA kernels compiled for the CPU (about a minute to build, cached afterwards)."""
+    if not (CUDA_INCLUDE / "cuda_fp16.h").exists():
+        pytest.skip(f"no CUDA headers at {CUDA_INCLUDE} (set CUDA_HOME)")
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name="aanet_attention_2d_emulated",
+        sources=[str(EMULATION_SOURCE)],
+        extra_cflags=["-O1", "-std=c++20", f"-I{CUDA_INCLUDE}", "-w"],  # std::barrier
+        extra_ldflags=["-lpthread"],
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", EMULATION_CASES, ids=str)
+def test_kernels_in_host_emulation(emulated_kernels, case, dtype):
+    """The kernels' tiling, masking, softmax and bias reductions, run on the CPU (no WMMA)."""
+    q, k, v, bh, bw = make_inputs(case, dtype, seed=25)
+    gen = torch.Generator().manual_seed(26)
+    shape = (case.batch, case.heads, case.length, case.dvh)
+    grad_out = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+    results = emulated_kernels.forward_backward(
+        q, k, v, bh, bw, case.height, case.width, 0.7, grad_out
+    )
+    exact_in = [None if t is None else t.double().requires_grad_() for t in (q, k, v, bh, bw)]
+    kwargs = dict(height=case.height, width=case.width, scale=0.7)
+    exact = ak.attention_2d_reference(*exact_in, **kwargs)
+    exact_lse = attention_2d_reference_lse(*exact_in[:2], *exact_in[3:], **kwargs)
+    present = [t for t in exact_in if t is not None]
+    exact_grads = iter(torch.autograd.grad(exact, present, grad_out.double()))
+    expected = [exact, exact_lse] + [None if t is None else next(exact_grads) for t in exact_in]
+    # Loose for half types: delta = rowsum(dO * O) uses the rounded output, as in FlashAttention.
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 6e-3, torch.bfloat16: 5e-2}
+    for name, got, want in zip(OUTPUTS, results, expected, strict=True):
+        if want is None:
+            assert got.numel() == 0, name
+            continue
+        scale = max(1.0, want.abs().max().item())
+        assert (got.double() - want).abs().max().item() <= tol[dtype] * scale, name

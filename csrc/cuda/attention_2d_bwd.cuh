@@ -312,6 +312,10 @@ __global__ void __launch_bounds__(Tiles<T, D>::kThreads)
 
 } // namespace aanet_kernels::cuda::detail
 
+// Launchers need nvcc; a host compiler sees only the kernels (csrc/cuda/emulation/ runs them on
+// the CPU to check the index math without a GPU).
+#if defined(__CUDACC__)
+
 namespace aanet_kernels::cuda {
 
 template <typename scalar_t, int D>
@@ -351,3 +355,5 @@ void launch_attention_2d_bwd(const Attention2dParams& params, cudaStream_t strea
       const aanet_kernels::cuda::Attention2dParams&, cudaStream_t);                          \
   template void aanet_kernels::cuda::launch_attention_2d_bwd<scalar_t, 128>(                 \
       const aanet_kernels::cuda::Attention2dParams&, cudaStream_t);
+
+#endif // defined(__CUDACC__)
