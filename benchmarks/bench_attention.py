@@ -491,7 +491,9 @@ def render_markdown(
         f"# attention_2d benchmark: {meta['device_name']} ({meta['device']})",
         "",
         f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
-        f"{meta['cpu_threads']} CPU threads; preset `{preset}`, dtype {rows[0].dtype}.",
+        f"{meta['cpu_threads']} CPU threads (load average {meta['load_avg_1m']} at the start, "
+        f"{meta.get('load_avg_1m_end', 'n/a')} at the end); "
+        f"preset `{preset}`, dtype {rows[0].dtype}.",
         "",
         f"Ceilings measured in this run: matmul {ceilings.matmul_flops_per_s / 1e12:.3g} TFLOP/s "
         f"({ceilings.matmul_dtype}), exp {ceilings.exp_per_s / 1e9:.3g} G/s (fp32), copy "
@@ -685,6 +687,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         print("  measuring peak memory in a worker process ...", flush=True)
         memory = cpu_memory(shapes, methods, modes, settings)
 
+    meta["load_avg_1m_end"] = common.run_metadata(device)["load_avg_1m"]
     rows = build_rows(shapes, methods, modes, timings, memory, ceilings, settings)
     stem = f"attention_{common.device_slug(device)}"
     extra = {**meta, **{f"ceiling_{k}": v for k, v in ceilings.as_dict().items()}, "preset": preset}

@@ -75,7 +75,7 @@ def device_slug(device: torch.device | str) -> str:
 
 
 def run_metadata(device: torch.device | str) -> dict[str, str]:
-    """What keys a benchmark run: device, its name, library versions, threads and the date."""
+    """What keys a benchmark run: device, its name, library versions, threads, load and date."""
     device = torch.device(device)
     try:
         import triton
@@ -91,6 +91,8 @@ def run_metadata(device: torch.device | str) -> dict[str, str]:
         "cuda": str(torch.version.cuda),
         "python": platform.python_version(),
         "cpu_threads": str(torch.get_num_threads()),
+        # Other processes' load skews CPU timings; keep it beside the numbers.
+        "load_avg_1m": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
