@@ -5,33 +5,57 @@
 // global buffer filled with 0xFF before each block. Without __CUDA_ARCH__ the GEMMs take the
 // plain loop path, so the WMMA code is NOT exercised here; everything else (tile shapes of every
 // dtype included) is. Not part of the built extension (setup.py compiles csrc/cuda/*.{cu,cpp}).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
 #include <barrier>
+#include <cmath>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
-#include <cuda_runtime.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <cmath>
-#include <algorithm>
-using std::min; using std::max;
-struct EDim3 { unsigned x = 0, y = 0, z = 0; };
-thread_local EDim3 threadIdx;
-EDim3 blockIdx;
-EDim3 blockDim;
-std::barrier<>* g_bar;
-std::barrier<>* g_warp_bar[8];
-alignas(16) unsigned char g_xbuf[8][32][8];
-inline void __syncthreads() { g_bar->arrive_and_wait(); }
-template <class T> T __shfl_xor_sync(unsigned, T x, int off) {
-  int w = threadIdx.x / 32, l = threadIdx.x % 32;
-  std::memcpy(g_xbuf[w][l], &x, sizeof(T));
-  g_warp_bar[w]->arrive_and_wait();
-  T y; std::memcpy(&y, g_xbuf[w][l ^ off], sizeof(T));
-  g_warp_bar[w]->arrive_and_wait();
-  return y;
+
+// --- The CUDA built-ins the kernels use, for one block at a time. ---------------------------
+using std::max;
+using std::min;
+
+struct EmulatedDim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+thread_local EmulatedDim3 threadIdx;  // per emulated thread
+EmulatedDim3 blockIdx;                // shared by the threads of the running block
+EmulatedDim3 blockDim;
+
+constexpr int kMaxWarps = 8;
+std::barrier<>* g_block_barrier = nullptr;
+std::barrier<>* g_warp_barrier[kMaxWarps] = {};
+alignas(16) unsigned char g_shuffle[kMaxWarps][32][8];
+
+inline void __syncthreads() {
+  g_block_barrier->arrive_and_wait();
 }
-namespace aanet_kernels::cuda::detail { alignas(128) unsigned char smem[300000]; }
+
+// Every lane publishes its value, the warp meets, each lane reads its partner's, the warp meets
+// again before the buffer can be reused.
+template <class T>
+T __shfl_xor_sync(unsigned, T value, int lane_mask) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  std::memcpy(g_shuffle[warp][lane], &value, sizeof(T));
+  g_warp_barrier[warp]->arrive_and_wait();
+  T partner;
+  std::memcpy(&partner, g_shuffle[warp][lane ^ lane_mask], sizeof(T));
+  g_warp_barrier[warp]->arrive_and_wait();
+  return partner;
+}
+
+namespace aanet_kernels::cuda::detail {
+alignas(128) unsigned char smem[300000];  // the kernels' `extern __shared__` buffer
+}
+
+// CUDA qualifiers mean nothing to the host compiler.
 #undef __device__
 #undef __global__
 #undef __forceinline__
@@ -48,73 +72,158 @@ namespace aanet_kernels::cuda::detail { alignas(128) unsigned char smem[300000];
 #define __align__(x)
 #include "../attention_2d_bwd.cuh"
 #include "../attention_2d_fwd.cuh"
-#include <torch/extension.h>
-using namespace aanet_kernels::cuda;
 
-template <class F> void run_grid(F kernel, EDim3 grid, int nt, const Attention2dParams& p) {
-  for (unsigned z = 0; z < grid.z; ++z) for (unsigned y = 0; y < grid.y; ++y) for (unsigned x = 0; x < grid.x; ++x) {
-    blockIdx = {x, y, z}; blockDim = {(unsigned)nt, 1, 1};
-    std::memset(aanet_kernels::cuda::detail::smem, 0xFF, sizeof(aanet_kernels::cuda::detail::smem));  // NaN-ish garbage
-    std::barrier<> bar(nt); g_bar = &bar;
-    std::vector<std::unique_ptr<std::barrier<>>> wb;
-    for (int w = 0; w < (nt + 31) / 32; ++w) { wb.emplace_back(new std::barrier<>(std::min(32, nt - 32 * w))); g_warp_bar[w] = wb.back().get(); }
-    std::vector<std::thread> ts;
-    for (int t = 0; t < nt; ++t) ts.emplace_back([&, t] { threadIdx = {(unsigned)t, 0, 0}; kernel(p); });
-    for (auto& t : ts) t.join();
+#include <torch/extension.h>
+
+namespace {
+
+using aanet_kernels::cuda::Attention2dParams;
+using aanet_kernels::cuda::Tensor4;
+namespace detail = aanet_kernels::cuda::detail;
+
+// Runs `kernel` over the grid, block after block, with one OS thread per CUDA thread.
+template <class Kernel>
+void run_grid(Kernel kernel, EmulatedDim3 grid, int threads, const Attention2dParams& p) {
+  TORCH_CHECK(threads <= 32 * kMaxWarps, "emulation: too many threads per block");
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = {x, y, z};
+        blockDim = {static_cast<unsigned>(threads), 1, 1};
+        std::memset(detail::smem, 0xFF, sizeof(detail::smem));  // garbage, NaN as floats
+        std::barrier<> block_barrier(threads);
+        g_block_barrier = &block_barrier;
+        std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+        for (int w = 0; w * 32 < threads; ++w) {
+          warp_barriers.emplace_back(new std::barrier<>(std::min(32, threads - 32 * w)));
+          g_warp_barrier[w] = warp_barriers.back().get();
+        }
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            threadIdx = {static_cast<unsigned>(t), 0, 0};
+            kernel(p);
+          });
+        }
+        for (auto& thread : pool) {
+          thread.join();
+        }
+      }
+    }
   }
 }
-Tensor4 v4(const at::Tensor& t) { Tensor4 r; if (!t.defined()) return r; r.ptr = t.data_ptr(); for (int d = 0; d < 4; ++d) r.stride[d] = t.stride(d); return r; }
-int pad(int a, int b) { int m = std::max(a, b); for (int s : {16, 32, 64, 128}) if (m <= s) return s; return -1; }
 
+Tensor4 view4(const at::Tensor& t) {
+  Tensor4 view;
+  if (!t.defined()) {
+    return view;
+  }
+  view.ptr = t.data_ptr();
+  for (int d = 0; d < 4; ++d) {
+    view.stride[d] = t.stride(d);
+  }
+  return view;
+}
+
+unsigned blocks(int length, int rows) {
+  return static_cast<unsigned>((length + rows - 1) / rows);
+}
+
+// Forward then backward, with the same grids and outputs as the launchers in ../*.cuh.
 template <class T, int D>
-std::vector<at::Tensor> run(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor bh, at::Tensor bw, int64_t H, int64_t W, double scale, at::Tensor dout) {
-  using namespace aanet_kernels::cuda::detail;
+std::vector<at::Tensor> forward_backward_tiles(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_h,
+    const at::Tensor& bias_w, int64_t height, int64_t width, double scale,
+    const at::Tensor& grad_out) {
+  using Tiles = detail::Tiles<T, D>;
   Attention2dParams p;
-  p.q = v4(q); p.k = v4(k); p.v = v4(v);
-  at::Tensor bhe = bh.defined() ? bh.expand({q.size(0), q.size(1), q.size(2), H}) : bh;
-  at::Tensor bwe = bw.defined() ? bw.expand({q.size(0), q.size(1), q.size(2), W}) : bw;
-  p.bias_h = v4(bhe); p.bias_w = v4(bwe);
-  p.batch = q.size(0); p.heads = q.size(1); p.length = q.size(2); p.height = H; p.width = W; p.dkh = q.size(3); p.dvh = v.size(3); p.scale = scale;
-  auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::full({q.size(0), q.size(1), q.size(2), v.size(3)}, NAN, q.options());
-  at::Tensor lse = at::full({q.size(0), q.size(1), q.size(2)}, NAN, q.options().dtype(acc));
-  p.out = out.data_ptr(); p.lse = lse.data_ptr();
-  using S = FwdSmem<T, D>;
-  EDim3 grid{(unsigned)((p.length + S::BM - 1) / S::BM), (unsigned)p.heads, (unsigned)p.batch};
-  run_grid(attention_2d_fwd_kernel<T, D>, grid, Tiles<T, D>::kThreads, p);
-  at::Tensor dq = at::full_like(q, NAN).contiguous(), dk = at::full_like(k, NAN).contiguous(), dv = at::full_like(v, NAN).contiguous();
-  at::Tensor dbh = bh.defined() ? at::zeros({q.size(0), q.size(1), q.size(2), H}, q.options().dtype(acc)) : at::Tensor();
-  at::Tensor dbw = bw.defined() ? at::zeros({q.size(0), q.size(1), q.size(2), W}, q.options().dtype(acc)) : at::Tensor();
-  at::Tensor delta = at::full({q.size(0), q.size(1), q.size(2)}, NAN, q.options().dtype(acc));
-  p.grad_out = v4(dout); p.out_in = v4(out); p.delta = delta.data_ptr();
-  p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
-  p.dbias_h = dbh.defined() ? dbh.data_ptr() : nullptr; p.dbias_w = dbw.defined() ? dbw.data_ptr() : nullptr;
-  int64_t rows = (int64_t)p.batch * p.heads * p.length;
-  run_grid(attention_2d_delta_kernel<T>, EDim3{(unsigned)((rows + 255) / 256), 1, 1}, 256, p);
-  using SKV = BwdSmem<T, D, true>;
-  run_grid(attention_2d_bwd_dkdv_kernel<T, D>, EDim3{(unsigned)((p.length + SKV::BN - 1) / SKV::BN), (unsigned)p.heads, (unsigned)p.batch}, Tiles<T, D>::kThreads, p);
-  using SQ = BwdSmem<T, D, false>;
-  run_grid(attention_2d_bwd_dq_kernel<T, D>, EDim3{(unsigned)((p.length + SQ::BM - 1) / SQ::BM), (unsigned)p.heads, (unsigned)p.batch}, Tiles<T, D>::kThreads, p);
-  return {out, lse, dq, dk, dv, dbh.defined() ? dbh : at::empty({0}), dbw.defined() ? dbw : at::empty({0})};
+  p.q = view4(q);
+  p.k = view4(k);
+  p.v = view4(v);
+  const auto sizes = [&](int64_t n) { return std::vector<int64_t>{q.size(0), q.size(1), q.size(2), n}; };
+  p.bias_h = view4(bias_h.defined() ? bias_h.expand(sizes(height)) : bias_h);
+  p.bias_w = view4(bias_w.defined() ? bias_w.expand(sizes(width)) : bias_w);
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.length = q.size(2);
+  p.height = height;
+  p.width = width;
+  p.dkh = q.size(3);
+  p.dvh = v.size(3);
+  p.scale = scale;
+  const auto acc = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const std::vector<int64_t> rows{q.size(0), q.size(1), q.size(2)};
+  at::Tensor out = at::full(sizes(v.size(3)), NAN, q.options());
+  at::Tensor lse = at::full(rows, NAN, acc);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  const EmulatedDim3 fwd_grid{blocks(p.length, detail::FwdSmem<T, D>::BM), blocks(p.heads, 1), blocks(p.batch, 1)};
+  run_grid(detail::attention_2d_fwd_kernel<T, D>, fwd_grid, Tiles::kThreads, p);
+
+  at::Tensor dq = at::full(q.sizes(), NAN, q.options());
+  at::Tensor dk = at::full(k.sizes(), NAN, q.options());
+  at::Tensor dv = at::full(v.sizes(), NAN, q.options());
+  at::Tensor dbias_h = bias_h.defined() ? at::zeros(sizes(height), acc) : at::empty({0});
+  at::Tensor dbias_w = bias_w.defined() ? at::zeros(sizes(width), acc) : at::empty({0});
+  at::Tensor delta = at::full(rows, NAN, acc);
+  p.grad_out = view4(grad_out);
+  p.out_in = view4(out);
+  p.delta = delta.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dbias_h = bias_h.defined() ? dbias_h.data_ptr() : nullptr;
+  p.dbias_w = bias_w.defined() ? dbias_w.data_ptr() : nullptr;
+  const int64_t n_rows = static_cast<int64_t>(p.batch) * p.heads * p.length;
+  run_grid(detail::attention_2d_delta_kernel<T>, {blocks(n_rows, 256), 1, 1}, 256, p);
+  const EmulatedDim3 dkdv_grid{blocks(p.length, detail::BwdSmem<T, D, true>::BN), blocks(p.heads, 1), blocks(p.batch, 1)};
+  run_grid(detail::attention_2d_bwd_dkdv_kernel<T, D>, dkdv_grid, Tiles::kThreads, p);
+  const EmulatedDim3 dq_grid{blocks(p.length, detail::BwdSmem<T, D, false>::BM), blocks(p.heads, 1), blocks(p.batch, 1)};
+  run_grid(detail::attention_2d_bwd_dq_kernel<T, D>, dq_grid, Tiles::kThreads, p);
+  return {out, lse, dq, dk, dv, dbias_h, dbias_w};
 }
 
 template <class T>
-std::vector<at::Tensor> run_t(at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> bh, c10::optional<at::Tensor> bw, int64_t H, int64_t W, double scale, at::Tensor dout) {
-  at::Tensor h = bh.has_value() ? *bh : at::Tensor(), w = bw.has_value() ? *bw : at::Tensor();
-  switch (pad(q.size(3), v.size(3))) {
-    case 16: return run<T, 16>(q, k, v, h, w, H, W, scale, dout);
-    case 32: return run<T, 32>(q, k, v, h, w, H, W, scale, dout);
-    case 64: return run<T, 64>(q, k, v, h, w, H, W, scale, dout);
-    default: return run<T, 128>(q, k, v, h, w, H, W, scale, dout);
+std::vector<at::Tensor> forward_backward_typed(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias_h, const std::optional<at::Tensor>& bias_w,
+    int64_t height, int64_t width, double scale, const at::Tensor& grad_out) {
+  const at::Tensor h = bias_h.value_or(at::Tensor());
+  const at::Tensor w = bias_w.value_or(at::Tensor());
+  const int64_t needed = std::max(q.size(3), v.size(3));
+  TORCH_CHECK(needed <= 128, "emulation: head dims up to 128");
+  if (needed <= 16) {
+    return forward_backward_tiles<T, 16>(q, k, v, h, w, height, width, scale, grad_out);
+  }
+  if (needed <= 32) {
+    return forward_backward_tiles<T, 32>(q, k, v, h, w, height, width, scale, grad_out);
+  }
+  if (needed <= 64) {
+    return forward_backward_tiles<T, 64>(q, k, v, h, w, height, width, scale, grad_out);
+  }
+  return forward_backward_tiles<T, 128>(q, k, v, h, w, height, width, scale, grad_out);
+}
+
+// Returns out, lse, dq, dk, dv, dbias_h, dbias_w (bias grads full size in the accumulator
+// dtype, or empty when the bias is absent). CPU tensors; no input checks (tests only).
+std::vector<at::Tensor> forward_backward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias_h, const std::optional<at::Tensor>& bias_w,
+    int64_t height, int64_t width, double scale, const at::Tensor& grad_out) {
+  switch (q.scalar_type()) {
+    case at::kDouble:
+      return forward_backward_typed<double>(q, k, v, bias_h, bias_w, height, width, scale, grad_out);
+    case at::kFloat:
+      return forward_backward_typed<float>(q, k, v, bias_h, bias_w, height, width, scale, grad_out);
+    case at::kHalf:
+      return forward_backward_typed<__half>(q, k, v, bias_h, bias_w, height, width, scale, grad_out);
+    default:
+      return forward_backward_typed<__nv_bfloat16>(q, k, v, bias_h, bias_w, height, width, scale, grad_out);
   }
 }
-std::vector<at::Tensor> emu(at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> bh, c10::optional<at::Tensor> bw, int64_t H, int64_t W, double scale, at::Tensor dout) {
-  if (q.scalar_type() == at::kDouble) return run_t<double>(q, k, v, bh, bw, H, W, scale, dout);
-  if (q.scalar_type() == at::kFloat) return run_t<float>(q, k, v, bh, bw, H, W, scale, dout);
-  if (q.scalar_type() == at::kHalf) return run_t<__half>(q, k, v, bh, bw, H, W, scale, dout);
-  return run_t<__nv_bfloat16>(q, k, v, bh, bw, H, W, scale, dout);
-}
-// Returns out, lse, dq, dk, dv, dbias_h, dbias_w (bias grads in the accumulator dtype, full size).
+
+} // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward_backward", &emu);
+  m.def("forward_backward", &forward_backward);
 }
