@@ -13,8 +13,9 @@ key tile's ``dS`` (``BLOCK_M x BLOCK_N``) times a one-hot matrix (``BLOCK_N x PA
 
 Precision: fp32/fp64 inputs use ``input_precision="ieee"`` everywhere (no TF32). For fp16/bf16
 inputs the Q/K/V products run on tensor cores in the input dtype with fp32 accumulation (``dS`` and
-``P`` rounded to the input dtype, as in flash attention), and the bias-gradient product splits the
-fp32 ``dS`` into two bf16 parts (about 16 significant bits; the one-hot side is exact).
+``P`` rounded to the input dtype, as in flash attention), and the bias-gradient product keeps
+``dS`` in fp32 with ``input_precision="tf32x3"`` (three TF32 tensor-core products, close to fp32;
+the one-hot side is exact in TF32).
 """
 
 import triton
@@ -117,17 +118,10 @@ def attention_2d_bwd_dkdv_kernel(
 
 
 @triton.jit
-def bias_grad_tile(ds, table_index, PAD: tl.constexpr, SPLIT_BF16: tl.constexpr, ACC: tl.constexpr):
+def bias_grad_tile(ds, table_index, PAD: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     """``sum_j ds[i, j] * (table_index[j] == t)`` for ``t < PAD``, as a ``(BLOCK_M, PAD)`` tile."""
-    onehot = table_index[:, None] == tl.arange(0, PAD)[None, :]
-    if SPLIT_BF16:
-        # Two bf16 tensor-core products carry ds to ~16 bits; one-hot entries are exact in bf16.
-        hi = ds.to(tl.bfloat16)
-        lo = (ds - hi.to(tl.float32)).to(tl.bfloat16)
-        onehot = onehot.to(tl.bfloat16)
-        part = tl.dot(hi, onehot, out_dtype=tl.float32)
-        return tl.dot(lo, onehot, acc=part, out_dtype=tl.float32)
-    return tl.dot(ds, onehot.to(ACC), input_precision="ieee", out_dtype=ACC)
+    onehot = (table_index[:, None] == tl.arange(0, PAD)[None, :]).to(ACC)
+    return tl.dot(ds, onehot, input_precision=PRECISION, out_dtype=ACC)
 
 
 @triton.autotune(configs=dq_configs(), key=AUTOTUNE_KEY)
@@ -143,7 +137,7 @@ def attention_2d_bwd_dq_kernel(
     NH, L, DKH, DVH, HEIGHT, WIDTH,
     HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, HPAD: tl.constexpr, WPAD: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, SPLIT_BF16: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, BIAS_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program owns ``BLOCK_M`` queries and walks every key tile; writes ``dq`` and the
@@ -188,9 +182,9 @@ def attention_2d_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
         if HAS_BH:
-            dbh += bias_grad_tile(ds, offs_n // WIDTH, HPAD, SPLIT_BF16, ACC)
+            dbh += bias_grad_tile(ds, offs_n // WIDTH, HPAD, ACC, BIAS_PRECISION)
         if HAS_BW:
-            dbw += bias_grad_tile(ds, offs_n % WIDTH, WPAD, SPLIT_BF16, ACC)
+            dbw += bias_grad_tile(ds, offs_n % WIDTH, WPAD, ACC, BIAS_PRECISION)
 
     base = pid_bh.to(tl.int64) * L
     dq_ptrs = DQ_OUT + (base + offs_m[:, None]) * DKH + offs_dk[None, :]

@@ -84,6 +84,8 @@ def attention_2d_triton_fwd(
     scale_t, meta = _common(q, scale)
     bh, *bh_strides = _bias_args(bias_h, q, height)
     bw, *bw_strides = _bias_args(bias_w, q, width)
+    if out.numel() == 0:  # an empty batch: nothing to launch
+        return out, lse
 
     def grid(launch: dict[str, int]) -> tuple[int, int]:
         return (triton.cdiv(length, launch["BLOCK_M"]), batch * heads)
@@ -128,6 +130,8 @@ def attention_2d_triton_bwd(
     bh, *bh_strides = _bias_args(bias_h, q, height)
     bw, *bw_strides = _bias_args(bias_w, q, width)
     dk_pad, dv_pad = padded_dim(dkh), padded_dim(dvh)
+    if q.numel() == 0:  # an empty batch: nothing to launch
+        return dq, dk, dv, dbias_h, dbias_w
 
     wrap_triton(attention_2d_bwd_preprocess_kernel)[
         (triton.cdiv(length, _PREPROCESS_BLOCK), batch * heads)
@@ -157,7 +161,7 @@ def attention_2d_triton_bwd(
         dbias_h if bias_h is not None else dq, dbias_w if bias_w is not None else dq,
         *shared, heads, length, dkh, dvh, height, width,
         **has, DK=dk_pad, DV=dv_pad, HPAD=padded_dim(height), WPAD=padded_dim(width),
-        SPLIT_BF16=q.dtype in (torch.float16, torch.bfloat16), **meta,
+        BIAS_PRECISION="ieee" if meta["PRECISION"] == "ieee" else "tf32x3", **meta,
     )  # fmt: skip
     return dq, dk, dv, dbias_h, dbias_w
 

@@ -1,0 +1,221 @@
+"""The Triton backend of attention_2d against the reference path, run by the Triton interpreter.
+
+float64, float32 and float16 run here. bfloat16 does not: the interpreter's ``tl.dot`` on bf16
+operands returns garbage (checked with triton 3.8), so bf16 is covered by tests/test_triton_gpu.py.
+``torch.compile`` and ``opcheck`` are GPU-only too: under the interpreter ``wrap_triton`` hands back
+the raw kernel, so fake-tensor tracing would run it on fake tensors.
+"""
+
+import pytest
+import torch
+
+import aanet_kernels as ak
+from aanet_kernels import ops
+from aanet_kernels._extension import extension_loaded
+from aanet_kernels._triton import op as triton_op
+from aanet_kernels.reference import attention_2d_reference_lse
+from tests.attention_cases import AWKWARD_CASES, Case, make_inputs
+
+OPS = torch.ops.aanet_kernels
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.abs().max().clamp_min(1.0)
+    return ((actual.double() - expected.double()).abs().max() / scale).item()
+
+
+def _kwargs(case: Case, scale: float) -> dict:
+    return dict(height=case.height, width=case.width, scale=scale)
+
+
+def _out_and_grads(fn, inputs, grad_out):
+    out = fn(*inputs)
+    present = [t for t in inputs if t is not None]
+    return out, torch.autograd.grad(out, present, grad_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", AWKWARD_CASES, ids=str)
+def test_forward_and_lse_match_reference(case: Case, dtype: torch.dtype, poisoned_allocations):
+    q, k, v, bh, bw = make_inputs(case, dtype, seed=11)
+    scale = case.dkh**-0.5
+    out, lse = OPS.attention_2d_triton_fwd(q, k, v, bh, bw, case.height, case.width, scale)
+    ref = ak.attention_2d_reference(q, k, v, bh, bw, **_kwargs(case, scale))
+    ref_lse = attention_2d_reference_lse(q, k, bh, bw, **_kwargs(case, scale))
+    assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+    assert lse.dtype == ops.lse_dtype(dtype)
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+    assert _relative_error(lse, ref_lse) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", AWKWARD_CASES, ids=str)
+def test_gradients_match_reference(case: Case, dtype: torch.dtype, poisoned_allocations):
+    inputs = make_inputs(case, dtype, requires_grad=True, seed=12)
+    kwargs = _kwargs(case, 0.7)
+    grad_out = torch.randn(case.batch, case.heads, case.length, case.dvh, dtype=dtype)
+    out, grads = _out_and_grads(
+        lambda *t: ak.attention_2d(*t, **kwargs, backend="triton"), inputs, grad_out
+    )
+    ref, ref_grads = _out_and_grads(
+        lambda *t: ak.attention_2d_reference(*t, **kwargs), inputs, grad_out
+    )
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert grad.shape == ref_grad.shape and grad.dtype == dtype
+        assert _relative_error(grad, ref_grad) < TOLERANCE[dtype] * 10
+
+
+@pytest.mark.parametrize("case", [AWKWARD_CASES[1], AWKWARD_CASES[5]], ids=str)
+def test_float16_error_at_most_twice_torch_own(case: Case, poisoned_allocations):
+    """Forward and all gradients against the fp64 reference: kernel error <= 2x the error of the
+    reference path computed in fp16, plus a small floor."""
+    inputs = make_inputs(case, torch.float16, requires_grad=True, seed=13)
+    exact_inputs = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    kwargs = _kwargs(case, case.dkh**-0.5)
+    grad_out = torch.randn(case.batch, case.heads, case.length, case.dvh, dtype=torch.float64)
+    exact = _out_and_grads(
+        lambda *t: ak.attention_2d_reference(*t, **kwargs), exact_inputs, grad_out
+    )
+    own = _out_and_grads(
+        lambda *t: ak.attention_2d_reference(*t, **kwargs), inputs, grad_out.half()
+    )
+    ours = _out_and_grads(
+        lambda *t: ak.attention_2d(*t, **kwargs, backend="triton"), inputs, grad_out.half()
+    )
+    for mine, torch_own, truth in zip(
+        [ours[0], *ours[1]], [own[0], *own[1]], [exact[0], *exact[1]], strict=True
+    ):
+        assert mine.dtype == torch.float16
+        own_error = (torch_own.double() - truth).abs().max().item()
+        assert (mine.double() - truth).abs().max().item() <= 2 * own_error + 1e-3
+
+
+@pytest.mark.parametrize("case", [Case(1, 2, 2, 3, 3, 2), Case(2, 1, 3, 2, 2, 3, "w")], ids=str)
+def test_gradcheck_float64(case: Case):
+    inputs = make_inputs(case, torch.float64, requires_grad=True, seed=14)
+    present = tuple(t for t in inputs if t is not None)
+
+    def fn(*tensors):
+        it = iter(tensors)
+        args = [next(it) if t is not None else None for t in inputs]
+        return ak.attention_2d(*args, **_kwargs(case, 0.8), backend="triton")
+
+    assert torch.autograd.gradcheck(fn, present)
+
+
+def test_broadcast_bias_and_strided_views(poisoned_allocations):
+    """Heads split from a (B, C, L) projection (strided head dim), a transposed grad_out, and
+    biases broadcast over batch (size 1) and over heads (stride 0)."""
+    case = Case(2, 3, 4, 5, 6, 4)
+    _, k, v, _, _ = make_inputs(case, torch.float64, seed=15)
+    proj = torch.randn(case.batch, case.heads * case.dkh, case.length, dtype=torch.float64)
+    q = proj.view(case.batch, case.heads, case.dkh, case.length).transpose(-1, -2)
+    assert not q.is_contiguous()
+    bias_h = torch.randn(1, case.heads, case.length, case.height, dtype=torch.float64)
+    bias_w = torch.randn(case.batch, 1, case.length, case.width, dtype=torch.float64)
+    bias_w = bias_w.expand(-1, case.heads, -1, -1).detach()  # stride 0 over heads
+    inputs = [t.requires_grad_() for t in (q.detach(), k, v, bias_h, bias_w)]
+    grad_out = torch.randn(case.batch, case.heads, case.dvh, case.length, dtype=torch.float64)
+    grad_out = grad_out.transpose(-1, -2)
+    kwargs = _kwargs(case, 0.4)
+    out, grads = _out_and_grads(
+        lambda *t: ak.attention_2d(*t, **kwargs, backend="triton"), inputs, grad_out
+    )
+    ref, ref_grads = _out_and_grads(
+        lambda *t: ak.attention_2d_reference(*t, **kwargs), inputs, grad_out
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert grad.shape == ref_grad.shape
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_stride_zero_bias_gradient_is_summed_over_broadcast_dims():
+    case = Case(2, 3, 3, 4, 4, 2)
+    q, k, v, _, _ = make_inputs(case, torch.float64, seed=16)
+    base = torch.randn(case.batch, 1, case.length, case.width, dtype=torch.float64)
+    bias_w = base.expand(-1, case.heads, -1, -1).detach().requires_grad_()  # stride 0 on heads
+    bias_h = torch.randn(1, 1, case.length, case.height, dtype=torch.float64, requires_grad=True)
+    kwargs = _kwargs(case, 0.6)
+    out = ak.attention_2d(q, k, v, bias_h, bias_w, **kwargs, backend="triton")
+    ref = ak.attention_2d_reference(q, k, v, bias_h, bias_w, **kwargs)
+    grads = torch.autograd.grad(out.sum(), (bias_h, bias_w))
+    ref_grads = torch.autograd.grad(ref.sum(), (bias_h, bias_w))
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert grad.shape == ref_grad.shape
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+def test_fully_masked_row_gives_zeros_lse_minus_inf_and_zero_gradients():
+    case = Case(1, 2, 3, 7, 5, 3)
+    q, k, v, bh, bw = make_inputs(case, torch.float64, seed=17)
+    mask = torch.zeros_like(bh)
+    mask[0, 1, 19] = float("-inf")  # query 19 of head 1 sees no key (a query in the last tile)
+    inputs = [t.requires_grad_() for t in (q, k, v, bh + mask, bw)]
+    kwargs = _kwargs(case, 0.5)
+    out, lse = OPS.attention_2d_triton_fwd(*inputs, case.height, case.width, 0.5)
+    assert lse[0, 1, 19].item() == float("-inf")
+    assert torch.equal(out[0, 1, 19], torch.zeros(case.dvh, dtype=torch.float64))
+    ref = ak.attention_2d_reference(*inputs, **kwargs)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    ref_grads = torch.autograd.grad(ref.sum(), inputs)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(grads[0][0, 1, 19], torch.zeros(case.dkh, dtype=torch.float64))
+    assert torch.equal(grads[3][0, 1, 19], torch.zeros(case.height, dtype=torch.float64))
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_backward_is_bit_identical_run_to_run():
+    case = AWKWARD_CASES[7]
+    inputs = make_inputs(case, torch.float32, requires_grad=True, seed=18)
+    grad_out = torch.randn(case.batch, case.heads, case.length, case.dvh)
+    fn = lambda *t: ak.attention_2d(*t, **_kwargs(case, 0.3), backend="triton")  # noqa: E731
+    first = _out_and_grads(fn, inputs, grad_out)[1]
+    second = _out_and_grads(fn, inputs, grad_out)[1]
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_outputs_follow_the_fake_semantics():
+    """Shapes and dtypes the kernels return are those of ``ops.fake_attention_2d_fwd/bwd``, with
+    0-element bias gradients for absent biases (triton_op derives its fakes from the same code)."""
+    case = Case(2, 1, 3, 4, 5, 2, "h")
+    q, k, v, bh, bw = make_inputs(case, torch.float32, seed=19)
+    args = (q, k, v, bh, bw, case.height, case.width, 0.5)
+    real = OPS.attention_2d_triton_fwd(*args)
+    fake = ops.fake_attention_2d_fwd(*args)
+    bwd_args = (torch.randn_like(real[0]), q, k, v, bh, bw, *real, case.height, case.width, 0.5)
+    real_bwd = OPS.attention_2d_triton_bwd(*bwd_args)
+    fake_bwd = ops.fake_attention_2d_bwd(*bwd_args)
+    for ours, theirs in zip([*real, *real_bwd], [*fake, *fake_bwd], strict=True):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    assert real_bwd[4].numel() == 0
+
+
+@pytest.mark.skipif(not extension_loaded(), reason="the C++ extension (op schemas) is not built")
+def test_schemas_match_the_cpp_ops():
+    for suffix in ("fwd", "bwd"):
+        ours = str(getattr(OPS, f"attention_2d_triton_{suffix}").default._schema)
+        theirs = str(getattr(OPS, f"attention_2d_{suffix}").default._schema)
+        assert ours.split("(", 1)[1] == theirs.split("(", 1)[1]
+
+
+def test_empty_batch():
+    case = Case(0, 2, 3, 3, 4, 2)
+    inputs = make_inputs(case, torch.float32, requires_grad=True)
+    out = ak.attention_2d(*inputs, height=3, width=3, backend="triton")
+    assert out.shape == (0, 2, 9, 2)
+    out.sum().backward()
+    assert inputs[0].grad.shape == inputs[0].shape
+
+
+def test_head_dim_past_the_limit_names_the_argument():
+    case = Case(1, 1, 2, 2, triton_op.MAX_HEAD_DIM + 1, 2)
+    q, k, v, bh, bw = make_inputs(case, torch.float32)
+    with pytest.raises(ValueError, match="q: the triton backend takes head dims up to"):
+        ak.attention_2d(q, k, v, bh, bw, height=2, width=2, backend="triton")
