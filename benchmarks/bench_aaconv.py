@@ -289,7 +289,8 @@ def render_markdown(rows: Sequence[Row], meta: dict[str, str]) -> str:
     lines = [
         f"# AAConv2d forward+backward: {meta['device_name']} ({meta['device']})",
         "",
-        f"{meta['date']}; torch {meta['torch']}, {meta['cpu_threads']} CPU threads, "
+        f"{meta['date']}; torch {meta['torch']}, {meta['cpu_threads']} CPU threads (load "
+        f"average {meta['load_avg_1m']} at the start, {meta['load_avg_1m_end']} at the end), "
         f"dtype {rows[0].dtype}. 3x3 layers, Cin = Fout, kappa = 2 upsilon = 0.2, relative on.",
         "",
         "Columns: median time of one step (forward, backward to input and weights); extra peak "
@@ -345,8 +346,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         and (not args.sizes or c.size in args.sizes)
     ]
     methods = args.methods or methods_for(device)
-    rows = run(cases, methods, device, args)
     meta = common.run_metadata(device)
+    rows = run(cases, methods, device, args)
+    meta["load_avg_1m_end"] = common.run_metadata(device)["load_avg_1m"]
     stem = f"aaconv_{common.device_slug(device)}"
     keyed = [{**meta, **{f.name: getattr(r, f.name) for f in fields(Row)}} for r in rows]
     csv_path = common.write_csv(keyed, args.out_dir / f"{stem}.csv")

@@ -233,14 +233,15 @@ def test_autocast_bf16(backend: str) -> None:
     assert errors["reference"] < 0.1 * exact.abs().max().item(), errors
 
 
-def test_compile_fullgraph_small_cnn() -> None:
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compile_fullgraph_small_cnn(backend: str) -> None:
     # "aot_eager" traces forward and backward through dynamo and AOT autograd like inductor
     # would, without minutes of C++ codegen; the layers build their lazy tables while tracing.
     torch._dynamo.reset()
     net = nn.Sequential(
-        AAConv2d(3, 16, 3, dk=8, dv=4, num_heads=2, backend="reference"),
+        AAConv2d(3, 16, 3, dk=8, dv=4, num_heads=2, backend=backend),
         nn.ReLU(),
-        AAConv2d(16, 16, 3, stride=2, dk=8, dv=8, num_heads=4, backend="reference"),
+        AAConv2d(16, 16, 3, stride=2, dk=8, dv=8, num_heads=4, backend=backend),
     )
     x = torch.randn(2, 3, 8, 6)
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
