@@ -36,9 +36,14 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-PROFILE = settings.get_profile(
-    "fuzz" if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else "aanet-default"
-)
+FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+PROFILE = settings.get_profile("fuzz" if FUZZ else "aanet-default")
+
+
+def budget(default_examples: int, fuzz_examples: int) -> settings:
+    """The active profile with its example count set per test (slow backends get fewer)."""
+    return settings(PROFILE, max_examples=fuzz_examples if FUZZ else default_examples)
+
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # How each tensor is laid out in memory; values are the same whatever the layout.

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 
 import aanet_kernels as ak
-from tests.property_cases import PROFILE, Spec, check_against_reference, specs
+from tests.property_cases import Spec, budget, check_against_reference, specs
 
 pytestmark = [
     pytest.mark.fuzz,
@@ -22,13 +22,13 @@ pytestmark = [
 ]
 
 
-@PROFILE
+@budget(40, 600)
 @given(spec=specs())
 def test_cpu_backend_matches_reference(spec: Spec) -> None:
     check_against_reference(spec, "cpu")
 
 
-@PROFILE
+@budget(40, 600)
 @given(spec=specs(max_side=24))
 def test_cpu_backend_matches_reference_on_larger_maps(spec: Spec) -> None:
     """Maps up to 24 x 24 (L up to 576) cross the kernel's 64-query and ~128-key blocks."""
