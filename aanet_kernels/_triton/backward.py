@@ -31,9 +31,10 @@ def attention_2d_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_gb, stride_gh, stride_gl, stride_gd,
     NH, L, DVH,
-    DV: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+    DV: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """``delta[i] = sum_d dO[i, d] * O[i, d]`` in ``ACC``."""
+    """``delta[i] = sum_d dO[i, d] * O[i, d]`` in the dtype of ``DELTA`` (that of ``lse``)."""
+    ACC = DELTA.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // NH).to(tl.int64)
@@ -63,13 +64,14 @@ def attention_2d_bwd_dkdv_kernel(
     NH, L, DKH, DVH, WIDTH,
     HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program owns ``BLOCK_N`` keys and walks every query tile; writes contiguous ``dk``,
     ``dv``."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    ACC = LSE.dtype.element_ty  # fp32, or fp64 for fp64 inputs
     b = (pid_bh // NH).to(tl.int64)
     h = (pid_bh % NH).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
@@ -137,13 +139,14 @@ def attention_2d_bwd_dq_kernel(
     NH, L, DKH, DVH, HEIGHT, WIDTH,
     HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, HPAD: tl.constexpr, WPAD: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, BIAS_PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, BIAS_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program owns ``BLOCK_M`` queries and walks every key tile; writes ``dq`` and the
     full-size ``(B, Nh, L, height|width)`` bias gradients, all contiguous."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    ACC = LSE.dtype.element_ty  # fp32, or fp64 for fp64 inputs
     b = (pid_bh // NH).to(tl.int64)
     h = (pid_bh % NH).to(tl.int64)
     Q += b * stride_qb + h * stride_qh

@@ -29,11 +29,13 @@ def attention_2d_fwd_kernel(
     NH, L, DKH, DVH, WIDTH,
     HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    # Accumulators and softmax statistics in the lse dtype: fp32, or fp64 for fp64 inputs.
+    ACC = LSE.dtype.element_ty
     # int64 so that batch/head offsets of large tensors do not overflow.
     b = (pid_bh // NH).to(tl.int64)
     h = (pid_bh % NH).to(tl.int64)

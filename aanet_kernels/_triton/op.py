@@ -9,7 +9,6 @@ The schemas are those of the C++ ops in ``csrc/ops.cpp``.
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
@@ -33,7 +32,6 @@ _BWD_SCHEMA = (
     "Tensor lse, int height, int width, float scale) -> "
     "(Tensor dq, Tensor dk, Tensor dv, Tensor dbias_h, Tensor dbias_w)"
 )
-_ACC = {torch.float64: tl.float64}
 _PREPROCESS_BLOCK = 64
 
 
@@ -57,11 +55,11 @@ def _bias_args(bias: Tensor | None, q: Tensor, size: int) -> tuple[Tensor, int, 
 
 def _common(q: Tensor, scale: float) -> tuple[Tensor, dict[str, object]]:
     """The scale as a one-element tensor in the accumulator dtype (a Python float argument would
-    reach the kernel as fp32, too coarse for fp64), and the dtype-dependent constexprs."""
+    reach the kernel as fp32, too coarse for fp64), and the ``tl.dot`` precision: IEEE (no TF32)
+    for fp32/fp64; fp16/bf16 products run on tensor cores whatever this says."""
     scale_t = torch.full((1,), scale, dtype=lse_dtype(q.dtype), device=q.device)
     wide = q.dtype in (torch.float32, torch.float64)
-    meta = {"ACC": _ACC.get(q.dtype, tl.float32), "PRECISION": "ieee" if wide else "tf32"}
-    return scale_t, meta
+    return scale_t, {"PRECISION": "ieee" if wide else "tf32"}
 
 
 @triton_op(FWD_NAME, mutates_args=(), schema=_FWD_SCHEMA)
@@ -137,7 +135,7 @@ def attention_2d_triton_bwd(
         (triton.cdiv(length, _PREPROCESS_BLOCK), batch * heads)
     ](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, length, dvh,
-        DV=dv_pad, ACC=meta["ACC"], BLOCK_M=_PREPROCESS_BLOCK,
+        DV=dv_pad, BLOCK_M=_PREPROCESS_BLOCK,
     )  # fmt: skip
 
     shared = (
