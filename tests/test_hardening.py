@@ -359,7 +359,7 @@ def rss_bytes() -> int:
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"] or ["reference"])
 def test_repeated_forward_backward_does_not_grow_memory(backend: str):
     """300 forward+backward steps after a warm-up leave RSS within 24 MB, where a leak of the
-    step's tensors (~0.9 MB a step) would add ~270 MB; and nothing outlives its step."""
+    step's tensors (~0.33 MB a step) would add ~100 MB; and nothing outlives its step."""
     case = Case(2, 2, 12, 12, 32, 32)
     inputs = make_inputs(case, torch.float32, seed=60, requires_grad=True)
     grad_out = torch.randn(case.batch, case.heads, case.length, case.dvh)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 
 import aanet_kernels as ak
-from tests.property_cases import Spec, budget, check_against_reference, specs
+from tests.property_cases import EXTREME, Spec, budget, check_against_reference, specs
 
 pytestmark = [
     pytest.mark.fuzz,
@@ -32,4 +32,11 @@ def test_cpu_backend_matches_reference(spec: Spec) -> None:
 @given(spec=specs(max_side=24))
 def test_cpu_backend_matches_reference_on_larger_maps(spec: Spec) -> None:
     """Maps up to 24 x 24 (L up to 576) cross the kernel's 64-query and ~128-key blocks."""
+    check_against_reference(spec, "cpu")
+
+
+@budget(20, 300)
+@given(spec=specs(**EXTREME))
+def test_cpu_backend_matches_reference_on_extreme_logits(spec: Spec) -> None:
+    """Scales from 1e-8 to 1e3 and biases up to +-1e4 (with -inf masks), in float64."""
     check_against_reference(spec, "cpu")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given
 
-from tests.property_cases import Spec, budget, check_against_reference, specs
+from tests.property_cases import EXTREME, Spec, budget, check_against_reference, specs
 
 pytestmark = pytest.mark.fuzz
 
@@ -22,4 +22,11 @@ DTYPES = (torch.float64, torch.float32, torch.float16)
 @budget(12, 200)
 @given(spec=specs(dtypes=DTYPES, max_side=6))
 def test_triton_backend_matches_reference(spec: Spec) -> None:
+    check_against_reference(spec, "triton")
+
+
+@budget(6, 100)
+@given(spec=specs(**{**EXTREME, "max_side": 6}))
+def test_triton_backend_matches_reference_on_extreme_logits(spec: Spec) -> None:
+    """Scales from 1e-8 to 1e3 and biases up to +-1e4 (with -inf masks), in float64."""
     check_against_reference(spec, "triton")
