@@ -66,18 +66,25 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 # Order in which ``auto`` tries backends per device type; see benchmarks/results for why.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+# Largest head dim (max of dkh, dvh) each GPU kernel compiles for; ``auto`` skips past it.
+_MAX_HEAD_DIM = {"triton": 256, "cuda": 128}
 
 
 # The choice is a Python-level decision made once per traced call: torch.compile treats it as a
 # constant rather than tracing the availability checks.
 @torch.compiler.assume_constant_result
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for a call: argument, then context manager, then env var, then auto."""
+def resolve_backend(backend: str, device: torch.device, head_dim: int = 0) -> str:
+    """The concrete backend for a call: argument, then context manager, then env var, then auto.
+
+    ``head_dim`` (the larger of dkh and dvh) lets ``auto`` pass over kernels compiled for smaller
+    heads; an explicit choice is left to the kernel, which raises a clear error.
+    """
     if backend == "auto":
         backend = _context_backend.get() or os.environ.get(ENV_VAR, "auto") or "auto"
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if _why_unavailable(candidate, device) is None:
+            fits = head_dim <= _MAX_HEAD_DIM.get(candidate, head_dim)
+            if fits and _why_unavailable(candidate, device) is None:
                 return candidate
         return "reference"
     reason = _why_unavailable(backend, device)

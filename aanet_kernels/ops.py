@@ -116,7 +116,7 @@ def attention_2d(
         ``(B, Nh, L, dvh)``. A query whose logits are all ``-inf`` gets zeros (and zero gradients).
     """
     check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, max(q.shape[-1], v.shape[-1]))
     if name == "reference":
         return reference.attention_2d_reference(
             q, k, v, bias_h, bias_w, height=height, width=width, scale=scale

@@ -45,3 +45,14 @@ def test_context_manager_restores_on_exit():
     with ak.use_backend("reference"):
         pass
     assert ak.backends._context_backend.get() is None
+
+
+def test_auto_passes_over_kernels_compiled_for_smaller_heads(monkeypatch: pytest.MonkeyPatch):
+    from aanet_kernels import backends
+
+    # Pretend the CPU runs Triton (the interpreter does), ahead of the C++ kernel in auto's order.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(backends._AUTO_ORDER, "cpu", ("triton", "reference"))
+    cpu = torch.device("cpu")
+    assert ak.resolve_backend("auto", cpu, head_dim=64) == "triton"
+    assert ak.resolve_backend("auto", cpu, head_dim=300) == "reference"
