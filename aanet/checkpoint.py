@@ -29,11 +29,30 @@ def save_atomic(state: dict[str, Any], path: Path | str) -> None:
 
 
 def load(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_atomic` (it holds plain Python and numpy data)."""
+    """Read a checkpoint written by :func:`save_atomic` (it holds plain Python and numpy data).
+
+    A missing, damaged or foreign file raises an error that names it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch.load raises many kinds (EOF, unpickling, zip, OS errors)
+        raise ValueError(
+            f"{path}: damaged or not a checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(state, dict) or "model" not in state:
+        keys = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: not an aanet checkpoint (no 'model' entry; found {keys})")
+    return state
+
+
+def require(state: dict[str, Any], keys: tuple[str, ...], path: Path | str) -> None:
+    """Raise naming ``path`` if the checkpoint ``state`` lacks any of ``keys``."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {missing} (saved by another program?)")
 
 
 def rng_state() -> dict[str, Any]:

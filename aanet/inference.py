@@ -14,6 +14,7 @@ from aanet.model import AANet, build_model
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> AANet:
     """The model of a training checkpoint, in eval mode on ``device``."""
     state = checkpoint.load(path, map_location=device)
+    checkpoint.require(state, ("model", "config"), path)
     model = build_model(make_config(state["config"]).model_config())
     model.load_state_dict(state["model"])
     return model.to(device).eval()

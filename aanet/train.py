@@ -28,6 +28,7 @@ from aanet.model import HEATMAP_STRIDE, build_model
 from aanet_kernels import use_backend
 
 log = logging.getLogger("aanet.train")
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "config")
 CSV_FIELDS = (
     "epoch",
     "train_loss",
@@ -157,6 +158,7 @@ def train(
     if resume:
         path = out / "last.pt" if resume == "auto" else Path(resume)
         state = checkpoint.load(path, map_location=device)
+        checkpoint.require(state, RESUME_KEYS, path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -14,7 +14,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 def parse_pts(path: Path) -> np.ndarray:
     """The ``(n_points, 2)`` array of a ``.pts`` file (``version``, ``n_points``, ``{ ... }``)."""
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    lines = []
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        try:
+            lines.append(raw.decode("utf-8").strip())
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{number}", f"not UTF-8 text ({exc.reason})") from exc
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln]
     header = {}
     body_start = None

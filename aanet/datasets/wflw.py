@@ -52,6 +52,13 @@ def parse_line(line: str, where: str, image_root: Path) -> Record:
     )
 
 
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(where, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
 def load_wflw(root: Path | str, split: str, on_error: str = "skip") -> list[Record]:
     """Read and validate the WFLW ``split``; bad lines are skipped with a count or raise."""
     root = Path(root)
@@ -60,13 +67,13 @@ def load_wflw(root: Path | str, split: str, on_error: str = "skip") -> list[Reco
         raise FileNotFoundError(f"WFLW annotations not found: {path}")
     bad = BadDataLog(on_error)
     records = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                record = parse_line(line, where, root / IMAGE_DIR)
+                record = parse_line(_decode(raw, where), where, root / IMAGE_DIR)
                 validate_record(record)
             except DataError as error:
                 bad.report(error)
