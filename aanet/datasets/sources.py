@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from aanet.datasets import synthetic, w300, wflw
 from aanet.datasets.records import Record
 
 DATASETS = ("synthetic", "wflw", "300w")
+log = logging.getLogger("aanet.data")
 
 
 def prepare(config) -> None:  # noqa: ANN001 - aanet.config.Config (import cycle otherwise)
     """Generate the synthetic set if the config asks for it and it is not on disk yet."""
     if config.data == "synthetic":
-        synthetic.generate(
-            config.data_root,
-            synthetic.SyntheticConfig(
-                config.num_train, config.num_test, config.image_size, config.seed
-            ),
+        began = time.perf_counter()
+        wanted = synthetic.SyntheticConfig(
+            config.num_train, config.num_test, config.image_size, config.seed
         )
+        log.info("synthetic set: %s in %s", wanted, config.data_root)
+        synthetic.generate(config.data_root, wanted)
+        log.info("synthetic set ready (%.1f s)", time.perf_counter() - began)
 
 
 def load_split(config, split: str) -> list[Record]:  # noqa: ANN001
