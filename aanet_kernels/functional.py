@@ -123,6 +123,13 @@ def aa_conv2d(
     to ``q . k`` (``scale=``) and the small tables are scaled instead, since
     ``(s q) . r == q . (s r)``.
 
+    Layout and copies: ``q``, ``k``, ``v`` are views of the projection (``split_heads``); the
+    merged heads and the output follow ``x``'s memory format (``channels_last`` in, out). Eager
+    mode copies twice: merging the heads (``dv`` channels, before the output projection) and
+    ``torch.cat`` of the two halves, since a convolution cannot write into a channel slice of a
+    preallocated output. Under autocast everything runs in the autocast dtype; the bias tables are
+    cast to ``q``'s dtype because ``attention_2d`` takes one dtype.
+
     Returns:
         ``(B, Fout, Ho, Wo)``: the convolution's ``Fout - dv`` channels, then attention's ``dv``.
     """
