@@ -56,10 +56,12 @@ MID_EPOCH_2 = re.compile(rb"epoch 2/3[^\r\n]*?\| *([1-9][0-9]*)/([0-9]+) ")
 def _kill_inside_epoch_2(process: subprocess.Popen) -> bytes:
     """Read the run's progress bars until the second epoch is part done, then SIGKILL it."""
     seen = bytearray()
-    reader = threading.Thread(
-        target=lambda: seen.extend(iter(lambda: process.stderr.read1(4096), b"")), daemon=True
-    )
-    reader.start()
+
+    def read() -> None:
+        while chunk := process.stderr.read1(4096):
+            seen.extend(chunk)
+
+    threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
         match = MID_EPOCH_2.search(bytes(seen))
