@@ -33,7 +33,7 @@ test: build
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton_interpret -q -p no:cacheprovider
 
 run: build
-	$(PY) -m aanet demo
+	$(PY) -m aanet run
 
 bench: build
 	$(PY) benchmarks/bench_attention.py --device cpu --preset cpu

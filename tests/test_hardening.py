@@ -20,6 +20,10 @@ import aanet_kernels as ak
 from tests.attention_cases import Case, make_inputs
 
 BACKENDS = ak.available_backends("cpu")
+# The fused kernels keep logits and softmax statistics in fp32 for fp16/bf16 inputs. The reference
+# path is plain PyTorch in the input dtype (it is the "PyTorch's own error" of the 2x rule), so
+# fp16 logits beyond 65504 overflow there, as they do in any fp16 PyTorch code (README, backends).
+FUSED_BACKENDS = [b for b in BACKENDS if b != "reference"]
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 INF = float("inf")
 
@@ -95,7 +99,7 @@ def test_float32_gradients_with_logits_of_1e4_are_finite_and_match(backend: str)
         assert max_error(g, w) <= 2e-2 * w.abs().max().clamp_min(1.0).item()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_low_precision_near_the_top_of_the_float16_range(backend: str, dtype: torch.dtype):
     """Each bias near 4e4 (their sum and q . k overflow float16) still gives a finite answer."""
@@ -106,8 +110,6 @@ def test_low_precision_near_the_top_of_the_float16_range(backend: str, dtype: to
     bh = bh.clamp(-1, 1) * 4e4
     bw = bw.clamp(-1, 1) * 4e4
     inputs = tuple(t.to(dtype) for t in (q, k, v, bh, bw))
-    if backend == "reference":
-        pytest.skip("the reference path computes in the input dtype, where these logits overflow")
     out = run(backend, case, inputs, scale=1.0)
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
