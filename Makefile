@@ -28,7 +28,7 @@ build: install
 	$(PY) setup.py -q build_ext --inplace
 	$(PY) -c "import aanet_kernels as ak; print('aanet_kernels backends here:', ak.available_backends())"
 
-test: build
+test: build lint
 	$(PY) -m pytest tests --ignore=tests/triton_interpret -q -p no:cacheprovider
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton_interpret -q -p no:cacheprovider
 
@@ -48,7 +48,7 @@ sanitize: install
 	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	  PYTHONPATH=build/sanitize/lib $(PY) -m pytest tests/test_attention_cpu.py -q -p no:cacheprovider
 
-lint:
+lint: install
 	$(PY) -m ruff check aanet_kernels aanet benchmarks tests setup.py
 	$(PY) -m ruff format --check aanet_kernels aanet benchmarks tests setup.py
 

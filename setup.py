@@ -53,8 +53,12 @@ def _extension():
     if not _flag("AANET_KERNELS_PORTABLE"):
         cxx.append("-march=native")
     if _flag("AANET_KERNELS_SANITIZE"):
-        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g", "-fsanitize=address,undefined",
-                                                "-fno-omit-frame-pointer"]
+        cxx = [f for f in cxx if f != "-O3"] + [
+            "-O1",
+            "-g",
+            "-fsanitize=address,undefined",
+            "-fno-omit-frame-pointer",
+        ]
         link.append("-fsanitize=address,undefined")
     if not with_cuda:
         return CppExtension(

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as error:
         print(f"aanet {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

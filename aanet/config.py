@@ -10,6 +10,7 @@ from typing import Any
 from aanet.model import ModelConfig
 
 PRESETS = Path(__file__).parent / "configs"
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     backend: str = "auto"  # attention_2d backend: auto | reference | cpu | cuda | triton
     amp: bool = False
+    on_nan: str = "stop"  # a non-finite loss: stop (error naming the step) or skip that step
     seed: int = 0
     out: str = "runs/aanet"
 
@@ -88,4 +90,7 @@ def make_config(values: dict[str, Any]) -> Config:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"config: unknown options {unknown}; known: {sorted(known)}")
-    return Config(**values)
+    config = Config(**values)
+    if config.on_nan not in NAN_POLICIES:
+        raise ValueError(f"on_nan: expected one of {NAN_POLICIES}, got {config.on_nan!r}")
+    return config

@@ -38,6 +38,7 @@ CSV_FIELDS = (
     "lr",
     "images_per_s",
     "seconds",
+    "skipped_steps",
 )
 
 
@@ -101,6 +102,29 @@ def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, D
     train = DataLoader(train_set, per_rank, sampler=sampler, drop_last=True, **common)
     test = DataLoader(test_set, per_rank, shuffle=False, **common)
     return train, test, sampler
+
+
+def loss_is_finite(loss: torch.Tensor, group: Dist) -> bool:
+    """Whether the loss is finite on every rank (under DDP all ranks must skip a step together,
+    or the gradient all-reduce of the others would wait forever)."""
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if group.world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def handle_nonfinite_loss(
+    policy: str, loss: torch.Tensor, epoch: int, step: int, saved: Path
+) -> None:
+    """``on_nan``: ``stop`` raises an error naming the step, ``skip`` logs and drops the step."""
+    where, value = f"epoch {epoch}, step {step}", float(loss.detach())
+    if policy == "stop":
+        raise FloatingPointError(
+            f"non-finite loss ({value:g}, here or on another rank) at {where}; the last "
+            f"completed epoch is in {saved} (resume with --resume); pass --on-nan skip to drop "
+            f"such steps instead"
+        )
+    log.warning("non-finite loss (%g) at %s: step skipped (--on-nan skip)", value, where)
 
 
 def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
@@ -181,7 +205,7 @@ def train(
             sampler.set_epoch(epoch)
             train_loader.dataset.set_epoch(epoch)
             model.train()
-            began, seen, total = time.perf_counter(), 0, 0.0
+            began, seen, total, skipped = time.perf_counter(), 0, 0.0, 0
             bar = tqdm(
                 train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                 disable=not (progress and group.main), dynamic_ncols=True,
@@ -193,13 +217,17 @@ def train(
                     coords, _, logits = net(images)
                 loss = loss_fn(coords.float(), logits, target, HEATMAP_STRIDE)
                 optimizer.zero_grad(set_to_none=True)
+                if not loss_is_finite(loss, group):
+                    handle_nonfinite_loss(config.on_nan, loss, epoch + 1, step, out / "last.pt")
+                    skipped += 1
+                    continue
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 seen += len(images) * group.world
                 total += float(loss.detach())
                 rate = seen / (time.perf_counter() - began)
-                bar.set_postfix(loss=f"{total / step:.4g}", img_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{total / (step - skipped):.4g}", img_s=f"{rate:.1f}")
             scheduler.step()
             if group.world > 1:
                 # DDP keeps parameters in step but each rank's BatchNorm statistics follow its own
@@ -208,7 +236,8 @@ def train(
                     dist.broadcast(buffer, 0)
             seconds = time.perf_counter() - began
             row = {
-                "epoch": epoch + 1, "train_loss": total / max(1, len(train_loader)),
+                "epoch": epoch + 1, "train_loss": total / max(1, len(train_loader) - skipped),
+                "skipped_steps": skipped,
                 "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
                 "seconds": seconds,
             }  # fmt: skip

@@ -17,13 +17,14 @@ def check_attention_2d_inputs(
     height: int,
     width: int,
 ) -> None:
-    """Raise ``ValueError``/``TypeError`` if the inputs do not honour the ``attention_2d`` contract."""
+    """Raise ``ValueError``/``TypeError`` if the inputs break the ``attention_2d`` contract."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(
-                f"{name}: expected a 4-D tensor (B, Nh, L, d), got {t.dim()}-D shape {tuple(t.shape)}"
+                f"{name}: expected a 4-D tensor (B, Nh, L, d), "
+                f"got {t.dim()}-D shape {tuple(t.shape)}"
             )
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"q: expected a floating dtype in {SUPPORTED_DTYPES}, got {q.dtype}")
@@ -35,7 +36,9 @@ def check_attention_2d_inputs(
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} (the device of q), got {t.device}")
+            raise ValueError(
+                f"{name}: expected device {q.device} (the device of q), got {t.device}"
+            )
     if not isinstance(height, int) or not isinstance(width, int) or height < 1 or width < 1:
         raise ValueError(f"height, width: expected positive ints, got {height!r}, {width!r}")
     batch, heads, length, dkh = q.shape
@@ -44,7 +47,9 @@ def check_attention_2d_inputs(
             f"q: L = {length} does not equal height * width = {height} * {width} = {height * width}"
         )
     if k.shape != q.shape:
-        raise ValueError(f"k: expected shape {tuple(q.shape)} (the shape of q), got {tuple(k.shape)}")
+        raise ValueError(
+            f"k: expected shape {tuple(q.shape)} (the shape of q), got {tuple(k.shape)}"
+        )
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(
             f"v: expected shape ({batch}, {heads}, {length}, dvh) to match q's (B, Nh, L), "
@@ -52,7 +57,10 @@ def check_attention_2d_inputs(
         )
     if dkh < 1 or v.shape[3] < 1:
         raise ValueError(f"q, v: head dims must be at least 1, got dkh={dkh}, dvh={v.shape[3]}")
-    for name, t, size, label in (("bias_h", bias_h, height, "height"), ("bias_w", bias_w, width, "width")):
+    for name, t, size, label in (
+        ("bias_h", bias_h, height, "height"),
+        ("bias_w", bias_w, width, "width"),
+    ):
         if t is None:
             continue
         ok = (
@@ -64,6 +72,7 @@ def check_attention_2d_inputs(
         )
         if not ok:
             raise ValueError(
-                f"{name}: expected shape ({batch}, {heads}, {length}, {size}) = (B, Nh, L, {label}), "
+                f"{name}: expected shape ({batch}, {heads}, {length}, {size}) "
+                f"= (B, Nh, L, {label}), "
                 f"B and Nh may be 1 to broadcast, got {tuple(t.shape)}"
             )

@@ -1,10 +1,11 @@
-"""Choosing a backend: the ``backend=`` argument, a context manager, or ``AANET_KERNELS_BACKEND``."""
+"""Choosing a backend: the ``backend=`` argument, a context manager, or the env variable
+``AANET_KERNELS_BACKEND``."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import contextvars
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -52,7 +53,10 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
             return "triton is not installed"
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
             return None
-        return f"the 'triton' backend takes CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device}"
+        return (
+            "the 'triton' backend takes CUDA tensors (or CPU ones under TRITON_INTERPRET=1), "
+            f"got {device}"
+        )
     return f"unknown backend {name!r}; expected one of {('auto',) + BACKENDS}"
 
 

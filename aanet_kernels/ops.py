@@ -27,7 +27,14 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fake_attention_2d_fwd(
-    q: Tensor, k: Tensor, v: Tensor, bias_h: Bias, bias_w: Bias, height: int, width: int, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias_h: Bias,
+    bias_w: Bias,
+    height: int,
+    width: int,
+    scale: float,
 ) -> tuple[Tensor, Tensor]:
     batch, heads, length, _ = q.shape
     out = q.new_empty((batch, heads, length, v.shape[-1]))

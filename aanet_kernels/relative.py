@@ -23,7 +23,7 @@ def relative_logits(
         rel_w: ``(2 * width - 1, dkh)`` embeddings of the horizontal offsets ``x - ix``.
 
     Returns:
-        ``bias_h (B, Nh, L, height)`` with ``bias_h[..., i, y] = q_i . rel_h[y - iy + height - 1]`` and
+        ``bias_h (B, Nh, L, height)``, ``bias_h[..., i, y] = q_i . rel_h[y - iy + height - 1]``, and
         ``bias_w (B, Nh, L, width)`` with ``bias_w[..., i, x] = q_i . rel_w[x - ix + width - 1]``.
     """
     if q.dim() != 4:

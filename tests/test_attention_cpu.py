@@ -35,8 +35,12 @@ def test_forward_and_lse_match_reference(case: Case, dtype: torch.dtype, poisone
     q, k, v, bh, bw = make_inputs(case, dtype, seed=1)
     scale = case.dkh**-0.5
     out, lse = op.attention_2d_fwd(q, k, v, bh, bw, case.height, case.width, scale)
-    ref = ak.attention_2d_reference(q, k, v, bh, bw, height=case.height, width=case.width, scale=scale)
-    ref_lse = attention_2d_reference_lse(q, k, bh, bw, height=case.height, width=case.width, scale=scale)
+    ref = ak.attention_2d_reference(
+        q, k, v, bh, bw, height=case.height, width=case.width, scale=scale
+    )
+    ref_lse = attention_2d_reference_lse(
+        q, k, bh, bw, height=case.height, width=case.width, scale=scale
+    )
     assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
     assert _relative_error(out, ref) < TOLERANCE[dtype]
     assert _relative_error(lse, ref_lse) < TOLERANCE[dtype]
@@ -51,7 +55,7 @@ def test_gradients_match_reference(case: Case, dtype: torch.dtype, poisoned_allo
     out, grads = _grads(lambda *t: ak.attention_2d(*t, **kwargs, backend="cpu"), inputs, grad_out)
     ref, ref_grads = _grads(lambda *t: ak.attention_2d_reference(*t, **kwargs), inputs, grad_out)
     assert _relative_error(out, ref) < TOLERANCE[dtype]
-    for grad, ref_grad in zip(grads, ref_grads):
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
         assert grad.shape == ref_grad.shape
         assert _relative_error(grad, ref_grad) < TOLERANCE[dtype] * 10
 
@@ -60,7 +64,9 @@ def test_gradients_match_reference(case: Case, dtype: torch.dtype, poisoned_allo
 def test_gradcheck_float64(case: Case):
     inputs = make_inputs(case, torch.float64, requires_grad=True, seed=3)
     assert torch.autograd.gradcheck(
-        lambda *t: ak.attention_2d(*t, height=case.height, width=case.width, scale=0.8, backend="cpu"),
+        lambda *t: ak.attention_2d(
+            *t, height=case.height, width=case.width, scale=0.8, backend="cpu"
+        ),
         inputs,
     )
 
@@ -91,8 +97,13 @@ def test_broadcast_and_strided_inputs_match_contiguous():
     assert not q_view.is_contiguous()
     out = ak.attention_2d(q_view, k, v, bias_h, bias_w, **kwargs, backend="cpu")
     expanded = ak.attention_2d(
-        q_view.contiguous(), k, v, bias_h.expand(case.batch, -1, -1, -1).contiguous(),
-        bias_w.expand(-1, case.heads, -1, -1).contiguous(), **kwargs, backend="cpu",
+        q_view.contiguous(),
+        k,
+        v,
+        bias_h.expand(case.batch, -1, -1, -1).contiguous(),
+        bias_w.expand(-1, case.heads, -1, -1).contiguous(),
+        **kwargs,
+        backend="cpu",
     )
     ref = ak.attention_2d_reference(q_view, k, v, bias_h, bias_w, **kwargs)
     torch.testing.assert_close(out, expanded, rtol=0, atol=0)
@@ -106,9 +117,13 @@ def test_broadcast_bias_gradients_are_summed_to_their_shape():
     bias_w = torch.randn(case.batch, case.heads, case.length, case.width, dtype=torch.float64)
     bias_w = bias_w[:, :1].expand(-1, case.heads, -1, -1).detach().requires_grad_()  # stride 0
     kwargs = dict(height=case.height, width=case.width)
-    grads = torch.autograd.grad(ak.attention_2d(q, k, v, bias_h, bias_w, **kwargs, backend="cpu").sum(), (bias_h, bias_w))
-    ref = torch.autograd.grad(ak.attention_2d_reference(q, k, v, bias_h, bias_w, **kwargs).sum(), (bias_h, bias_w))
-    for grad, ref_grad in zip(grads, ref):
+    grads = torch.autograd.grad(
+        ak.attention_2d(q, k, v, bias_h, bias_w, **kwargs, backend="cpu").sum(), (bias_h, bias_w)
+    )
+    ref = torch.autograd.grad(
+        ak.attention_2d_reference(q, k, v, bias_h, bias_w, **kwargs).sum(), (bias_h, bias_w)
+    )
+    for grad, ref_grad in zip(grads, ref, strict=True):
         assert grad.shape == ref_grad.shape
         torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
 
@@ -153,7 +168,10 @@ def test_opcheck(with_bias: bool):
     out, lse = op.attention_2d_fwd(*args)
     grad_out = torch.randn_like(out)
     bwd_args = (grad_out, q, k, v, bh, bw, out.detach(), lse, case.height, case.width, 0.5)
-    torch.library.opcheck(op.attention_2d_bwd, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in bwd_args))
+    torch.library.opcheck(
+        op.attention_2d_bwd,
+        tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in bwd_args),
+    )
 
 
 def test_torch_compile_fullgraph():

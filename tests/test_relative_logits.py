@@ -27,7 +27,11 @@ def test_matches_literal_loop(height: int, width: int, dkh: int):
     q = torch.randn(2, 3, height * width, dkh, dtype=torch.float64)
     rel_h = torch.randn(2 * height - 1, dkh, dtype=torch.float64)
     rel_w = torch.randn(2 * width - 1, dkh, dtype=torch.float64)
-    for got, want in zip(relative_logits(q, rel_h, rel_w, height, width), _literal(q, rel_h, rel_w, height, width)):
+    for got, want in zip(
+        relative_logits(q, rel_h, rel_w, height, width),
+        _literal(q, rel_h, rel_w, height, width),
+        strict=True,
+    ):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 

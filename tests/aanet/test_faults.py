@@ -1,8 +1,11 @@
-"""Faults a training job meets: killed processes, damaged checkpoints, malformed annotations.
+"""Faults a training job meets: killed processes, damaged checkpoints, non-finite losses,
+malformed annotations.
 
 What is promised: a run killed with SIGKILL and resumed ends with the same weights as one never
-interrupted; a damaged or foreign checkpoint raises an error naming the file; every malformed
-annotation raises :class:`DataError` naming its file and line (never another exception).
+interrupted; a damaged or foreign checkpoint raises an error naming the file; a non-finite loss
+stops the run with an error naming the step (``on_nan="stop"``, the default) or skips that step
+(``"skip"``); every malformed annotation raises :class:`DataError` naming its file and line (never
+another exception).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import aanet.train
 from aanet import checkpoint
+from aanet.config import Config, make_config
 from aanet.datasets import synthetic, w300, wflw
 from aanet.datasets.records import DataError
 
@@ -100,6 +105,62 @@ def test_sigkilled_training_resumes_to_the_same_weights(tmp_path):
     assert [r["train_loss"] for r in resumed["history"]] == [
         r["train_loss"] for r in straight["history"]
     ]
+
+
+# --- non-finite losses ----------------------------------------------------------------------------
+
+
+def _nan_at_calls(monkeypatch: pytest.MonkeyPatch, poisoned: set[int]) -> None:
+    """Make the training loss NaN at the given (1-based) calls of the loss function."""
+    build = aanet.train.build_loss
+    calls = iter(range(1, 10**6))
+
+    def build_poisoned(name: str):
+        loss_fn = build(name)
+
+        def poisoned_loss(*args, **kwargs):
+            loss = loss_fn(*args, **kwargs)
+            return loss * float("nan") if next(calls) in poisoned else loss
+
+        return poisoned_loss
+
+    monkeypatch.setattr(aanet.train, "build_loss", build_poisoned)
+
+
+def _nan_config(tmp_path: Path, on_nan: str) -> Config:
+    # 16 images in batches of 8: two steps per epoch.
+    return make_config(
+        {
+            "data_root": str(tmp_path / "data"), "num_train": 16, "num_test": 4,
+            "image_size": 64, "input_size": 32, "width": 16, "blocks": [1, 1, 1],
+            "batch_size": 8, "epochs": 2, "device": "cpu", "out": str(tmp_path / "run"),
+            "on_nan": on_nan,
+        }
+    )  # fmt: skip
+
+
+def test_nan_loss_stops_with_the_step_named_and_the_last_epoch_kept(tmp_path, monkeypatch):
+    _nan_at_calls(monkeypatch, {3})  # epoch 2, step 1
+    with pytest.raises(FloatingPointError, match=r"epoch 2, step 1\b"):
+        aanet.train.train(_nan_config(tmp_path, "stop"), progress=False)
+    saved = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert saved["epoch"] == 0  # epoch 1 finished and was written before the fault
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+
+
+def test_nan_loss_skips_the_step_when_asked(tmp_path, monkeypatch, caplog):
+    _nan_at_calls(monkeypatch, {2})  # epoch 1, step 2
+    result = aanet.train.train(_nan_config(tmp_path, "skip"), progress=False)
+    assert [row["skipped_steps"] for row in result["history"]] == [1, 0]
+    assert "epoch 1, step 2" in caplog.text
+    params = result["model"].state_dict().values()
+    assert all(torch.isfinite(t).all() for t in params if t.is_floating_point())
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in result["history"])
+
+
+def test_unknown_nan_policy_is_refused():
+    with pytest.raises(ValueError, match="on_nan: expected one of"):
+        make_config({"on_nan": "ignore"})
 
 
 # --- damaged checkpoints ----------------------------------------------------------------------
