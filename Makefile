@@ -39,8 +39,11 @@ bench: build
 	$(PY) benchmarks/bench_attention.py --device cpu --preset cpu
 	$(PY) benchmarks/bench_aaconv.py --device cpu
 
+# The property-based and fuzz tests with long budgets; the Triton ones under the interpreter, in
+# their own process as in `make test`.
 fuzz: build
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests -q -m "fuzz" -p no:cacheprovider
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests --ignore=tests/triton_interpret -q -m fuzz -p no:cacheprovider
+	HYPOTHESIS_PROFILE=fuzz TRITON_INTERPRET=1 $(PY) -m pytest tests/triton_interpret -q -m fuzz -p no:cacheprovider
 
 sanitize: install
 	rm -rf build/sanitize && AANET_KERNELS_SANITIZE=1 AANET_KERNELS_SKIP_CUDA=1 \
