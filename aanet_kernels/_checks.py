@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -16,6 +18,7 @@ def check_attention_2d_inputs(
     bias_w: Tensor | None,
     height: int,
     width: int,
+    scale: float = 1.0,
 ) -> None:
     """Raise ``ValueError``/``TypeError`` if the inputs break the ``attention_2d`` contract."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -39,8 +42,13 @@ def check_attention_2d_inputs(
             raise ValueError(
                 f"{name}: expected device {q.device} (the device of q), got {t.device}"
             )
-    if not isinstance(height, int) or not isinstance(width, int) or height < 1 or width < 1:
+    sizes_ok = all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (height, width)
+    )
+    if not sizes_ok:
         raise ValueError(f"height, width: expected positive ints, got {height!r}, {width!r}")
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite real number, got {scale!r}")
     batch, heads, length, dkh = q.shape
     if length != height * width:
         raise ValueError(

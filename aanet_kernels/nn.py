@@ -197,7 +197,8 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         """Build lazy relative tables for the attention grid of ``x`` (first call only)."""
         if self.rel_h is not None and is_lazy(self.rel_h):
             if not isinstance(x, Tensor) or x.dim() != 4:
-                raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {x!r:.80}")
+                got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {got}")
             grid = self._attention_grid(tuple(x.shape[-2:]))
             with torch.no_grad():
                 self.rel_h.materialize((2 * grid[0] - 1, self.dkh))

@@ -122,7 +122,7 @@ def attention_2d(
     Returns:
         ``(B, Nh, L, dvh)``. A query whose logits are all ``-inf`` gets zeros (and zero gradients).
     """
-    check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width)
+    check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale)
     name = resolve_backend(backend, q.device, max(q.shape[-1], v.shape[-1]))
     if name == "reference":
         return reference.attention_2d_reference(

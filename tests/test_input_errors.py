@@ -41,6 +41,21 @@ def test_python_api_names_the_argument(backend: str, overrides: dict, message: s
         ak.attention_2d(**_inputs(**overrides), height=3, width=4, backend=backend)
 
 
+@pytest.mark.parametrize(
+    ("geometry", "message"),
+    [
+        (dict(height=True, width=12), "height, width: expected positive ints"),
+        (dict(height=3.0, width=4), "height, width: expected positive ints"),
+        (dict(height=3, width=4, scale="0.5"), "scale: expected a finite real number"),
+        (dict(height=3, width=4, scale=float("nan")), "scale: expected a finite real number"),
+        (dict(height=3, width=4, scale=float("inf")), "scale: expected a finite real number"),
+    ],
+)
+def test_geometry_and_scale_are_checked(geometry: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        ak.attention_2d(**_inputs(), **geometry)
+
+
 def test_length_must_equal_height_times_width():
     with pytest.raises(ValueError, match=r"L = 12 does not equal height \* width = 3 \* 5"):
         ak.attention_2d(**_inputs(), height=3, width=5)
