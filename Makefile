@@ -29,7 +29,7 @@ build: install
 	$(PY) -c "import aanet_kernels as ak; print('aanet_kernels backends here:', ak.available_backends())"
 
 test: build lint
-	$(PY) -m pytest tests --ignore=tests/triton_interpret -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton_interpret -q -p no:cacheprovider
 
 run: build
@@ -42,7 +42,7 @@ bench: build
 # The property-based and fuzz tests with long budgets; the Triton ones under the interpreter, in
 # their own process as in `make test`.
 fuzz: build
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests --ignore=tests/triton_interpret -q -m fuzz -p no:cacheprovider
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests -q -m fuzz -p no:cacheprovider
 	HYPOTHESIS_PROFILE=fuzz TRITON_INTERPRET=1 $(PY) -m pytest tests/triton_interpret -q -m fuzz -p no:cacheprovider
 
 sanitize: install
