@@ -35,9 +35,22 @@ test: build lint
 run: build
 	$(PY) -m aanet run
 
+# `make bench`: the CPU benchmarks in a few minutes (dense baselines only up to L = 1024, AAConv2d
+# at 28x28 and 14x14, fewer repeats), into benchmarks/results/quick/. `make bench FULL=1`: the full
+# CPU tables published in benchmarks/results/ (about 40 minutes on 2 cores).
+ifdef FULL
+BENCH_OUT := benchmarks/results
+BENCH_ATTENTION_FLAGS :=
+BENCH_AACONV_FLAGS :=
+else
+BENCH_OUT := benchmarks/results/quick
+BENCH_ATTENTION_FLAGS := --max-dense-length 1024 --budget 1 --repeats 5
+BENCH_AACONV_FLAGS := --sizes 28 14 --repeats 3
+endif
+
 bench: build
-	$(PY) benchmarks/bench_attention.py --device cpu --preset cpu
-	$(PY) benchmarks/bench_aaconv.py --device cpu
+	$(PY) benchmarks/bench_attention.py --device cpu --preset cpu --out-dir $(BENCH_OUT) $(BENCH_ATTENTION_FLAGS)
+	$(PY) benchmarks/bench_aaconv.py --device cpu --out-dir $(BENCH_OUT) $(BENCH_AACONV_FLAGS)
 
 # The property-based and fuzz tests with long budgets; the Triton ones under the interpreter, in
 # their own process as in `make test`.
