@@ -29,7 +29,7 @@ def save_atomic(state: dict[str, Any], path: Path | str) -> None:
 
 
 def load(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_atomic` (it holds plain Python and numpy data).
+    """Read a checkpoint written by :func:`save_atomic` (tensors and plain Python data only).
 
     A missing, damaged or foreign file raises an error that names it.
     """
@@ -37,7 +37,9 @@ def load(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint is tensors and plain Python data, so torch's restricted
+        # unpickler suffices, and a hostile file cannot run code when it is loaded.
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch.load raises many kinds (EOF, unpickling, zip, OS errors)
         raise ValueError(
             f"{path}: damaged or not a checkpoint ({type(exc).__name__}: {exc})"
@@ -56,10 +58,18 @@ def require(state: dict[str, Any], keys: tuple[str, ...], path: Path | str) -> N
 
 
 def rng_state() -> dict[str, Any]:
-    """The Python, numpy and torch (CPU and CUDA) random states."""
+    """The Python, numpy and torch (CPU and CUDA) random states, as tensors and plain Python
+    values (what :func:`load` accepts)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },  # fmt: skip
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -70,7 +80,16 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    np.random.set_state(
+        (
+            saved["kind"],
+            saved["keys"].numpy().astype(np.uint32),
+            saved["pos"],
+            saved["has_gauss"],
+            saved["cached_gaussian"],
+        )  # fmt: skip
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

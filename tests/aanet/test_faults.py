@@ -207,6 +207,25 @@ def test_foreign_checkpoint_is_refused_with_a_clear_error(tmp_path):
         checkpoint.load(path)
 
 
+class _RunsCodeWhenUnpickled:
+    """A pickle payload that touches a file when loaded: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "hostile.pt"
+    torch.save({"model": {}, "payload": _RunsCodeWhenUnpickled(marker)}, path)
+    with pytest.raises(ValueError, match="hostile.pt"):
+        checkpoint.load(path)
+    assert not marker.exists()
+
+
 # --- annotation parsers -------------------------------------------------------------------------
 
 WORDS = st.sampled_from(["1", "0", "-3.5", "1e3", "nan", "inf", "x", "", "1,2", "0x1f", "a.png"])
