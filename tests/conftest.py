@@ -15,6 +15,25 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     collect_ignore = ["triton_interpret"]
 
 
+def _preload_extension(path: str) -> None:
+    """Load the compiled extension from ``path`` as ``aanet_kernels._C`` before the package is
+    imported, so that the package uses it instead of the build in the source tree (`make
+    sanitize` points this at the AddressSanitizer/UBSan build)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("aanet_kernels._C", path)
+    if spec is None or spec.loader is None or not os.path.isfile(path):
+        raise RuntimeError(f"AANET_KERNELS_TEST_EXTENSION: no extension module at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["aanet_kernels._C"] = module
+
+
+if os.environ.get("AANET_KERNELS_TEST_EXTENSION"):
+    _preload_extension(os.environ["AANET_KERNELS_TEST_EXTENSION"])
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
