@@ -200,6 +200,12 @@ class AAConv2d(LazyModuleMixin, nn.Module):
                 got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {got}")
             grid = self._attention_grid(tuple(x.shape[-2:]))
+            if min(grid) < 1:
+                raise ValueError(
+                    f"x: a {tuple(x.shape[-2:])} map gives an empty {grid} output with this "
+                    f"layer's kernel {self.conv.kernel_size}, padding {self.conv.padding} and "
+                    f"dilation {self.conv.dilation}"
+                )
             with torch.no_grad():
                 self.rel_h.materialize((2 * grid[0] - 1, self.dkh))
                 self.rel_w.materialize((2 * grid[1] - 1, self.dkh))

@@ -298,6 +298,9 @@ def test_bad_call_arguments() -> None:
     m = AAConv2d(4, 16, 3, dk=8, dv=4, num_heads=2)
     with pytest.raises(ValueError, match=r"x: expected a 4-D tensor"):
         m(torch.randn(4, 5, 5))
+    valid = AAConv2d(4, 16, 5, padding=0, dk=8, dv=4, num_heads=2)
+    with pytest.raises(ValueError, match=r"x: a \(3, 3\) map gives an empty \(-1, -1\) output"):
+        valid(torch.randn(1, 4, 3, 3))
     w = dict(
         conv_weight=torch.randn(12, 4, 3, 3), conv_bias=None,
         qkv_weight=torch.randn(20, 4, 1, 1), qkv_bias=None,
