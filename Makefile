@@ -37,8 +37,7 @@ run: build
 
 # `make bench`: the CPU benchmarks in about 8 minutes on 2 cores (dense baselines only up to
 # L = 1024, AAConv2d at 28x28 and 14x14, fewer repeats), into benchmarks/results/quick/.
-# `make bench FULL=1`: the full
-# CPU tables published in benchmarks/results/ (about 40 minutes on 2 cores).
+# `make bench FULL=1`: the full CPU tables published in benchmarks/results/ (about 40 minutes).
 ifdef FULL
 BENCH_OUT := benchmarks/results
 BENCH_ATTENTION_FLAGS :=
