@@ -69,7 +69,7 @@ def rng_state() -> dict[str, Any]:
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached_gaussian),
-        },  # fmt: skip
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -88,7 +88,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
             saved["pos"],
             saved["has_gauss"],
             saved["cached_gaussian"],
-        )  # fmt: skip
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
