@@ -30,7 +30,8 @@ class Case:
 
 
 # The design's awkward shapes: H != W, odd sizes, L = 1, L not a multiple of any block,
-# dkh != dvh, head dims of 1, 3, 20 and 64, batch x heads of 1, and each bias on its own.
+# dkh != dvh, head dims of 1, 3, 20 and 64, batch x heads of 1, each bias on its own, and a row
+# wider than the Triton kernels' key tile under the interpreter (16), so a row spans 3 tiles.
 AWKWARD_CASES = [
     Case(1, 1, 1, 1, 3, 1),
     Case(2, 3, 3, 5, 8, 4),
@@ -40,6 +41,7 @@ AWKWARD_CASES = [
     Case(2, 2, 6, 11, 64, 8),
     Case(1, 1, 9, 13, 16, 1, ""),
     Case(3, 2, 8, 8, 17, 5),
+    Case(1, 2, 3, 37, 8, 6),
 ]
 
 

@@ -298,14 +298,18 @@ EMULATION_CASES = AWKWARD_CASES[1:] + [Case(1, 2, 3, 24, 5, 3), Case(1, 1, 70, 1
 
 @pytest.fixture(scope="module")
 def emulated_kernels():
-    """The CUDA kernels compiled for the CPU (about a minute to build, cached afterwards)."""
+    """The CUDA kernels compiled for the CPU (about a minute to build, cached afterwards in build/,
+    one folder per torch version: a module built against another torch would not load)."""
     if not (CUDA_INCLUDE / "cuda_fp16.h").exists():
         pytest.skip(f"no CUDA headers at {CUDA_INCLUDE} (set CUDA_HOME)")
     from torch.utils.cpp_extension import load
 
+    build_dir = EMULATION_SOURCE.parents[3] / "build" / f"emulation-torch-{torch.__version__}"
+    build_dir.mkdir(parents=True, exist_ok=True)
     return load(
         name="aanet_attention_2d_emulated",
         sources=[str(EMULATION_SOURCE)],
+        build_directory=str(build_dir),
         extra_cflags=["-O1", "-std=c++20", f"-I{CUDA_INCLUDE}", "-w"],  # std::barrier
         extra_ldflags=["-lpthread"],
     )

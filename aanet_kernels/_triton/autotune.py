@@ -1,9 +1,12 @@
 """Block sizes and warps for the attention_2d Triton kernels.
 
-Each kernel autotunes over a small, hand-pruned set keyed on ``(L, DKH, DVH)`` (Triton adds the
-tensor dtypes to the key). Under the interpreter (``TRITON_INTERPRET=1``) every kernel gets one
-fixed, small configuration with ``BLOCK_M != BLOCK_N``, so that CPU tests cross several tiles and
-masked tails without timing anything.
+A key tile is ``BLOCK_N`` columns of one image row (tiles.py), so ``BLOCK_N`` follows the map width
+(:func:`key_block`) and is not tuned. Each kernel autotunes its query block ``BLOCK_M``, warps and
+pipeline stages over a small set keyed on ``(L, DKH, DVH, WIDTH)`` (Triton adds the tensor dtypes),
+pruned of configurations that spill registers at common shapes (``benchmarks/triton_resources.py``
+prints what each one asks of sm_80 and sm_90). Under the interpreter (``TRITON_INTERPRET=1``) every
+kernel gets one fixed configuration with tiles small enough that CPU tests cross several query
+tiles, row chunks and masked tails without timing anything.
 """
 
 from __future__ import annotations
@@ -12,50 +15,46 @@ import triton
 
 from aanet_kernels.backends import triton_interpreted
 
-AUTOTUNE_KEY = ["L", "DKH", "DVH"]
+AUTOTUNE_KEY = ["L", "DKH", "DVH", "WIDTH"]
 
 # Widest head dim the kernels take: q/k/v tiles and accumulators live in registers.
 MAX_HEAD_DIM = 256
+# Widest key tile: a wider image row is split into chunks of this many columns.
+MAX_KEY_BLOCK = 128
+INTERPRETED_KEY_BLOCK = 16
 
 
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages
-    )
+def _config(block_m: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
 
 
-def _pick(
-    gpu: list[tuple[int, int, int, int]], interpreted: tuple[int, int]
-) -> list[triton.Config]:
+def _pick(gpu: list[tuple[int, int, int]], interpreted_block_m: int) -> list[triton.Config]:
     if triton_interpreted():
-        return [_config(*interpreted, 4, 1)]
+        return [_config(interpreted_block_m, 4, 1)]
     return [_config(*c) for c in gpu]
 
 
 def forward_configs() -> list[triton.Config]:
-    """Forward: BLOCK_M queries per program, BLOCK_N keys per inner step."""
-    return _pick(
-        [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)],
-        interpreted=(32, 16),
-    )
+    """Forward: BLOCK_M queries per program."""
+    return _pick([(128, 8, 3), (64, 4, 3), (64, 4, 2), (32, 4, 2), (16, 4, 1)], 32)
 
 
 def dkdv_configs() -> list[triton.Config]:
-    """dK/dV: BLOCK_N keys per program, BLOCK_M queries per inner step."""
-    return _pick(
-        [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
-        interpreted=(16, 32),
-    )
+    """dK/dV: BLOCK_M queries per inner step of a program that owns one key tile."""
+    return _pick([(64, 8, 2), (64, 4, 2), (32, 4, 2), (16, 4, 1)], 16)
 
 
 def dq_configs() -> list[triton.Config]:
-    """dQ and bias gradients: BLOCK_M queries per program, BLOCK_N keys per inner step."""
-    return _pick(
-        [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
-        interpreted=(32, 16),
-    )
+    """dQ and bias gradients: BLOCK_M queries per program."""
+    return _pick([(128, 8, 2), (64, 4, 2), (32, 4, 2), (16, 4, 1)], 32)
 
 
 def padded_dim(size: int) -> int:
-    """A head dim or table width padded to a power of two of at least 16 (what ``tl.dot`` takes)."""
+    """A head dim or row width padded to a power of two of at least 16 (what ``tl.dot`` takes)."""
     return max(16, triton.next_power_of_2(size))
+
+
+def key_block(width: int) -> int:
+    """``BLOCK_N``: the whole image row padded to a power of two, up to the widest key tile."""
+    widest = INTERPRETED_KEY_BLOCK if triton_interpreted() else MAX_KEY_BLOCK
+    return min(padded_dim(width), widest)

@@ -7,22 +7,29 @@ With ``P = exp(S - lse)``, ``dP = dO V^T``, ``dS = P * (dP - delta)`` and
 dS[i, j]``. Every output element is written by exactly one program that sums in a fixed order:
 no atomics, so gradients are bit-identical run to run.
 
-The bias gradients are reduced inside the dQ kernel, which walks all keys of its query tile: the
-key tile's ``dS`` (``BLOCK_M x BLOCK_N``) times a one-hot matrix (``BLOCK_N x PAD``, ``onehot[j, y]
-= (j // width == y)``) is the tile's contribution, accumulated in registers across key tiles.
+The bias gradients are reduced inside the dQ kernel, which walks all keys of its query tile one row
+tile at a time (tiles.py): ``dbias_h[:, y]`` is the row sum of the ``dS`` tiles of row ``y``, and
+``dbias_w[:, x0:x0 + BLOCK_N]`` the sum over rows of the ``dS`` tiles of that column chunk, kept in
+registers. When a row is wider than one tile, the chunks are the outer loop and ``dbias_h``
+(accumulator dtype) is read, added to and written back by the one program that owns those rows.
 
 Precision: fp32/fp64 inputs use ``input_precision="ieee"`` everywhere (no TF32). For fp16/bf16
 inputs the Q/K/V products run on tensor cores in the input dtype with fp32 accumulation (``dS`` and
-``P`` rounded to the input dtype, as in flash attention), and the bias-gradient product keeps
-``dS`` in fp32 with ``input_precision="tf32x3"`` (three TF32 tensor-core products, close to fp32;
-the one-hot side is exact in TF32).
+``P`` rounded to the input dtype, as in flash attention), and the bias gradients are summed from
+``dS`` in fp32.
 """
 
 import triton
 import triton.language as tl
 
 from aanet_kernels._triton.autotune import AUTOTUNE_KEY, dkdv_configs, dq_configs
-from aanet_kernels._triton.tiles import biased_logits, load_tile, softmax_weights
+from aanet_kernels._triton.tiles import (
+    biased_logits,
+    chunk_columns,
+    column_bias,
+    load_tile,
+    softmax_weights,
+)
 
 
 @triton.jit
@@ -40,15 +47,17 @@ def attention_2d_bwd_preprocess_kernel(
     b = (pid_bh // NH).to(tl.int64)
     h = (pid_bh % NH).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < L
     offs_dv = tl.arange(0, DV)
+    dv_ok = offs_dv < DVH
     o = load_tile(
-        OUT + b * stride_ob + h * stride_oh, offs_m, offs_dv, stride_ol, stride_od, L, DVH
+        OUT + b * stride_ob + h * stride_oh, offs_m, offs_dv, stride_ol, stride_od, row_ok, dv_ok
     )
     do = load_tile(
-        DO + b * stride_gb + h * stride_gh, offs_m, offs_dv, stride_gl, stride_gd, L, DVH
+        DO + b * stride_gb + h * stride_gh, offs_m, offs_dv, stride_gl, stride_gd, row_ok, dv_ok
     )
     delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
+    tl.store(DELTA + pid_bh.to(tl.int64) * L + offs_m, delta, mask=row_ok)
 
 
 @triton.autotune(configs=dkdv_configs(), key=AUTOTUNE_KEY)
@@ -67,8 +76,8 @@ def attention_2d_bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One program owns ``BLOCK_N`` keys and walks every query tile; writes contiguous ``dk``,
-    ``dv``."""
+    """One program owns one key tile (``BLOCK_N`` columns of one image row) and walks every query
+    tile; writes contiguous ``dk``, ``dv``."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     ACC = LSE.dtype.element_ty  # fp32, or fp64 for fp64 inputs
@@ -83,26 +92,33 @@ def attention_2d_bwd_dkdv_kernel(
     LSE += pid_bh.to(tl.int64) * L
     DELTA += pid_bh.to(tl.int64) * L
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_chunks = tl.cdiv(WIDTH, BLOCK_N)
+    y = pid_n // n_chunks
+    offs_x, key_ok = chunk_columns(pid_n % n_chunks, WIDTH, BLOCK_N)
+    offs_n = y * WIDTH + offs_x
     offs_dk = tl.arange(0, DK)
     offs_dv = tl.arange(0, DV)
+    dk_ok = offs_dk < DKH
+    dv_ok = offs_dv < DVH
     scale = tl.load(SCALE)
-    k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, L, DKH)
-    v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, L, DVH)
+    k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, key_ok, dk_ok)
+    v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, key_ok, dv_ok)
 
     dk = tl.zeros([BLOCK_N, DK], ACC)
     dv = tl.zeros([BLOCK_N, DV], ACC)
     for start_m in range(0, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < L
-        q = load_tile(Q, offs_m, offs_dk, stride_ql, stride_qd, L, DKH)
-        do = load_tile(DO, offs_m, offs_dv, stride_gl, stride_gd, L, DVH)
+        q = load_tile(Q, offs_m, offs_dk, stride_ql, stride_qd, row_ok, dk_ok)
+        do = load_tile(DO, offs_m, offs_dv, stride_gl, stride_gd, row_ok, dv_ok)
         lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        column_block = column_bias(
+            BW, offs_m, row_ok, offs_x, key_ok, stride_bwl, stride_bwx, HAS_BW, ACC
+        )
         s = biased_logits(
-            q, k, scale, BH, BW, offs_m, offs_n, L, WIDTH,
-            stride_bhl, stride_bhy, stride_bwl, stride_bwx,
-            HAS_BH, HAS_BW, ACC, PRECISION,
+            q, k, scale, column_block, BH, offs_m, row_ok, y, stride_bhl, stride_bhy,
+            HAS_BH, ACC, PRECISION,
         )  # fmt: skip
         p = softmax_weights(s, lse, row_ok)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION, out_dtype=ACC)
@@ -110,20 +126,11 @@ def attention_2d_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
 
-    key_ok = (offs_n < L)[:, None]
     dk_ptrs = DK_OUT + pid_bh.to(tl.int64) * L * DKH + offs_n[:, None] * DKH + offs_dk[None, :]
     dv_ptrs = DV_OUT + pid_bh.to(tl.int64) * L * DVH + offs_n[:, None] * DVH + offs_dv[None, :]
-    tl.store(
-        dk_ptrs, (dk * scale).to(DK_OUT.dtype.element_ty), mask=key_ok & (offs_dk < DKH)[None, :]
-    )
-    tl.store(dv_ptrs, dv.to(DV_OUT.dtype.element_ty), mask=key_ok & (offs_dv < DVH)[None, :])
-
-
-@triton.jit
-def bias_grad_tile(ds, table_index, PAD: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """``sum_j ds[i, j] * (table_index[j] == t)`` for ``t < PAD``, as a ``(BLOCK_M, PAD)`` tile."""
-    onehot = (table_index[:, None] == tl.arange(0, PAD)[None, :]).to(ACC)
-    return tl.dot(ds, onehot, input_precision=PRECISION, out_dtype=ACC)
+    dk_mask = key_ok[:, None] & dk_ok[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(DK_OUT.dtype.element_ty), mask=dk_mask)
+    tl.store(dv_ptrs, dv.to(DV_OUT.dtype.element_ty), mask=key_ok[:, None] & dv_ok[None, :])
 
 
 @triton.autotune(configs=dq_configs(), key=AUTOTUNE_KEY)
@@ -138,12 +145,13 @@ def attention_2d_bwd_dq_kernel(
     stride_gb, stride_gh, stride_gl, stride_gd,
     NH, L, DKH, DVH, HEIGHT, WIDTH,
     HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, HPAD: tl.constexpr, WPAD: tl.constexpr,
-    PRECISION: tl.constexpr, BIAS_PRECISION: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program owns ``BLOCK_M`` queries and walks every key tile; writes ``dq`` and the
-    full-size ``(B, Nh, L, height|width)`` bias gradients, all contiguous."""
+    full-size ``(B, Nh, L, height|width)`` bias gradients, all contiguous; ``DBH_OUT`` is in the
+    accumulator dtype (it is read back when a row spans several tiles)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     ACC = LSE.dtype.element_ty  # fp32, or fp64 for fp64 inputs
@@ -157,56 +165,57 @@ def attention_2d_bwd_dq_kernel(
     DO += b * stride_gb + h * stride_gh
     LSE += pid_bh.to(tl.int64) * L
     DELTA += pid_bh.to(tl.int64) * L
+    base = pid_bh.to(tl.int64) * L
+    DBH_OUT += base * HEIGHT
+    DBW_OUT += base * WIDTH
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < L
     offs_dk = tl.arange(0, DK)
     offs_dv = tl.arange(0, DV)
+    dk_ok = offs_dk < DKH
+    dv_ok = offs_dv < DVH
     scale = tl.load(SCALE)
-    q = load_tile(Q, offs_m, offs_dk, stride_ql, stride_qd, L, DKH)
-    do = load_tile(DO, offs_m, offs_dv, stride_gl, stride_gd, L, DVH)
+    q = load_tile(Q, offs_m, offs_dk, stride_ql, stride_qd, row_ok, dk_ok)
+    do = load_tile(DO, offs_m, offs_dv, stride_gl, stride_gd, row_ok, dv_ok)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, DK], ACC)
-    dbh = tl.zeros([BLOCK_M, HPAD], ACC)
-    dbw = tl.zeros([BLOCK_M, WPAD], ACC)
-    for start_n in range(0, L, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, L, DKH)
-        v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, L, DVH)
-        s = biased_logits(
-            q, k, scale, BH, BW, offs_m, offs_n, L, WIDTH,
-            stride_bhl, stride_bhy, stride_bwl, stride_bwx,
-            HAS_BH, HAS_BW, ACC, PRECISION,
-        )  # fmt: skip
-        p = softmax_weights(s, lse, row_ok)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
-        if HAS_BH:
-            dbh += bias_grad_tile(ds, offs_n // WIDTH, HPAD, ACC, BIAS_PRECISION)
+    # Column chunks outside, rows inside: dbias_w of a chunk is complete when its rows are done.
+    for chunk in range(0, tl.cdiv(WIDTH, BLOCK_N)):
+        offs_x, key_ok = chunk_columns(chunk, WIDTH, BLOCK_N)
+        column_block = column_bias(
+            BW, offs_m, row_ok, offs_x, key_ok, stride_bwl, stride_bwx, HAS_BW, ACC
+        )
+        dbw = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        for y in range(0, HEIGHT):
+            offs_n = y * WIDTH + offs_x
+            k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, key_ok, dk_ok)
+            v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, key_ok, dv_ok)
+            s = biased_logits(
+                q, k, scale, column_block, BH, offs_m, row_ok, y, stride_bhl, stride_bhy,
+                HAS_BH, ACC, PRECISION,
+            )  # fmt: skip
+            p = softmax_weights(s, lse, row_ok)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+            if HAS_BH:
+                row_sum = tl.sum(ds, 1)
+                dbh_ptrs = DBH_OUT + offs_m * HEIGHT + y
+                if chunk > 0:  # this program wrote the earlier chunks' part of the same entries
+                    row_sum += tl.load(dbh_ptrs, mask=row_ok, other=0.0)
+                tl.store(dbh_ptrs, row_sum, mask=row_ok)
+            if HAS_BW:
+                dbw += ds
         if HAS_BW:
-            dbw += bias_grad_tile(ds, offs_n % WIDTH, WPAD, ACC, BIAS_PRECISION)
+            ptrs = DBW_OUT + offs_m[:, None] * WIDTH + offs_x[None, :]
+            mask = row_ok[:, None] & key_ok[None, :]
+            tl.store(ptrs, dbw.to(DBW_OUT.dtype.element_ty), mask=mask)
+        # The next chunk reads dbias_h entries that another thread of this block may have written.
+        tl.debug_barrier()
 
-    base = pid_bh.to(tl.int64) * L
     dq_ptrs = DQ_OUT + (base + offs_m[:, None]) * DKH + offs_dk[None, :]
-    tl.store(
-        dq_ptrs,
-        (dq * scale).to(DQ_OUT.dtype.element_ty),
-        mask=row_ok[:, None] & (offs_dk < DKH)[None, :],
-    )
-    if HAS_BH:
-        offs_y = tl.arange(0, HPAD)
-        ptrs = DBH_OUT + (base + offs_m[:, None]) * HEIGHT + offs_y[None, :]
-        tl.store(
-            ptrs,
-            dbh.to(DBH_OUT.dtype.element_ty),
-            mask=row_ok[:, None] & (offs_y < HEIGHT)[None, :],
-        )
-    if HAS_BW:
-        offs_x = tl.arange(0, WPAD)
-        ptrs = DBW_OUT + (base + offs_m[:, None]) * WIDTH + offs_x[None, :]
-        tl.store(
-            ptrs, dbw.to(DBW_OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_x < WIDTH)[None, :]
-        )
+    dq_mask = row_ok[:, None] & dk_ok[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ_OUT.dtype.element_ty), mask=dq_mask)

@@ -1,8 +1,9 @@
 """Forward kernel of attention_2d: flash-style online softmax over key tiles.
 
-One program owns ``BLOCK_M`` queries of one (batch, head) and walks the keys ``BLOCK_N`` at a time,
-keeping the running max, the running sum and the output accumulator in ``ACC`` (fp32 for
-fp16/bf16/fp32 inputs, fp64 for fp64). Writes ``out`` (input dtype) and ``lse`` (``ACC``).
+One program owns ``BLOCK_M`` queries of one (batch, head) and walks the keys one row tile at a time
+(``BLOCK_N`` columns of one image row, see tiles.py), keeping the running max, the running sum and
+the output accumulator in ``ACC`` (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64). Writes ``out``
+(input dtype) and ``lse`` (``ACC``).
 
 Precision: for fp32 and fp64 inputs every ``tl.dot`` runs with ``input_precision="ieee"`` (no
 TF32), so fp32 results match an fp32 reference to rounding; fp16/bf16 use tensor cores with fp32
@@ -13,7 +14,7 @@ import triton
 import triton.language as tl
 
 from aanet_kernels._triton.autotune import AUTOTUNE_KEY, forward_configs
-from aanet_kernels._triton.tiles import biased_logits, load_tile
+from aanet_kernels._triton.tiles import biased_logits, chunk_columns, column_bias, load_tile
 
 
 @triton.autotune(configs=forward_configs(), key=AUTOTUNE_KEY)
@@ -26,7 +27,7 @@ def attention_2d_fwd_kernel(
     stride_bhb, stride_bhh, stride_bhl, stride_bhy,
     stride_bwb, stride_bwh, stride_bwl, stride_bwx,
     stride_ob, stride_oh, stride_ol, stride_od,
-    NH, L, DKH, DVH, WIDTH,
+    NH, L, DKH, DVH, HEIGHT, WIDTH,
     HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -48,39 +49,44 @@ def attention_2d_fwd_kernel(
     LSE += pid_bh.to(tl.int64) * L
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < L
     offs_dk = tl.arange(0, DK)
     offs_dv = tl.arange(0, DV)
+    dk_ok = offs_dk < DKH
+    dv_ok = offs_dv < DVH
     scale = tl.load(SCALE)
-    q = load_tile(Q, offs_m, offs_dk, stride_ql, stride_qd, L, DKH)
+    q = load_tile(Q, offs_m, offs_dk, stride_ql, stride_qd, row_ok, dk_ok)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, DV], ACC)
-    for start_n in range(0, L, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, L, DKH)
-        v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, L, DVH)
-        s = biased_logits(
-            q, k, scale, BH, BW, offs_m, offs_n, L, WIDTH,
-            stride_bhl, stride_bhy, stride_bwl, stride_bwx,
-            HAS_BH, HAS_BW, ACC, PRECISION,
-        )  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # While a row has seen only -inf logits, shift by 0 so exp gives 0 rather than NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    # Column chunks outside (usually one: the whole row), image rows inside.
+    for chunk in range(0, tl.cdiv(WIDTH, BLOCK_N)):
+        offs_x, key_ok = chunk_columns(chunk, WIDTH, BLOCK_N)
+        column_block = column_bias(
+            BW, offs_m, row_ok, offs_x, key_ok, stride_bwl, stride_bwx, HAS_BW, ACC
+        )
+        for y in range(0, HEIGHT):
+            offs_n = y * WIDTH + offs_x
+            k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, key_ok, dk_ok)
+            v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, key_ok, dv_ok)
+            s = biased_logits(
+                q, k, scale, column_block, BH, offs_m, row_ok, y, stride_bhl, stride_bhy,
+                HAS_BH, ACC, PRECISION,
+            )  # fmt: skip
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # While a row has seen only -inf logits, shift by 0 so exp gives 0 rather than NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
 
     # A fully masked row has l_i = 0: output 0 and lse = -inf.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = m_i + tl.log(l_i)
-    row_ok = offs_m < L
     out_ptrs = OUT + offs_m[:, None] * stride_ol + offs_dv[None, :] * stride_od
-    tl.store(
-        out_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < DVH)[None, :]
-    )
+    tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     tl.store(LSE + offs_m, lse, mask=row_ok)

@@ -12,7 +12,7 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from aanet_kernels._triton.autotune import MAX_HEAD_DIM, padded_dim
+from aanet_kernels._triton.autotune import MAX_HEAD_DIM, key_block, padded_dim
 from aanet_kernels._triton.backward import (
     attention_2d_bwd_dkdv_kernel,
     attention_2d_bwd_dq_kernel,
@@ -32,7 +32,7 @@ _BWD_SCHEMA = (
     "Tensor lse, int height, int width, float scale) -> "
     "(Tensor dq, Tensor dk, Tensor dv, Tensor dbias_h, Tensor dbias_w)"
 )
-_PREPROCESS_BLOCK = 64
+PREPROCESS_BLOCK = 64
 
 
 def _check_head_dims(q: Tensor, v: Tensor) -> None:
@@ -91,9 +91,9 @@ def attention_2d_triton_fwd(
     wrap_triton(attention_2d_fwd_kernel)[grid](
         q, k, v, bh, bw, scale_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bh_strides, *bw_strides, *out.stride(),
-        heads, length, dkh, dvh, width,
+        heads, length, dkh, dvh, height, width,
         HAS_BH=bias_h is not None, HAS_BW=bias_w is not None,
-        DK=padded_dim(dkh), DV=padded_dim(dvh), **meta,
+        DK=padded_dim(dkh), DV=padded_dim(dvh), BLOCK_N=key_block(width), **meta,
     )  # fmt: skip
     return out, lse
 
@@ -122,20 +122,23 @@ def attention_2d_triton_bwd(
     dq = q.new_empty(q.shape)
     dk = q.new_empty(k.shape)
     dv = q.new_empty(v.shape)
-    dbias_h = q.new_empty((batch, heads, length, height) if bias_h is not None else (0,))
+    # dbias_h in the accumulator dtype: the dQ kernel adds to it once per chunk of a wide row.
+    dbias_h = q.new_empty(
+        (batch, heads, length, height) if bias_h is not None else (0,), dtype=lse.dtype
+    )
     dbias_w = q.new_empty((batch, heads, length, width) if bias_w is not None else (0,))
     scale_t, meta = _common(q, scale)
     bh, *bh_strides = _bias_args(bias_h, q, height)
     bw, *bw_strides = _bias_args(bias_w, q, width)
-    dk_pad, dv_pad = padded_dim(dkh), padded_dim(dvh)
+    dk_pad, dv_pad, block_n = padded_dim(dkh), padded_dim(dvh), key_block(width)
     if q.numel() == 0:  # an empty batch: nothing to launch
-        return dq, dk, dv, dbias_h, dbias_w
+        return dq, dk, dv, dbias_h.to(q.dtype), dbias_w
 
     wrap_triton(attention_2d_bwd_preprocess_kernel)[
-        (triton.cdiv(length, _PREPROCESS_BLOCK), batch * heads)
+        (triton.cdiv(length, PREPROCESS_BLOCK), batch * heads)
     ](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, length, dvh,
-        DV=dv_pad, BLOCK_M=_PREPROCESS_BLOCK,
+        DV=dv_pad, BLOCK_M=PREPROCESS_BLOCK,
     )  # fmt: skip
 
     shared = (
@@ -144,7 +147,7 @@ def attention_2d_triton_bwd(
     has = {"HAS_BH": bias_h is not None, "HAS_BW": bias_w is not None}
 
     def key_grid(launch: dict[str, int]) -> tuple[int, int]:
-        return (triton.cdiv(length, launch["BLOCK_N"]), batch * heads)
+        return (height * triton.cdiv(width, block_n), batch * heads)
 
     def query_grid(launch: dict[str, int]) -> tuple[int, int]:
         return (triton.cdiv(length, launch["BLOCK_M"]), batch * heads)
@@ -152,16 +155,15 @@ def attention_2d_triton_bwd(
     wrap_triton(attention_2d_bwd_dkdv_kernel)[key_grid](
         q, k, v, bh, bw, scale_t, grad_out, lse, delta, dk, dv,
         *shared, heads, length, dkh, dvh, width,
-        **has, DK=dk_pad, DV=dv_pad, **meta,
+        **has, DK=dk_pad, DV=dv_pad, BLOCK_N=block_n, **meta,
     )  # fmt: skip
     wrap_triton(attention_2d_bwd_dq_kernel)[query_grid](
         q, k, v, bh, bw, scale_t, grad_out, lse, delta, dq,
         dbias_h if bias_h is not None else dq, dbias_w if bias_w is not None else dq,
         *shared, heads, length, dkh, dvh, height, width,
-        **has, DK=dk_pad, DV=dv_pad, HPAD=padded_dim(height), WPAD=padded_dim(width),
-        BIAS_PRECISION="ieee" if meta["PRECISION"] == "ieee" else "tf32x3", **meta,
+        **has, DK=dk_pad, DV=dv_pad, BLOCK_N=block_n, **meta,
     )  # fmt: skip
-    return dq, dk, dv, dbias_h, dbias_w
+    return dq, dk, dv, dbias_h.to(q.dtype), dbias_w
 
 
 register_attention_2d_autograd(FWD_NAME, torch.ops.aanet_kernels.attention_2d_triton_bwd.default)
