@@ -32,7 +32,7 @@ LONG_CASES = [
     Case(1, 2, 64, 64, 16, 8),  # L = 4096, AA-Conv head dims
     Case(1, 2, 48, 85, 20, 3),  # L = 4080, not a multiple of any block, H != W
     Case(1, 2, 32, 32, 64, 64),  # SAM-like head dims
-    Case(1, 2, 3, 300, 16, 8),  # rows wider than the widest key tile (128): 3 chunks per row
+    Case(1, 2, 3, 150, 16, 8),  # rows wider than the widest key tile (64): 3 chunks per row
 ]
 
 

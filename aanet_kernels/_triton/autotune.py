@@ -3,7 +3,7 @@
 A key tile is ``BLOCK_N`` columns of one image row (tiles.py), so ``BLOCK_N`` follows the map width
 (:func:`key_block`) and is not tuned. Each kernel autotunes its query block ``BLOCK_M``, warps and
 pipeline stages over a small set keyed on ``(L, DKH, DVH, WIDTH)`` (Triton adds the tensor dtypes),
-pruned of configurations that spill registers at common shapes (``benchmarks/triton_resources.py``
+pruned of configurations that spill registers at common shapes (``benchmarks/kernel_resources.py``
 prints what each one asks of sm_80 and sm_90). Under the interpreter (``TRITON_INTERPRET=1``) every
 kernel gets one fixed configuration with tiles small enough that CPU tests cross several query
 tiles, row chunks and masked tails without timing anything.
@@ -20,7 +20,7 @@ AUTOTUNE_KEY = ["L", "DKH", "DVH", "WIDTH"]
 # Widest head dim the kernels take: q/k/v tiles and accumulators live in registers.
 MAX_HEAD_DIM = 256
 # Widest key tile: a wider image row is split into chunks of this many columns.
-MAX_KEY_BLOCK = 128
+MAX_KEY_BLOCK = 64
 INTERPRETED_KEY_BLOCK = 16
 
 
@@ -36,17 +36,17 @@ def _pick(gpu: list[tuple[int, int, int]], interpreted_block_m: int) -> list[tri
 
 def forward_configs() -> list[triton.Config]:
     """Forward: BLOCK_M queries per program."""
-    return _pick([(128, 8, 3), (64, 4, 3), (64, 4, 2), (32, 4, 2), (16, 4, 1)], 32)
+    return _pick([(128, 8, 3), (64, 4, 3), (64, 8, 2), (32, 4, 2), (16, 4, 1)], 32)
 
 
 def dkdv_configs() -> list[triton.Config]:
     """dK/dV: BLOCK_M queries per inner step of a program that owns one key tile."""
-    return _pick([(64, 8, 2), (64, 4, 2), (32, 4, 2), (16, 4, 1)], 16)
+    return _pick([(64, 8, 2), (64, 4, 2), (32, 8, 2), (32, 4, 2), (16, 4, 1)], 16)
 
 
 def dq_configs() -> list[triton.Config]:
     """dQ and bias gradients: BLOCK_M queries per program."""
-    return _pick([(128, 8, 2), (64, 4, 2), (32, 4, 2), (16, 4, 1)], 32)
+    return _pick([(64, 8, 2), (32, 8, 2), (32, 4, 2), (16, 8, 1), (16, 4, 1)], 32)
 
 
 def padded_dim(size: int) -> int:
@@ -58,3 +58,9 @@ def key_block(width: int) -> int:
     """``BLOCK_N``: the whole image row padded to a power of two, up to the widest key tile."""
     widest = INTERPRETED_KEY_BLOCK if triton_interpreted() else MAX_KEY_BLOCK
     return min(padded_dim(width), widest)
+
+
+def preprocess_block(dv_padded: int) -> int:
+    """Rows per program of the backward preprocess (not autotuned): two ``rows x dv`` tiles in
+    registers, about 2048 elements each, which stays spill-free up to head dim 256."""
+    return max(8, min(64, 2048 // dv_padded))

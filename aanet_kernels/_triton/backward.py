@@ -37,7 +37,7 @@ def attention_2d_bwd_preprocess_kernel(
     OUT, DO, DELTA,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_gb, stride_gh, stride_gl, stride_gd,
-    NH, L, DVH,
+    NH, L, DVH: tl.constexpr,
     DV: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """``delta[i] = sum_d dO[i, d] * O[i, d]`` in the dtype of ``DELTA`` (that of ``lse``)."""
@@ -70,7 +70,7 @@ def attention_2d_bwd_dkdv_kernel(
     stride_bhb, stride_bhh, stride_bhl, stride_bhy,
     stride_bwb, stride_bwh, stride_bwl, stride_bwx,
     stride_gb, stride_gh, stride_gl, stride_gd,
-    NH, L, DKH, DVH, WIDTH,
+    NH, L, DKH: tl.constexpr, DVH: tl.constexpr, WIDTH: tl.constexpr,
     HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -143,7 +143,7 @@ def attention_2d_bwd_dq_kernel(
     stride_bhb, stride_bhh, stride_bhl, stride_bhy,
     stride_bwb, stride_bwh, stride_bwl, stride_bwx,
     stride_gb, stride_gh, stride_gl, stride_gd,
-    NH, L, DKH, DVH, HEIGHT, WIDTH,
+    NH, L, DKH: tl.constexpr, DVH: tl.constexpr, HEIGHT, WIDTH: tl.constexpr,
     HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     PRECISION: tl.constexpr,

@@ -27,7 +27,7 @@ def attention_2d_fwd_kernel(
     stride_bhb, stride_bhh, stride_bhl, stride_bhy,
     stride_bwb, stride_bwh, stride_bwl, stride_bwx,
     stride_ob, stride_oh, stride_ol, stride_od,
-    NH, L, DKH, DVH, HEIGHT, WIDTH,
+    NH, L, DKH: tl.constexpr, DVH: tl.constexpr, HEIGHT, WIDTH: tl.constexpr,
     HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     PRECISION: tl.constexpr,

@@ -12,7 +12,7 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from aanet_kernels._triton.autotune import MAX_HEAD_DIM, key_block, padded_dim
+from aanet_kernels._triton.autotune import MAX_HEAD_DIM, key_block, padded_dim, preprocess_block
 from aanet_kernels._triton.backward import (
     attention_2d_bwd_dkdv_kernel,
     attention_2d_bwd_dq_kernel,
@@ -32,7 +32,6 @@ _BWD_SCHEMA = (
     "Tensor lse, int height, int width, float scale) -> "
     "(Tensor dq, Tensor dk, Tensor dv, Tensor dbias_h, Tensor dbias_w)"
 )
-PREPROCESS_BLOCK = 64
 
 
 def _check_head_dims(q: Tensor, v: Tensor) -> None:
@@ -135,10 +134,10 @@ def attention_2d_triton_bwd(
         return dq, dk, dv, dbias_h.to(q.dtype), dbias_w
 
     wrap_triton(attention_2d_bwd_preprocess_kernel)[
-        (triton.cdiv(length, PREPROCESS_BLOCK), batch * heads)
+        (triton.cdiv(length, preprocess_block(dv_pad)), batch * heads)
     ](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, length, dvh,
-        DV=dv_pad, BLOCK_M=PREPROCESS_BLOCK,
+        DV=dv_pad, BLOCK_M=preprocess_block(dv_pad),
     )  # fmt: skip
 
     shared = (
