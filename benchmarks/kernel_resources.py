@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import aanet_kernels  # noqa: E402
-from aanet_kernels._triton import aot  # noqa: E402
+from aanet_kernels._triton import aot, autotune  # noqa: E402
 from aanet_kernels._triton.backward import (  # noqa: E402
     attention_2d_bwd_dkdv_kernel,
     attention_2d_bwd_dq_kernel,
@@ -42,10 +42,11 @@ from aanet_kernels._triton.forward import attention_2d_fwd_kernel  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 ARCHS = (80, 90)
+# Table name: (kernel, its configuration list in aanet_kernels/_triton/autotune.py).
 TRITON_KERNELS = {
-    "fwd": attention_2d_fwd_kernel,
-    "bwd_dkdv": attention_2d_bwd_dkdv_kernel,
-    "bwd_dq": attention_2d_bwd_dq_kernel,
+    "fwd": (attention_2d_fwd_kernel, "fwd"),
+    "bwd_dkdv": (attention_2d_bwd_dkdv_kernel, "dkdv"),
+    "bwd_dq": (attention_2d_bwd_dq_kernel, "dq"),
 }
 # (head dim, key tile = map width padded, q/k/v layout): AA-Conv heads (dkh 16) on 16/32/64-wide
 # maps as AAConv2d hands them over from an NCHW map (row stride 1), and the SAM-like head dim 64
@@ -58,9 +59,9 @@ _CUDA_DTYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32", "d": 
 def triton_rows() -> list[dict[str, object]]:
     jobs = [
         (name, kernel, config, head_dim, block_n, layout, arch)
-        for name, kernel in TRITON_KERNELS.items()
+        for name, (kernel, configs) in TRITON_KERNELS.items()
         for head_dim, block_n, layout in SHAPES
-        for config in kernel.configs
+        for config in autotune.configs(configs, every=True)
         for arch in ARCHS
     ]
     rows = []

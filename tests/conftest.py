@@ -14,6 +14,11 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     collect_ignore = ["triton_interpret"]
 
+# On a GPU each Triton kernel runs its first configuration: autotuning would compile and time all
+# of them for each of the suite's dozens of shapes (minutes). tests/test_triton_gpu.py checks every
+# configuration on its own; the benchmarks autotune.
+os.environ.setdefault("AANET_KERNELS_TRITON_AUTOTUNE", "0")
+
 
 def _preload_extension(path: str) -> None:
     """Load the compiled extension from ``path`` as ``aanet_kernels._C`` before the package is

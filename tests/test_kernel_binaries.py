@@ -29,6 +29,7 @@ from aanet_kernels._triton import aot  # noqa: E402
 from aanet_kernels._triton.autotune import (  # noqa: E402
     MAX_HEAD_DIM,
     MAX_KEY_BLOCK,
+    configs,
     padded_dim,
     preprocess_block,
 )
@@ -51,6 +52,11 @@ AUTOTUNED = {
 }
 
 
+def every_config(name: str) -> list[triton.Config]:
+    """All configurations, whatever this process runs (tests pin one, tests/conftest.py)."""
+    return configs(name, every=True)
+
+
 def _constexprs(dtype: torch.dtype, head_dim: int, block_n: int) -> dict[str, object]:
     wide = dtype in (torch.float32, torch.float64)
     return dict(
@@ -68,7 +74,7 @@ def _constexprs(dtype: torch.dtype, head_dim: int, block_n: int) -> dict[str, ob
 
 def _resources(name: str, config_index: int, dtype, head_dim: int, block_n: int, arch: int):
     kernel = AUTOTUNED[name]
-    config = kernel.configs[config_index]
+    config = every_config(name)[config_index]
     compiled = aot.compile_kernel(
         kernel, dtype, _constexprs(dtype, head_dim, block_n), config, arch
     )
@@ -76,7 +82,7 @@ def _resources(name: str, config_index: int, dtype, head_dim: int, block_n: int,
 
 
 def _config_ids() -> list[tuple[str, int]]:
-    return [(name, i) for name, kernel in AUTOTUNED.items() for i in range(len(kernel.configs))]
+    return [(name, i) for name in AUTOTUNED for i in range(len(every_config(name)))]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -92,7 +98,7 @@ def test_every_config_compiles_and_fits_shared_memory(name: str, config_index: i
 @pytest.mark.parametrize("name", AUTOTUNED)
 def test_other_dtypes_compile(name: str, dtype: torch.dtype):
     """The smallest configuration of each kernel, for the dtypes the benchmark does not cover."""
-    config_index = len(AUTOTUNED[name].configs) - 1
+    config_index = len(every_config(name)) - 1
     used = _resources(name, config_index, dtype, 32, 32, 80)
     assert used.fits(80)
 
@@ -100,9 +106,9 @@ def test_other_dtypes_compile(name: str, dtype: torch.dtype):
 @pytest.mark.parametrize("name", AUTOTUNED)
 def test_awkward_sizes_compile(name: str):
     """Head dims and a width that are not powers of two: masked columns inside every tile."""
-    config_index = len(AUTOTUNED[name].configs) - 1
+    config_index = len(every_config(name)) - 1
     constexprs = {**_constexprs(torch.bfloat16, 32, 64), "DKH": 20, "DVH": 3, "WIDTH": 37}
-    config = AUTOTUNED[name].configs[config_index]
+    config = every_config(name)[config_index]
     compiled = aot.compile_kernel(AUTOTUNED[name], torch.bfloat16, constexprs, config, 90)
     assert aot.resources(compiled).fits(90)
 
@@ -110,7 +116,7 @@ def test_awkward_sizes_compile(name: str):
 @pytest.mark.parametrize("name", AUTOTUNED)
 def test_widest_head_and_key_tile_compile(name: str):
     """The extremes the op accepts: head dim MAX_HEAD_DIM with the widest key tile."""
-    config_index = len(AUTOTUNED[name].configs) - 1
+    config_index = len(every_config(name)) - 1
     used = _resources(name, config_index, torch.bfloat16, MAX_HEAD_DIM, MAX_KEY_BLOCK, 90)
     assert used.fits(90), f"{used.shared_bytes} bytes of shared memory"
 
@@ -138,7 +144,7 @@ def test_some_config_does_not_spill(name: str, head_dim: int, block_n: int, nchw
         aot.resources(
             aot.compile_kernel(kernel, torch.bfloat16, constexprs, config, 90, head_split_nchw=nchw)
         ).spill_bytes
-        for config in kernel.configs
+        for config in every_config(name)
     ]
     assert min(spills) == 0, f"every configuration spills (spill bytes per config: {spills})"
 

@@ -7,21 +7,17 @@ Rule for low precision: kernel error against the fp64 reference <= 2x the error 
 reference path computed in the same dtype, plus a small floor.
 """
 
-import importlib.util
-
 import pytest
 import torch
 
-import aanet_kernels as ak
-from aanet_kernels.reference import attention_2d_reference_lse
-from tests.attention_cases import AWKWARD_CASES, Case, make_inputs
+pytest.importorskip("triton", reason="triton is not installed")
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        importlib.util.find_spec("triton") is None, reason="triton is not installed"
-    ),
-]
+import aanet_kernels as ak  # noqa: E402
+from aanet_kernels.reference import attention_2d_reference_lse  # noqa: E402
+from tests.attention_cases import AWKWARD_CASES, Case, make_inputs  # noqa: E402
+from tests.triton_configs import every_config, pinned_config  # noqa: E402
+
+pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 OPS = torch.ops.aanet_kernels
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -88,6 +84,14 @@ def _within_twice_torch_error(case: Case, dtype: torch.dtype, seed: int) -> None
 @pytest.mark.parametrize("case", AWKWARD_CASES, ids=str)
 def test_awkward_shapes_within_twice_torch_error(case, dtype, poisoned_allocations):
     _within_twice_torch_error(case, dtype, seed=31)
+
+
+@pytest.mark.parametrize("config", every_config(), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_autotune_config_is_correct(config, dtype):
+    """The suite runs each kernel's first configuration; the autotuner may pick any other."""
+    with pinned_config(*config):
+        _within_twice_torch_error(Case(2, 2, 9, 37, 20, 8), dtype, seed=37)  # 37 wide: 2 chunks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

@@ -6,10 +6,13 @@ pipeline stages over a small set keyed on ``(L, DKH, DVH, WIDTH)`` (Triton adds 
 pruned of configurations that spill registers at common shapes (``benchmarks/kernel_resources.py``
 prints what each one asks of sm_80 and sm_90). Under the interpreter (``TRITON_INTERPRET=1``) every
 kernel gets one fixed configuration with tiles small enough that CPU tests cross several query
-tiles, row chunks and masked tails without timing anything.
+tiles, row chunks and masked tails without timing anything; ``AANET_KERNELS_TRITON_AUTOTUNE=0``
+pins each kernel to its first configuration on a GPU.
 """
 
 from __future__ import annotations
+
+import os
 
 import triton
 
@@ -24,29 +27,42 @@ MAX_KEY_BLOCK = 64
 INTERPRETED_KEY_BLOCK = 16
 
 
+# (BLOCK_M, warps, stages) of each kernel's configurations; the first is the one used when
+# autotuning is off. Picked with benchmarks/kernel_resources.py: every one is spill-free on sm_80
+# and sm_90 at the benchmark shapes.
+GPU_CONFIGS = {
+    "fwd": [(32, 4, 2), (128, 8, 3), (64, 4, 3), (64, 8, 2), (16, 4, 1)],
+    "dkdv": [(32, 4, 2), (64, 8, 2), (64, 4, 2), (32, 8, 2), (16, 4, 1)],
+    "dq": [(32, 8, 2), (64, 8, 2), (32, 4, 2), (16, 8, 1), (16, 4, 1)],
+}
+# Under the interpreter: BLOCK_M != BLOCK_N, so that tests cross query tiles and key tiles apart.
+INTERPRETED_BLOCK_M = {"fwd": 32, "dkdv": 16, "dq": 32}
+AUTOTUNE_ENV = "AANET_KERNELS_TRITON_AUTOTUNE"
+
+
+def autotuning() -> bool:
+    """``False`` when ``AANET_KERNELS_TRITON_AUTOTUNE=0``: each kernel then runs its first
+    configuration. Autotuning compiles and times every configuration for each new (shape,
+    dtype), seconds per shape, which a test suite with dozens of shapes does not need
+    (tests/conftest.py)."""
+    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
 def _config(block_m: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
 
 
-def _pick(gpu: list[tuple[int, int, int]], interpreted_block_m: int) -> list[triton.Config]:
+def configs(kernel: str, every: bool = False) -> list[triton.Config]:
+    """The configurations ``kernel`` (``"fwd"``, ``"dkdv"`` or ``"dq"``) autotunes over, as this
+    process runs it (one under the interpreter or with autotuning off); ``every=True``: the whole
+    GPU list regardless."""
+    if every:
+        return [_config(*c) for c in GPU_CONFIGS[kernel]]
     if triton_interpreted():
-        return [_config(interpreted_block_m, 4, 1)]
-    return [_config(*c) for c in gpu]
-
-
-def forward_configs() -> list[triton.Config]:
-    """Forward: BLOCK_M queries per program."""
-    return _pick([(128, 8, 3), (64, 4, 3), (64, 8, 2), (32, 4, 2), (16, 4, 1)], 32)
-
-
-def dkdv_configs() -> list[triton.Config]:
-    """dK/dV: BLOCK_M queries per inner step of a program that owns one key tile."""
-    return _pick([(64, 8, 2), (64, 4, 2), (32, 8, 2), (32, 4, 2), (16, 4, 1)], 16)
-
-
-def dq_configs() -> list[triton.Config]:
-    """dQ and bias gradients: BLOCK_M queries per program."""
-    return _pick([(64, 8, 2), (32, 8, 2), (32, 4, 2), (16, 8, 1), (16, 4, 1)], 32)
+        return [_config(INTERPRETED_BLOCK_M[kernel], 4, 1)]
+    if not autotuning():
+        return [_config(*GPU_CONFIGS[kernel][0])]
+    return [_config(*c) for c in GPU_CONFIGS[kernel]]
 
 
 def padded_dim(size: int) -> int:

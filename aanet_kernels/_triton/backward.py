@@ -22,7 +22,7 @@ inputs the Q/K/V products run on tensor cores in the input dtype with fp32 accum
 import triton
 import triton.language as tl
 
-from aanet_kernels._triton.autotune import AUTOTUNE_KEY, dkdv_configs, dq_configs
+from aanet_kernels._triton.autotune import AUTOTUNE_KEY, configs
 from aanet_kernels._triton.tiles import (
     biased_logits,
     chunk_columns,
@@ -60,7 +60,7 @@ def attention_2d_bwd_preprocess_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * L + offs_m, delta, mask=row_ok)
 
 
-@triton.autotune(configs=dkdv_configs(), key=AUTOTUNE_KEY)
+@triton.autotune(configs=configs("dkdv"), key=AUTOTUNE_KEY)
 @triton.jit
 def attention_2d_bwd_dkdv_kernel(
     Q, K, V, BH, BW, SCALE, DO, LSE, DELTA, DK_OUT, DV_OUT,
@@ -133,7 +133,7 @@ def attention_2d_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV_OUT.dtype.element_ty), mask=key_ok[:, None] & dv_ok[None, :])
 
 
-@triton.autotune(configs=dq_configs(), key=AUTOTUNE_KEY)
+@triton.autotune(configs=configs("dq"), key=AUTOTUNE_KEY)
 @triton.jit
 def attention_2d_bwd_dq_kernel(
     Q, K, V, BH, BW, SCALE, DO, LSE, DELTA, DQ_OUT, DBH_OUT, DBW_OUT,

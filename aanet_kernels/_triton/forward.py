@@ -13,11 +13,11 @@ accumulation, and the softmax weights are rounded to the input dtype before ``P 
 import triton
 import triton.language as tl
 
-from aanet_kernels._triton.autotune import AUTOTUNE_KEY, forward_configs
+from aanet_kernels._triton.autotune import AUTOTUNE_KEY, configs
 from aanet_kernels._triton.tiles import biased_logits, chunk_columns, column_bias, load_tile
 
 
-@triton.autotune(configs=forward_configs(), key=AUTOTUNE_KEY)
+@triton.autotune(configs=configs("fwd"), key=AUTOTUNE_KEY)
 @triton.jit
 def attention_2d_fwd_kernel(
     Q, K, V, BH, BW, SCALE, OUT, LSE,

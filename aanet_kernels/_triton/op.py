@@ -19,10 +19,20 @@ from aanet_kernels._triton.backward import (
     attention_2d_bwd_preprocess_kernel,
 )
 from aanet_kernels._triton.forward import attention_2d_fwd_kernel
+from aanet_kernels.backends import triton_interpreted
 from aanet_kernels.ops import lse_dtype, register_attention_2d_autograd
 
 FWD_NAME = "aanet_kernels::attention_2d_triton_fwd"
 BWD_NAME = "aanet_kernels::attention_2d_triton_bwd"
+
+
+def _launcher(kernel):
+    """``wrap_triton(kernel)``, which lets ``torch.compile`` trace the launch; under the
+    interpreter the kernel itself (torch 2.11's ``wrap_triton`` refuses an interpreted
+    ``@triton.jit`` kernel, newer versions hand it back unchanged)."""
+    return kernel if triton_interpreted() else wrap_triton(kernel)
+
+
 _FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor? bias_h, Tensor? bias_w, int height, int width, "
     "float scale) -> (Tensor out, Tensor lse)"
@@ -87,7 +97,7 @@ def attention_2d_triton_fwd(
     def grid(launch: dict[str, int]) -> tuple[int, int]:
         return (triton.cdiv(length, launch["BLOCK_M"]), batch * heads)
 
-    wrap_triton(attention_2d_fwd_kernel)[grid](
+    _launcher(attention_2d_fwd_kernel)[grid](
         q, k, v, bh, bw, scale_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bh_strides, *bw_strides, *out.stride(),
         heads, length, dkh, dvh, height, width,
@@ -133,7 +143,7 @@ def attention_2d_triton_bwd(
     if q.numel() == 0:  # an empty batch: nothing to launch
         return dq, dk, dv, dbias_h.to(q.dtype), dbias_w
 
-    wrap_triton(attention_2d_bwd_preprocess_kernel)[
+    _launcher(attention_2d_bwd_preprocess_kernel)[
         (triton.cdiv(length, preprocess_block(dv_pad)), batch * heads)
     ](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, length, dvh,
@@ -151,12 +161,12 @@ def attention_2d_triton_bwd(
     def query_grid(launch: dict[str, int]) -> tuple[int, int]:
         return (triton.cdiv(length, launch["BLOCK_M"]), batch * heads)
 
-    wrap_triton(attention_2d_bwd_dkdv_kernel)[key_grid](
+    _launcher(attention_2d_bwd_dkdv_kernel)[key_grid](
         q, k, v, bh, bw, scale_t, grad_out, lse, delta, dk, dv,
         *shared, heads, length, dkh, dvh, width,
         **has, DK=dk_pad, DV=dv_pad, BLOCK_N=block_n, **meta,
     )  # fmt: skip
-    wrap_triton(attention_2d_bwd_dq_kernel)[query_grid](
+    _launcher(attention_2d_bwd_dq_kernel)[query_grid](
         q, k, v, bh, bw, scale_t, grad_out, lse, delta, dq,
         dbias_h if bias_h is not None else dq, dbias_w if bias_w is not None else dq,
         *shared, heads, length, dkh, dvh, height, width,

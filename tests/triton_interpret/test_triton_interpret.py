@@ -6,6 +6,8 @@ operands returns garbage (checked with triton 3.8), so bf16 is covered by tests/
 the raw kernel, so fake-tensor tracing would run it on fake tensors.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from aanet_kernels._extension import extension_loaded
 from aanet_kernels._triton import op as triton_op
 from aanet_kernels.reference import attention_2d_reference_lse
 from tests.attention_cases import AWKWARD_CASES, Case, make_inputs
+from tests.triton_configs import every_config, pinned_config
 
 OPS = torch.ops.aanet_kernels
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
@@ -198,11 +201,19 @@ def test_outputs_follow_the_fake_semantics():
 
 
 @pytest.mark.skipif(not extension_loaded(), reason="the C++ extension (op schemas) is not built")
+def _signature(schema: object) -> str:
+    """Arguments and return types of an op schema, without the name, return names, or the
+    difference between ``int`` and ``SymInt``: torch 2.11 ignores ``triton_op``'s ``schema=`` and
+    infers one from the Python signature (``SymInt``, unnamed returns); later versions use it."""
+    arguments, returns = str(schema).split("(", 1)[1].split(") -> ")
+    return arguments.replace("SymInt", "int") + " -> " + re.sub(r"Tensor \w+", "Tensor", returns)
+
+
 def test_schemas_match_the_cpp_ops():
     for suffix in ("fwd", "bwd"):
-        ours = str(getattr(OPS, f"attention_2d_triton_{suffix}").default._schema)
-        theirs = str(getattr(OPS, f"attention_2d_{suffix}").default._schema)
-        assert ours.split("(", 1)[1] == theirs.split("(", 1)[1]
+        ours = _signature(getattr(OPS, f"attention_2d_triton_{suffix}").default._schema)
+        theirs = _signature(getattr(OPS, f"attention_2d_{suffix}").default._schema)
+        assert ours == theirs
 
 
 def test_empty_batch():
@@ -219,3 +230,23 @@ def test_head_dim_past_the_limit_names_the_argument():
     q, k, v, bh, bw = make_inputs(case, torch.float32)
     with pytest.raises(ValueError, match="q: the triton backend takes head dims up to"):
         ak.attention_2d(q, k, v, bh, bw, height=2, width=2, backend="triton")
+
+
+@pytest.mark.parametrize("config", every_config(), ids=str)
+def test_every_gpu_config_is_correct(config, poisoned_allocations):
+    """Each GPU autotuning configuration (block sizes up to 128 queries, past L here), pinned in
+    turn: forward and gradients against the reference. Warps and stages mean nothing here."""
+    case = Case(1, 2, 5, 21, 8, 4)  # 21 wide: two row chunks of the interpreter's 16-wide tiles
+    inputs = make_inputs(case, torch.float64, requires_grad=True, seed=19)
+    kwargs = _kwargs(case, 0.6)
+    grad_out = torch.randn(case.batch, case.heads, case.length, case.dvh, dtype=torch.float64)
+    with pinned_config(*config):
+        out, grads = _out_and_grads(
+            lambda *t: ak.attention_2d(*t, **kwargs, backend="triton"), inputs, grad_out
+        )
+    ref, ref_grads = _out_and_grads(
+        lambda *t: ak.attention_2d_reference(*t, **kwargs), inputs, grad_out
+    )
+    assert _relative_error(out, ref) < TOLERANCE[torch.float64]
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert _relative_error(grad, ref_grad) < TOLERANCE[torch.float64] * 10
