@@ -6,14 +6,17 @@
 #   benchmarks/run_gpu_suite.sh                     # all steps
 #   STEPS="tests attention" benchmarks/run_gpu_suite.sh   # a subset (e.g. to fit a time limit)
 #
-# Steps: build tests attention aaconv train profile. PYTHON picks the interpreter (default: python).
+# Steps: build tests attention aaconv train profile sanitize ncu. PYTHON picks the interpreter
+# (default: python). sanitize: compute-sanitizer (memcheck, racecheck) over the CUDA and Triton
+# kernels at the awkward shapes; ncu: Nsight Compute reports of one forward and one backward per
+# GPU backend at the AA-Conv benchmark shape (clocks left alone), as .ncu-rep and a text summary.
 # A failing step does not stop the others; the script exits 1 if any failed and says which.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python}"
 OUT_DIR="${OUT:-benchmarks/results}"
-STEPS="${STEPS:-build tests attention aaconv train profile}"
+STEPS="${STEPS:-build tests attention aaconv train profile sanitize ncu}"
 mkdir -p "$OUT_DIR"
 failed=()
 
@@ -27,6 +30,9 @@ run_step() {  # run_step NAME CMD...: run CMD, tee its output to NAME.log, remem
 }
 
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
+gpu_backends() {
+  "$PY" -c "import aanet_kernels as a; print(' '.join(b for b in a.available_backends('cuda') if b != 'reference'))"
+}
 
 {
   date -u
@@ -47,11 +53,33 @@ if wants train && [[ -f benchmarks/bench_train.py ]]; then
   run_step bench_train "$PY" benchmarks/bench_train.py --device cuda --out-dir "$OUT_DIR"
 fi
 if wants profile; then
-  for backend in $("$PY" -c "import aanet_kernels as a; print(' '.join(b for b in a.available_backends('cuda') if b != 'reference'))"); do
+  for backend in $(gpu_backends); do
     run_step "profile_attention_$backend" "$PY" -m aanet_kernels.profile --device cuda --backend "$backend" \
       --shape 32,8,32,32,16,8 --out-dir "$OUT_DIR/profiles"
     run_step "profile_aaconv_$backend" "$PY" -m aanet_kernels.profile --op aaconv --device cuda \
       --backend "$backend" --shape 32,8,32,32,16,8 --out-dir "$OUT_DIR/profiles"
+  done
+fi
+
+if wants sanitize; then
+  # Small awkward shapes only: every kernel launch runs tens of times slower under the sanitizer.
+  for tool in memcheck racecheck; do
+    run_step "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      "$PY" -m pytest -m gpu -q -x tests/test_cuda_gpu.py tests/test_triton_gpu.py \
+      -k "awkward and (float32 or bfloat16)"
+  done
+fi
+if wants ncu; then
+  mkdir -p "$OUT_DIR/profiles"
+  for backend in $(gpu_backends); do
+    for mode in fwd bwd; do
+      run_step "ncu_${backend}_${mode}" ncu --clock-control none --profile-from-start off \
+        --set full -f -o "$OUT_DIR/profiles/ncu_${backend}_${mode}" \
+        "$PY" -m aanet_kernels.profile --device cuda --backend "$backend" --mode "$mode" \
+        --shape 32,8,32,32,16,8 --single-launch
+      run_step "ncu_${backend}_${mode}_summary" ncu --import "$OUT_DIR/profiles/ncu_${backend}_${mode}.ncu-rep" \
+        --page details --section SpeedOfLight --section Occupancy --section LaunchStats
+    done
   done
 fi
 
