@@ -10,9 +10,10 @@ row ``y`` and the columns are contiguous, so the two bias tables need no gather:
   the kernels that walk the rows of a query tile load it once per column chunk, outside the loop.
 
 Nothing of size ``L x L`` is written, and the bias costs ``BLOCK_M`` loads per key tile instead of
-two per-element gathers. (Gathering ``bias_w`` per tile instead measured 255 registers and spills
-at 64 x 64 tiles, aot.py; the row-tile layout needs none.) Columns past the row end
-are masked to ``-inf``; the padding this costs is at most the row's round-up to a power of two.
+two gathers per logit (which, in an earlier version, held the forward and dQ kernels at 255
+registers with hundreds of bytes of spills per thread at 64 x 64 tiles: README, "GPU kernels, read
+without a GPU"). Columns past the row end are masked to ``-inf``; the padding this costs is at
+most the row's round-up to a power of two.
 """
 
 import triton
