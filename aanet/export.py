@@ -64,7 +64,10 @@ def export(
 
 def _onnx(wrapper: torch.nn.Module, example: torch.Tensor, check: torch.Tensor, path: Path):
     if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
-        raise RuntimeError("format 'onnx' needs the onnx and onnxruntime packages installed")
+        raise RuntimeError(
+            "format 'onnx' needs the onnx and onnxruntime packages: "
+            "pip install 'aanet-kernels[onnx]' (or the two packages)"
+        )
     import onnxruntime
 
     torch.onnx.export(wrapper, (example,), str(path), input_names=["images"],
