@@ -35,7 +35,9 @@ struct BwdSmem {
   static constexpr size_t kDS = kP + smem_align(sizeof(T) * BM * kLdP);
   static constexpr size_t kLse = kDS + smem_align(sizeof(T) * BM * kLdP);
   static constexpr size_t kDelta = kLse + smem_align(sizeof(A) * BM);
-  static constexpr size_t kBytes = kDelta + smem_align(sizeof(A) * BM);
+  static constexpr size_t kKeyY = kDelta + smem_align(sizeof(A) * BM);  // key_coordinates
+  static constexpr size_t kKeyX = kKeyY + smem_align(sizeof(int) * BN);
+  static constexpr size_t kBytes = kKeyX + smem_align(sizeof(int) * BN);
 };
 
 // delta = rowsum(dO * O), one thread per (b, h, i).
@@ -103,6 +105,9 @@ __device__ __forceinline__ void load_key_side(
   load_tile<T, S::BN, D, NT>(
       reinterpret_cast<T*>(smem + S::kV), S::kLdT, head_ptr<T>(p.v, b, h), p.v.stride[2],
       p.v.stride[3], n0, p.length, p.dvh);
+  key_coordinates<S::BN, NT>(
+      reinterpret_cast<int*>(smem + S::kKeyY), reinterpret_cast<int*>(smem + S::kKeyX), n0,
+      p.width);
 }
 
 // With Q, dO, K, V, lse and delta of one (query tile, key tile) pair in shared memory:
@@ -132,6 +137,8 @@ __device__ __forceinline__ void probs_and_dlogits(
   T* s_ds = reinterpret_cast<T*>(smem + S::kDS);
   const A* s_lse = reinterpret_cast<const A*>(smem + S::kLse);
   const A* s_delta = reinterpret_cast<const A*>(smem + S::kDelta);
+  const int* s_key_y = reinterpret_cast<const int*>(smem + S::kKeyY);
+  const int* s_key_x = reinterpret_cast<const int*>(smem + S::kKeyX);
 
   block_gemm<T, A, true, false, NT>(
       s_s, S::kLdS, s_q, S::kLdT, s_k, S::kLdT, BM, BN, round_up(p.dkh, Cfg::kStep), false);
@@ -153,7 +160,7 @@ __device__ __forceinline__ void probs_and_dlogits(
     // lse = -inf marks a fully masked row (or a row past L): its probabilities are all zero.
     if (i < len && j < len && lse != neg_inf<A>()) {
       const A logit = scale * s_s[r * S::kLdS + c] +
-          bias_at<T, A>(bias_h, bias_w, p.bias_h, p.bias_w, i, j, p.width);
+          bias_at<T, A>(bias_h, bias_w, p.bias_h, p.bias_w, i, s_key_y[c], s_key_x[c]);
       prob = exp_acc(logit - lse);
     }
     const A dlogit = prob * (s_dp[r * S::kLdS + c] - s_delta[r]);

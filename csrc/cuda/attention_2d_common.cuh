@@ -252,7 +252,19 @@ __device__ __forceinline__ A group_sum(A x) {
   return x;
 }
 
-// Logit bias of query i (< L) and key j (< L): bias_h[i, j / width] + bias_w[i, j % width].
+// Key row y = j / width and column x = j % width of the keys j = n0 + c of one key tile, written
+// once per tile into shared memory, so that the per-logit bias lookups need no integer division.
+template <int N, int NT>
+__device__ __forceinline__ void key_coordinates(int* s_y, int* s_x, int n0, int width) {
+  for (int c = threadIdx.x; c < N; c += NT) {
+    const int j = n0 + c;
+    const int y = j / width;
+    s_y[c] = y;
+    s_x[c] = j - y * width;
+  }
+}
+
+// Logit bias of query i (< L) and the key in row y, column x: bias_h[i, y] + bias_w[i, x].
 template <typename T, typename A>
 __device__ __forceinline__ A bias_at(
     const T* bias_h,
@@ -260,10 +272,8 @@ __device__ __forceinline__ A bias_at(
     const Tensor4& p_h,
     const Tensor4& p_w,
     int i,
-    int j,
-    int width) {
-  const int y = j / width;
-  const int x = j - y * width;
+    int y,
+    int x) {
   A value = A(0);
   if (bias_h != nullptr) {
     value += to_acc(bias_h[i * p_h.stride[2] + y * p_h.stride[3]]);

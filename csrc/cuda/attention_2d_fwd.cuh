@@ -23,7 +23,9 @@ struct FwdSmem {
   static constexpr size_t kS = kV + smem_align(sizeof(T) * BN * kLdT);
   static constexpr size_t kP = kS + smem_align(sizeof(A) * BM * kLdS);
   static constexpr size_t kO = kP + smem_align(sizeof(T) * BM * kLdP);
-  static constexpr size_t kBytes = kO + smem_align(sizeof(A) * BM * kLdO);
+  static constexpr size_t kKeyY = kO + smem_align(sizeof(A) * BM * kLdO);  // key_coordinates
+  static constexpr size_t kKeyX = kKeyY + smem_align(sizeof(int) * BN);
+  static constexpr size_t kBytes = kKeyX + smem_align(sizeof(int) * BN);
 };
 
 template <typename T, int D>
@@ -44,6 +46,8 @@ __global__ void __launch_bounds__(Tiles<T, D>::kThreads)
   A* s_s = reinterpret_cast<A*>(smem + S::kS);
   T* s_p = reinterpret_cast<T*>(smem + S::kP);
   A* s_o = reinterpret_cast<A*>(smem + S::kO);
+  int* s_key_y = reinterpret_cast<int*>(smem + S::kKeyY);
+  int* s_key_x = reinterpret_cast<int*>(smem + S::kKeyX);
 
   const int m0 = blockIdx.x * BM;
   const int h = blockIdx.y;
@@ -71,6 +75,7 @@ __global__ void __launch_bounds__(Tiles<T, D>::kThreads)
   for (int n0 = 0; n0 < len; n0 += BN) {
     load_tile<T, BN, D, NT>(s_k, S::kLdT, k, p.k.stride[2], p.k.stride[3], n0, len, p.dkh);
     load_tile<T, BN, D, NT>(s_v, S::kLdT, v, p.v.stride[2], p.v.stride[3], n0, len, p.dvh);
+    key_coordinates<BN, NT>(s_key_y, s_key_x, n0, p.width);
     __syncthreads();
     // S = Q K^T (K read transposed).
     block_gemm<T, A, true, false, NT>(
@@ -85,7 +90,7 @@ __global__ void __launch_bounds__(Tiles<T, D>::kThreads)
       if (j < len) {
         logit = scale * s_s[r * S::kLdS + c];
         if (i < len) {
-          logit += bias_at<T, A>(bias_h, bias_w, p.bias_h, p.bias_w, i, j, p.width);
+          logit += bias_at<T, A>(bias_h, bias_w, p.bias_h, p.bias_w, i, s_key_y[c], s_key_x[c]);
         }
       }
       s_s[r * S::kLdS + c] = logit;
