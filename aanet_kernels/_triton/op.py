@@ -4,7 +4,9 @@ Declared with ``torch.library.triton_op`` and launched through ``wrap_triton``, 
 ``torch.compile(fullgraph=True)`` sees the kernels; ``triton_op`` derives the fake (meta)
 implementations by running these functions on fake tensors, which gives the same shapes and dtypes
 as ``ops.fake_attention_2d_fwd/bwd``. Autograd is the shared ``ops.register_attention_2d_autograd``.
-The schemas are those of the C++ ops in ``csrc/ops.cpp``.
+The schemas are those of the C++ ops in ``csrc/ops.cpp`` (torch 2.11 ignores ``schema=`` and infers
+the same arguments, with ``SymInt`` sizes and unnamed returns; a symbolic ``height``/``width`` is
+then specialised, as every constexpr argument of a traced Triton kernel is).
 """
 
 import torch
