@@ -67,8 +67,8 @@ def triton_rows() -> list[dict[str, object]]:
     rows = []
     for name, kernel, config, head_dim, block_n, layout, arch in tqdm(jobs, desc="triton kernels"):
         constexprs = dict(
-            HAS_BH=True, HAS_BW=True, DK=head_dim, DV=head_dim, DKH=head_dim, DVH=head_dim,
-            WIDTH=block_n, PRECISION="tf32", BLOCK_N=block_n,
+            HAS_RB=True, HAS_CB=True, DK=head_dim, DV=head_dim, DKH=head_dim, DVH=head_dim,
+            COLS=block_n, ROW_STRIDE=block_n, COL_STRIDE=1, PRECISION="tf32", BLOCK_N=block_n,
         )  # fmt: skip
         compiled = aot.compile_kernel(
             kernel, torch.bfloat16, constexprs, config, arch, head_split_nchw=layout == "nchw"

@@ -30,8 +30,9 @@ class Case:
 
 
 # The design's awkward shapes: H != W, odd sizes, L = 1, L not a multiple of any block,
-# dkh != dvh, head dims of 1, 3, 20 and 64, batch x heads of 1, each bias on its own, and a row
-# wider than the Triton kernels' key tile under the interpreter (16), so a row spans 3 tiles.
+# dkh != dvh, head dims of 1, 3, 20 and 64, batch x heads of 1, each bias on its own, and maps wider
+# and taller than the Triton kernels' key tile under the interpreter (16): the kernels walk the
+# 3 x 37 map by rows of 3 tiles, the 37 x 3 one by columns of 3 tiles (the tables trade places).
 AWKWARD_CASES = [
     Case(1, 1, 1, 1, 3, 1),
     Case(2, 3, 3, 5, 8, 4),
@@ -42,6 +43,7 @@ AWKWARD_CASES = [
     Case(1, 1, 9, 13, 16, 1, ""),
     Case(3, 2, 8, 8, 17, 5),
     Case(1, 2, 3, 37, 8, 6),
+    Case(1, 2, 37, 3, 8, 6),
 ]
 
 

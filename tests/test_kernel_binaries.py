@@ -60,13 +60,15 @@ def every_config(name: str) -> list[triton.Config]:
 def _constexprs(dtype: torch.dtype, head_dim: int, block_n: int) -> dict[str, object]:
     wide = dtype in (torch.float32, torch.float64)
     return dict(
-        HAS_BH=True,
-        HAS_BW=True,
+        HAS_RB=True,
+        HAS_CB=True,
         DK=head_dim,
         DV=head_dim,
         DKH=head_dim,
         DVH=head_dim,
-        WIDTH=block_n,
+        COLS=block_n,  # a map as wide as the key tile, walked by image rows
+        ROW_STRIDE=block_n,
+        COL_STRIDE=1,
         PRECISION="ieee" if wide else "tf32",
         BLOCK_N=block_n,
     )
@@ -103,11 +105,14 @@ def test_other_dtypes_compile(name: str, dtype: torch.dtype):
     assert used.fits(80)
 
 
+@pytest.mark.parametrize("row_stride,col_stride", [(37, 1), (1, 5)], ids=["rows", "columns"])
 @pytest.mark.parametrize("name", AUTOTUNED)
-def test_awkward_sizes_compile(name: str):
-    """Head dims and a width that are not powers of two: masked columns inside every tile."""
+def test_awkward_sizes_compile(name: str, row_stride: int, col_stride: int):
+    """Head dims and a row length that are not powers of two (masked columns inside every tile),
+    with the keys walked by image rows (a 37-wide map) or by columns (a 37-tall, 5-wide one)."""
     config_index = len(every_config(name)) - 1
-    constexprs = {**_constexprs(torch.bfloat16, 32, 64), "DKH": 20, "DVH": 3, "WIDTH": 37}
+    sizes = {"DKH": 20, "DVH": 3, "COLS": 37, "ROW_STRIDE": row_stride, "COL_STRIDE": col_stride}
+    constexprs = {**_constexprs(torch.bfloat16, 32, 64), **sizes}
     config = every_config(name)[config_index]
     compiled = aot.compile_kernel(AUTOTUNED[name], torch.bfloat16, constexprs, config, 90)
     assert aot.resources(compiled).fits(90)

@@ -30,7 +30,7 @@ from triton.compiler import ASTSource
 # pointer holds input-dtype values.
 _ACCUMULATOR_POINTERS = frozenset({"SCALE", "LSE", "DELTA"})
 # Integer arguments other than strides: sizes.
-_SIZE_ARGS = frozenset({"NH", "L", "HEIGHT"})
+_SIZE_ARGS = frozenset({"NH", "L", "ROWS"})
 _TRITON_DTYPES = {
     torch.float16: "fp16",
     torch.bfloat16: "bf16",
@@ -81,7 +81,7 @@ def compile_kernel(
     head_split_nchw: bool = False,
 ) -> triton.compiler.CompiledKernel:
     """Compile ``kernel`` for ``sm_<arch>`` with inputs of ``dtype``, its non-tuned constexprs
-    (``DK``, ``HAS_BH``, ...) and one autotune ``config`` (block sizes, warps, stages); with
+    (``DK``, ``HAS_RB``, ...) and one autotune ``config`` (block sizes, warps, stages); with
     ``head_split_nchw``, for q/k/v/grad_out as AAConv2d hands them over from an NCHW map."""
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     accumulator = torch.float64 if dtype == torch.float64 else torch.float32

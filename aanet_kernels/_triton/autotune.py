@@ -1,13 +1,13 @@
 """Block sizes and warps for the attention_2d Triton kernels.
 
-A key tile is ``BLOCK_N`` columns of one image row (tiles.py), so ``BLOCK_N`` follows the map width
-(:func:`key_block`) and is not tuned. Each kernel autotunes its query block ``BLOCK_M``, warps and
-pipeline stages over a small set keyed on ``(L, DKH, DVH, WIDTH)`` (Triton adds the tensor dtypes),
-pruned of configurations that spill registers at common shapes (``benchmarks/kernel_resources.py``
-prints what each one asks of sm_80 and sm_90). Under the interpreter (``TRITON_INTERPRET=1``) every
-kernel gets one fixed configuration with tiles small enough that CPU tests cross several query
-tiles, row chunks and masked tails without timing anything; ``AANET_KERNELS_TRITON_AUTOTUNE=0``
-pins each kernel to its first configuration on a GPU.
+A key tile is ``BLOCK_N`` columns of one row of the key grid (tiles.py), so ``BLOCK_N`` follows the
+row length (:func:`key_block`) and is not tuned. Each kernel autotunes its query block ``BLOCK_M``,
+warps and pipeline stages over a small set keyed on ``(L, DKH, DVH, COLS, ROW_STRIDE)`` (Triton
+adds the tensor dtypes), pruned of configurations that spill registers at common shapes
+(``benchmarks/kernel_resources.py`` prints what each one asks of sm_80 and sm_90). Under the
+interpreter (``TRITON_INTERPRET=1``) every kernel gets one fixed configuration with tiles small
+enough that CPU tests cross several query tiles, row chunks and masked tails without timing
+anything; ``AANET_KERNELS_TRITON_AUTOTUNE=0`` pins each kernel to its first configuration on a GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import triton
 
 from aanet_kernels.backends import triton_interpreted
 
-AUTOTUNE_KEY = ["L", "DKH", "DVH", "WIDTH"]
+AUTOTUNE_KEY = ["L", "DKH", "DVH", "COLS", "ROW_STRIDE"]
 
 # Widest head dim the kernels take: q/k/v tiles and accumulators live in registers.
 MAX_HEAD_DIM = 256
@@ -70,10 +70,16 @@ def padded_dim(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
 
 
-def key_block(width: int) -> int:
-    """``BLOCK_N``: the whole image row padded to a power of two, up to the widest key tile."""
+def key_block(row_length: int) -> int:
+    """``BLOCK_N``: the whole row padded to a power of two, up to the widest key tile."""
     widest = INTERPRETED_KEY_BLOCK if triton_interpreted() else MAX_KEY_BLOCK
-    return min(padded_dim(width), widest)
+    return min(padded_dim(row_length), widest)
+
+
+def tile_fill(row_length: int) -> float:
+    """The fraction of key-tile slots that hold a key when rows of this length are tiled."""
+    block = key_block(row_length)
+    return row_length / (triton.cdiv(row_length, block) * block)
 
 
 def preprocess_block(dv_padded: int) -> int:

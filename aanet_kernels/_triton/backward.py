@@ -8,10 +8,12 @@ dS[i, j]``. Every output element is written by exactly one program that sums in 
 no atomics, so gradients are bit-identical run to run.
 
 The bias gradients are reduced inside the dQ kernel, which walks all keys of its query tile one row
-tile at a time (tiles.py): ``dbias_h[:, y]`` is the row sum of the ``dS`` tiles of row ``y``, and
-``dbias_w[:, x0:x0 + BLOCK_N]`` the sum over rows of the ``dS`` tiles of that column chunk, kept in
-registers. When a row is wider than one tile, the chunks are the outer loop and ``dbias_h``
-(accumulator dtype) is read, added to and written back by the one program that owns those rows.
+tile at a time (tiles.py: rows and columns of the key grid, the image's or transposed): the
+row-table gradient ``dRB[:, y]`` is the row sum of the ``dS`` tiles of row ``y``, and the
+column-table gradient ``dCB[:, x0:x0 + BLOCK_N]`` the sum over rows of the ``dS`` tiles of that
+column chunk, kept in registers. When a row is longer than one tile, the chunks are the outer loop
+and ``dRB`` (accumulator dtype) is read, added to and written back by the one program that owns
+those queries.
 
 Precision: fp32/fp64 inputs use ``input_precision="ieee"`` everywhere (no TF32). For fp16/bf16
 inputs the Q/K/V products run on tensor cores in the input dtype with fp32 accumulation (``dS`` and
@@ -63,20 +65,21 @@ def attention_2d_bwd_preprocess_kernel(
 @triton.autotune(configs=configs("dkdv"), key=AUTOTUNE_KEY)
 @triton.jit
 def attention_2d_bwd_dkdv_kernel(
-    Q, K, V, BH, BW, SCALE, DO, LSE, DELTA, DK_OUT, DV_OUT,
+    Q, K, V, RB, CB, SCALE, DO, LSE, DELTA, DK_OUT, DV_OUT,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
-    stride_bhb, stride_bhh, stride_bhl, stride_bhy,
-    stride_bwb, stride_bwh, stride_bwl, stride_bwx,
+    stride_rbb, stride_rbh, stride_rbl, stride_rby,
+    stride_cbb, stride_cbh, stride_cbl, stride_cbx,
     stride_gb, stride_gh, stride_gl, stride_gd,
-    NH, L, DKH: tl.constexpr, DVH: tl.constexpr, WIDTH: tl.constexpr,
-    HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
+    NH, L, DKH: tl.constexpr, DVH: tl.constexpr, COLS: tl.constexpr,
+    ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr,
+    HAS_RB: tl.constexpr, HAS_CB: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One program owns one key tile (``BLOCK_N`` columns of one image row) and walks every query
+    """One program owns one key tile (``BLOCK_N`` columns of one row) and walks every query
     tile; writes contiguous ``dk``, ``dv``."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -86,16 +89,16 @@ def attention_2d_bwd_dkdv_kernel(
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    BH += b * stride_bhb + h * stride_bhh
-    BW += b * stride_bwb + h * stride_bwh
+    RB += b * stride_rbb + h * stride_rbh
+    CB += b * stride_cbb + h * stride_cbh
     DO += b * stride_gb + h * stride_gh
     LSE += pid_bh.to(tl.int64) * L
     DELTA += pid_bh.to(tl.int64) * L
 
-    n_chunks = tl.cdiv(WIDTH, BLOCK_N)
+    n_chunks = tl.cdiv(COLS, BLOCK_N)
     y = pid_n // n_chunks
-    offs_x, key_ok = chunk_columns(pid_n % n_chunks, WIDTH, BLOCK_N)
-    offs_n = y * WIDTH + offs_x
+    offs_x, key_ok = chunk_columns(pid_n % n_chunks, COLS, BLOCK_N)
+    offs_n = y * ROW_STRIDE + offs_x * COL_STRIDE
     offs_dk = tl.arange(0, DK)
     offs_dv = tl.arange(0, DV)
     dk_ok = offs_dk < DKH
@@ -114,11 +117,11 @@ def attention_2d_bwd_dkdv_kernel(
         lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
         column_block = column_bias(
-            BW, offs_m, row_ok, offs_x, key_ok, stride_bwl, stride_bwx, HAS_BW, ACC
+            CB, offs_m, row_ok, offs_x, key_ok, stride_cbl, stride_cbx, HAS_CB, ACC
         )
         s = biased_logits(
-            q, k, scale, column_block, BH, offs_m, row_ok, y, stride_bhl, stride_bhy,
-            HAS_BH, ACC, PRECISION,
+            q, k, scale, column_block, RB, offs_m, row_ok, y, stride_rbl, stride_rby,
+            HAS_RB, ACC, PRECISION,
         )  # fmt: skip
         p = softmax_weights(s, lse, row_ok)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION, out_dtype=ACC)
@@ -136,21 +139,22 @@ def attention_2d_bwd_dkdv_kernel(
 @triton.autotune(configs=configs("dq"), key=AUTOTUNE_KEY)
 @triton.jit
 def attention_2d_bwd_dq_kernel(
-    Q, K, V, BH, BW, SCALE, DO, LSE, DELTA, DQ_OUT, DBH_OUT, DBW_OUT,
+    Q, K, V, RB, CB, SCALE, DO, LSE, DELTA, DQ_OUT, DRB_OUT, DCB_OUT,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
-    stride_bhb, stride_bhh, stride_bhl, stride_bhy,
-    stride_bwb, stride_bwh, stride_bwl, stride_bwx,
+    stride_rbb, stride_rbh, stride_rbl, stride_rby,
+    stride_cbb, stride_cbh, stride_cbl, stride_cbx,
     stride_gb, stride_gh, stride_gl, stride_gd,
-    NH, L, DKH: tl.constexpr, DVH: tl.constexpr, HEIGHT, WIDTH: tl.constexpr,
-    HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
+    NH, L, DKH: tl.constexpr, DVH: tl.constexpr, ROWS, COLS: tl.constexpr,
+    ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr,
+    HAS_RB: tl.constexpr, HAS_CB: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program owns ``BLOCK_M`` queries and walks every key tile; writes ``dq`` and the
-    full-size ``(B, Nh, L, height|width)`` bias gradients, all contiguous; ``DBH_OUT`` is in the
+    full-size ``(B, Nh, L, ROWS|COLS)`` bias gradients, all contiguous; ``DRB_OUT`` is in the
     accumulator dtype (it is read back when a row spans several tiles)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -160,14 +164,14 @@ def attention_2d_bwd_dq_kernel(
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    BH += b * stride_bhb + h * stride_bhh
-    BW += b * stride_bwb + h * stride_bwh
+    RB += b * stride_rbb + h * stride_rbh
+    CB += b * stride_cbb + h * stride_cbh
     DO += b * stride_gb + h * stride_gh
     LSE += pid_bh.to(tl.int64) * L
     DELTA += pid_bh.to(tl.int64) * L
     base = pid_bh.to(tl.int64) * L
-    DBH_OUT += base * HEIGHT
-    DBW_OUT += base * WIDTH
+    DRB_OUT += base * ROWS
+    DCB_OUT += base * COLS
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < L
@@ -182,38 +186,38 @@ def attention_2d_bwd_dq_kernel(
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, DK], ACC)
-    # Column chunks outside, rows inside: dbias_w of a chunk is complete when its rows are done.
-    for chunk in range(0, tl.cdiv(WIDTH, BLOCK_N)):
-        offs_x, key_ok = chunk_columns(chunk, WIDTH, BLOCK_N)
+    # Column chunks outside, rows inside: dCB of a chunk is complete when its rows are done.
+    for chunk in range(0, tl.cdiv(COLS, BLOCK_N)):
+        offs_x, key_ok = chunk_columns(chunk, COLS, BLOCK_N)
         column_block = column_bias(
-            BW, offs_m, row_ok, offs_x, key_ok, stride_bwl, stride_bwx, HAS_BW, ACC
+            CB, offs_m, row_ok, offs_x, key_ok, stride_cbl, stride_cbx, HAS_CB, ACC
         )
-        dbw = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-        for y in range(0, HEIGHT):
-            offs_n = y * WIDTH + offs_x
+        dcb = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        for y in range(0, ROWS):
+            offs_n = y * ROW_STRIDE + offs_x * COL_STRIDE
             k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, key_ok, dk_ok)
             v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, key_ok, dv_ok)
             s = biased_logits(
-                q, k, scale, column_block, BH, offs_m, row_ok, y, stride_bhl, stride_bhy,
-                HAS_BH, ACC, PRECISION,
+                q, k, scale, column_block, RB, offs_m, row_ok, y, stride_rbl, stride_rby,
+                HAS_RB, ACC, PRECISION,
             )  # fmt: skip
             p = softmax_weights(s, lse, row_ok)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
-            if HAS_BH:
+            if HAS_RB:
                 row_sum = tl.sum(ds, 1)
-                dbh_ptrs = DBH_OUT + offs_m * HEIGHT + y
+                drb_ptrs = DRB_OUT + offs_m * ROWS + y
                 if chunk > 0:  # this program wrote the earlier chunks' part of the same entries
-                    row_sum += tl.load(dbh_ptrs, mask=row_ok, other=0.0)
-                tl.store(dbh_ptrs, row_sum, mask=row_ok)
-            if HAS_BW:
-                dbw += ds
-        if HAS_BW:
-            ptrs = DBW_OUT + offs_m[:, None] * WIDTH + offs_x[None, :]
+                    row_sum += tl.load(drb_ptrs, mask=row_ok, other=0.0)
+                tl.store(drb_ptrs, row_sum, mask=row_ok)
+            if HAS_CB:
+                dcb += ds
+        if HAS_CB:
+            ptrs = DCB_OUT + offs_m[:, None] * COLS + offs_x[None, :]
             mask = row_ok[:, None] & key_ok[None, :]
-            tl.store(ptrs, dbw.to(DBW_OUT.dtype.element_ty), mask=mask)
-        # The next chunk reads dbias_h entries that another thread of this block may have written.
+            tl.store(ptrs, dcb.to(DCB_OUT.dtype.element_ty), mask=mask)
+        # The next chunk reads dRB entries that another thread of this block may have written.
         tl.debug_barrier()
 
     dq_ptrs = DQ_OUT + (base + offs_m[:, None]) * DKH + offs_dk[None, :]

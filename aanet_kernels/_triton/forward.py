@@ -1,9 +1,9 @@
 """Forward kernel of attention_2d: flash-style online softmax over key tiles.
 
 One program owns ``BLOCK_M`` queries of one (batch, head) and walks the keys one row tile at a time
-(``BLOCK_N`` columns of one image row, see tiles.py), keeping the running max, the running sum and
-the output accumulator in ``ACC`` (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64). Writes ``out``
-(input dtype) and ``lse`` (``ACC``).
+(``BLOCK_N`` columns of one row of the key grid, see tiles.py), keeping the running max, the
+running sum and the output accumulator in ``ACC`` (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64).
+Writes ``out`` (input dtype) and ``lse`` (``ACC``).
 
 Precision: for fp32 and fp64 inputs every ``tl.dot`` runs with ``input_precision="ieee"`` (no
 TF32), so fp32 results match an fp32 reference to rounding; fp16/bf16 use tensor cores with fp32
@@ -20,15 +20,16 @@ from aanet_kernels._triton.tiles import biased_logits, chunk_columns, column_bia
 @triton.autotune(configs=configs("fwd"), key=AUTOTUNE_KEY)
 @triton.jit
 def attention_2d_fwd_kernel(
-    Q, K, V, BH, BW, SCALE, OUT, LSE,
+    Q, K, V, RB, CB, SCALE, OUT, LSE,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
-    stride_bhb, stride_bhh, stride_bhl, stride_bhy,
-    stride_bwb, stride_bwh, stride_bwl, stride_bwx,
+    stride_rbb, stride_rbh, stride_rbl, stride_rby,
+    stride_cbb, stride_cbh, stride_cbl, stride_cbx,
     stride_ob, stride_oh, stride_ol, stride_od,
-    NH, L, DKH: tl.constexpr, DVH: tl.constexpr, HEIGHT, WIDTH: tl.constexpr,
-    HAS_BH: tl.constexpr, HAS_BW: tl.constexpr,
+    NH, L, DKH: tl.constexpr, DVH: tl.constexpr, ROWS, COLS: tl.constexpr,
+    ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr,
+    HAS_RB: tl.constexpr, HAS_CB: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -43,8 +44,8 @@ def attention_2d_fwd_kernel(
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    BH += b * stride_bhb + h * stride_bhh
-    BW += b * stride_bwb + h * stride_bwh
+    RB += b * stride_rbb + h * stride_rbh
+    CB += b * stride_cbb + h * stride_cbh
     OUT += b * stride_ob + h * stride_oh
     LSE += pid_bh.to(tl.int64) * L
 
@@ -60,19 +61,19 @@ def attention_2d_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, DV], ACC)
-    # Column chunks outside (usually one: the whole row), image rows inside.
-    for chunk in range(0, tl.cdiv(WIDTH, BLOCK_N)):
-        offs_x, key_ok = chunk_columns(chunk, WIDTH, BLOCK_N)
+    # Column chunks outside (usually one: the whole row), rows inside.
+    for chunk in range(0, tl.cdiv(COLS, BLOCK_N)):
+        offs_x, key_ok = chunk_columns(chunk, COLS, BLOCK_N)
         column_block = column_bias(
-            BW, offs_m, row_ok, offs_x, key_ok, stride_bwl, stride_bwx, HAS_BW, ACC
+            CB, offs_m, row_ok, offs_x, key_ok, stride_cbl, stride_cbx, HAS_CB, ACC
         )
-        for y in range(0, HEIGHT):
-            offs_n = y * WIDTH + offs_x
+        for y in range(0, ROWS):
+            offs_n = y * ROW_STRIDE + offs_x * COL_STRIDE
             k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, key_ok, dk_ok)
             v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, key_ok, dv_ok)
             s = biased_logits(
-                q, k, scale, column_block, BH, offs_m, row_ok, y, stride_bhl, stride_bhy,
-                HAS_BH, ACC, PRECISION,
+                q, k, scale, column_block, RB, offs_m, row_ok, y, stride_rbl, stride_rby,
+                HAS_RB, ACC, PRECISION,
             )  # fmt: skip
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # While a row has seen only -inf logits, shift by 0 so exp gives 0 rather than NaN.

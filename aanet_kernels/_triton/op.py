@@ -9,12 +9,22 @@ the same arguments, with ``SymInt`` sizes and unnamed returns; a symbolic ``heig
 then specialised, as every constexpr argument of a traced Triton kernel is).
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import torch
 import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from aanet_kernels._triton.autotune import MAX_HEAD_DIM, key_block, padded_dim, preprocess_block
+from aanet_kernels._triton.autotune import (
+    MAX_HEAD_DIM,
+    key_block,
+    padded_dim,
+    preprocess_block,
+    tile_fill,
+)
 from aanet_kernels._triton.backward import (
     attention_2d_bwd_dkdv_kernel,
     attention_2d_bwd_dq_kernel,
@@ -24,6 +34,7 @@ from aanet_kernels._triton.forward import attention_2d_fwd_kernel
 from aanet_kernels.backends import triton_interpreted
 from aanet_kernels.ops import lse_dtype, register_attention_2d_autograd
 
+Bias = Tensor | None
 FWD_NAME = "aanet_kernels::attention_2d_triton_fwd"
 BWD_NAME = "aanet_kernels::attention_2d_triton_bwd"
 
@@ -73,6 +84,41 @@ def _common(q: Tensor, scale: float) -> tuple[Tensor, dict[str, object]]:
     return scale_t, {"PRECISION": "ieee" if wide else "tf32"}
 
 
+@dataclass(frozen=True)
+class _KeyGrid:
+    """How the kernels walk the keys (tiles.py): ``rows`` runs of ``cols`` keys, key
+    ``j = row * row_stride + col * col_stride``, with ``row_bias`` indexed by the row and
+    ``col_bias`` by the column. The image rows, or for a map that fills key tiles better by its
+    columns (a narrow map: 70 x 1 would otherwise use one slot in 16), the image columns with the
+    two bias tables trading places."""
+
+    rows: int
+    cols: int
+    row_stride: int
+    col_stride: int
+    transposed: bool
+
+    @staticmethod
+    def of(height: int, width: int) -> _KeyGrid:
+        if tile_fill(height) > tile_fill(width):
+            return _KeyGrid(width, height, 1, width, transposed=True)
+        return _KeyGrid(height, width, width, 1, transposed=False)
+
+    def tables(self, bias_h: Bias, bias_w: Bias) -> tuple[Bias, Bias]:
+        """``(row_bias, col_bias)`` from ``(bias_h, bias_w)``, and back: the swap is its own
+        inverse."""
+        return (bias_w, bias_h) if self.transposed else (bias_h, bias_w)
+
+    def kernel_args(self, row_bias: Bias, col_bias: Bias) -> dict[str, object]:
+        return dict(
+            ROW_STRIDE=self.row_stride,
+            COL_STRIDE=self.col_stride,
+            HAS_RB=row_bias is not None,
+            HAS_CB=col_bias is not None,
+            BLOCK_N=key_block(self.cols),
+        )
+
+
 @triton_op(FWD_NAME, mutates_args=(), schema=_FWD_SCHEMA)
 def attention_2d_triton_fwd(
     q: Tensor,
@@ -91,8 +137,10 @@ def attention_2d_triton_fwd(
     out = q.new_empty((batch, heads, length, dvh))
     lse = q.new_empty((batch, heads, length), dtype=lse_dtype(q.dtype))
     scale_t, meta = _common(q, scale)
-    bh, *bh_strides = _bias_args(bias_h, q, height)
-    bw, *bw_strides = _bias_args(bias_w, q, width)
+    keys = _KeyGrid.of(height, width)
+    row_bias, col_bias = keys.tables(bias_h, bias_w)
+    rb, *rb_strides = _bias_args(row_bias, q, keys.rows)
+    cb, *cb_strides = _bias_args(col_bias, q, keys.cols)
     if out.numel() == 0:  # an empty batch: nothing to launch
         return out, lse
 
@@ -100,11 +148,10 @@ def attention_2d_triton_fwd(
         return (triton.cdiv(length, launch["BLOCK_M"]), batch * heads)
 
     _launcher(attention_2d_fwd_kernel)[grid](
-        q, k, v, bh, bw, scale_t, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *bh_strides, *bw_strides, *out.stride(),
-        heads, length, dkh, dvh, height, width,
-        HAS_BH=bias_h is not None, HAS_BW=bias_w is not None,
-        DK=padded_dim(dkh), DV=padded_dim(dvh), BLOCK_N=key_block(width), **meta,
+        q, k, v, rb, cb, scale_t, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *rb_strides, *cb_strides, *out.stride(),
+        heads, length, dkh, dvh, keys.rows, keys.cols,
+        DK=padded_dim(dkh), DV=padded_dim(dvh), **keys.kernel_args(row_bias, col_bias), **meta,
     )  # fmt: skip
     return out, lse
 
@@ -133,17 +180,20 @@ def attention_2d_triton_bwd(
     dq = q.new_empty(q.shape)
     dk = q.new_empty(k.shape)
     dv = q.new_empty(v.shape)
-    # dbias_h in the accumulator dtype: the dQ kernel adds to it once per chunk of a wide row.
-    dbias_h = q.new_empty(
-        (batch, heads, length, height) if bias_h is not None else (0,), dtype=lse.dtype
+    keys = _KeyGrid.of(height, width)
+    row_bias, col_bias = keys.tables(bias_h, bias_w)
+    # The row table's gradient in the accumulator dtype: the dQ kernel adds to it once per chunk
+    # of a long row.
+    d_row_bias = q.new_empty(
+        (batch, heads, length, keys.rows) if row_bias is not None else (0,), dtype=lse.dtype
     )
-    dbias_w = q.new_empty((batch, heads, length, width) if bias_w is not None else (0,))
+    d_col_bias = q.new_empty((batch, heads, length, keys.cols) if col_bias is not None else (0,))
     scale_t, meta = _common(q, scale)
-    bh, *bh_strides = _bias_args(bias_h, q, height)
-    bw, *bw_strides = _bias_args(bias_w, q, width)
-    dk_pad, dv_pad, block_n = padded_dim(dkh), padded_dim(dvh), key_block(width)
+    rb, *rb_strides = _bias_args(row_bias, q, keys.rows)
+    cb, *cb_strides = _bias_args(col_bias, q, keys.cols)
+    dk_pad, dv_pad = padded_dim(dkh), padded_dim(dvh)
     if q.numel() == 0:  # an empty batch: nothing to launch
-        return dq, dk, dv, dbias_h.to(q.dtype), dbias_w
+        return dq, dk, dv, *keys.tables(d_row_bias.to(q.dtype), d_col_bias)
 
     _launcher(attention_2d_bwd_preprocess_kernel)[
         (triton.cdiv(length, preprocess_block(dv_pad)), batch * heads)
@@ -153,28 +203,27 @@ def attention_2d_triton_bwd(
     )  # fmt: skip
 
     shared = (
-        *q.stride(), *k.stride(), *v.stride(), *bh_strides, *bw_strides, *grad_out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *rb_strides, *cb_strides, *grad_out.stride(),
     )  # fmt: skip
-    has = {"HAS_BH": bias_h is not None, "HAS_BW": bias_w is not None}
+    tiling = {"DK": dk_pad, "DV": dv_pad, **keys.kernel_args(row_bias, col_bias), **meta}
 
     def key_grid(launch: dict[str, int]) -> tuple[int, int]:
-        return (height * triton.cdiv(width, block_n), batch * heads)
+        return (keys.rows * triton.cdiv(keys.cols, tiling["BLOCK_N"]), batch * heads)
 
     def query_grid(launch: dict[str, int]) -> tuple[int, int]:
         return (triton.cdiv(length, launch["BLOCK_M"]), batch * heads)
 
     _launcher(attention_2d_bwd_dkdv_kernel)[key_grid](
-        q, k, v, bh, bw, scale_t, grad_out, lse, delta, dk, dv,
-        *shared, heads, length, dkh, dvh, width,
-        **has, DK=dk_pad, DV=dv_pad, BLOCK_N=block_n, **meta,
+        q, k, v, rb, cb, scale_t, grad_out, lse, delta, dk, dv,
+        *shared, heads, length, dkh, dvh, keys.cols, **tiling,
     )  # fmt: skip
     _launcher(attention_2d_bwd_dq_kernel)[query_grid](
-        q, k, v, bh, bw, scale_t, grad_out, lse, delta, dq,
-        dbias_h if bias_h is not None else dq, dbias_w if bias_w is not None else dq,
-        *shared, heads, length, dkh, dvh, height, width,
-        **has, DK=dk_pad, DV=dv_pad, BLOCK_N=block_n, **meta,
+        q, k, v, rb, cb, scale_t, grad_out, lse, delta, dq,
+        d_row_bias if row_bias is not None else dq, d_col_bias if col_bias is not None else dq,
+        *shared, heads, length, dkh, dvh, keys.rows, keys.cols, **tiling,
     )  # fmt: skip
-    return dq, dk, dv, dbias_h.to(q.dtype), dbias_w
+    dbias_h, dbias_w = keys.tables(d_row_bias.to(q.dtype), d_col_bias)
+    return dq, dk, dv, dbias_h, dbias_w
 
 
 register_attention_2d_autograd(FWD_NAME, torch.ops.aanet_kernels.attention_2d_triton_bwd.default)

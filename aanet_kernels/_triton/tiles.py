@@ -1,13 +1,19 @@
 """Triton helpers shared by the forward and backward kernels: key tiles, masked loads, logits.
 
-A key tile is never a run of ``BLOCK_N`` arbitrary keys: it is ``BLOCK_N`` consecutive columns
-``x0 .. x0 + BLOCK_N`` of one image row ``y`` (keys ``j = y * width + x``; ``BLOCK_N`` covers the
-whole row unless the row is wider than the largest tile). Inside such a tile every key shares the
-row ``y`` and the columns are contiguous, so the two bias tables need no gather:
+The kernels see the keys as a grid of ``ROWS`` runs of ``COLS`` keys, key ``(y, x)`` being
+``j = y * ROW_STRIDE + x * COL_STRIDE``: the image rows (``ROW_STRIDE = W``, ``COL_STRIDE = 1``),
+or, for a map narrower than it is tall, the image columns (``ROW_STRIDE = 1``, ``COL_STRIDE = W``;
+op.py picks whichever fills the tiles better). The row bias table ``RB`` is indexed by ``y`` and
+the column table ``CB`` by ``x``: ``bias_h`` and ``bias_w``, or the other way round.
 
-- ``bias_h[i, j // W]`` is one column ``bias_h[:, y]`` of the query tile, broadcast along the keys;
-- ``bias_w[i, j % W]`` is the block ``bias_w[:, x0:x0 + BLOCK_N]``, the same for every row ``y``:
-  the kernels that walk the rows of a query tile load it once per column chunk, outside the loop.
+A key tile is never a run of ``BLOCK_N`` arbitrary keys: it is ``BLOCK_N`` consecutive columns
+``x0 .. x0 + BLOCK_N`` of one row ``y`` (the whole row unless it is longer than the largest tile).
+Every key of a tile shares its row and the columns are consecutive, so the bias tables need no
+gather:
+
+- ``RB[i, y]`` is one value per query, broadcast along the tile's keys;
+- ``CB[i, x0:x0 + BLOCK_N]`` is a block that is the same for every row ``y``: the kernels that walk
+  the rows of a query tile load it once per column chunk, outside the loop.
 
 Nothing of size ``L x L`` is written, and the bias costs ``BLOCK_M`` loads per key tile instead of
 two gathers per logit (which, in an earlier version, held the forward and dQ kernels at 255
@@ -21,10 +27,10 @@ import triton.language as tl
 
 
 @triton.jit
-def chunk_columns(chunk, WIDTH, BLOCK_N: tl.constexpr):
-    """Columns ``x`` of column chunk ``chunk`` of every image row, and which exist (``x < W``)."""
+def chunk_columns(chunk, COLS, BLOCK_N: tl.constexpr):
+    """Columns ``x`` of column chunk ``chunk`` of every row, and which exist (``x < COLS``)."""
     offs_x = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_x, offs_x < WIDTH
+    return offs_x, offs_x < COLS
 
 
 @triton.jit
@@ -38,21 +44,21 @@ def load_tile(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok):
 
 @triton.jit
 def column_bias(
-    bw_ptr,
+    cb_ptr,
     offs_m,
     row_ok,
     offs_x,
     key_ok,
-    stride_bw_l,
-    stride_bw_x,
-    HAS_BW: tl.constexpr,
+    stride_cb_l,
+    stride_cb_x,
+    HAS_CB: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """``bias_w[i, x]`` for the query rows and one column chunk, in ``ACC``, with the key mask
-    folded in: ``-inf`` at columns past the row end (a ``1 x BLOCK_N`` mask without ``bias_w``).
-    The same block serves every image row, so the kernels that walk rows load it once."""
-    if HAS_BW:
-        block = load_tile(bw_ptr, offs_m, offs_x, stride_bw_l, stride_bw_x, row_ok, key_ok)
+    """``CB[i, x]`` for the query rows and one column chunk, in ``ACC``, with the key mask folded
+    in: ``-inf`` at columns past the row end (a ``1 x BLOCK_N`` mask without ``CB``). The same
+    block serves every row, so the kernels that walk rows load it once."""
+    if HAS_CB:
+        block = load_tile(cb_ptr, offs_m, offs_x, stride_cb_l, stride_cb_x, row_ok, key_ok)
         block = tl.where(key_ok[None, :], block.to(ACC), float("-inf"))
     else:
         block = tl.where(key_ok, 0.0, float("-inf")).to(ACC)[None, :]
@@ -65,22 +71,22 @@ def biased_logits(
     k,
     scale,
     column_block,
-    bh_ptr,
+    rb_ptr,
     offs_m,
     row_ok,
     y,
-    stride_bh_l,
-    stride_bh_y,
-    HAS_BH: tl.constexpr,
+    stride_rb_l,
+    stride_rb_y,
+    HAS_RB: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``S[i, (y, x)] = scale * q_i . k_(y, x) + bias_h[i, y] + bias_w[i, x]`` for a key tile of
+    """``S[i, (y, x)] = scale * q_i . k_(y, x) + RB[i, y] + CB[i, x]`` for a key tile of
     row ``y``, in ``ACC``; ``column_block`` is :func:`column_bias` of the tile's columns, so
     columns past the row end come out ``-inf`` and get no weight."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale + column_block
-    if HAS_BH:
-        column = tl.load(bh_ptr + offs_m * stride_bh_l + y * stride_bh_y, mask=row_ok, other=0.0)
+    if HAS_RB:
+        column = tl.load(rb_ptr + offs_m * stride_rb_l + y * stride_rb_y, mask=row_ok, other=0.0)
         s += column.to(ACC)[:, None]
     return s
 
