@@ -29,6 +29,7 @@ from aanet_kernels._triton.tiles import (
     biased_logits,
     chunk_columns,
     column_bias,
+    load_keys,
     load_tile,
     softmax_weights,
 )
@@ -98,14 +99,15 @@ def attention_2d_bwd_dkdv_kernel(
     n_chunks = tl.cdiv(COLS, BLOCK_N)
     y = pid_n // n_chunks
     offs_x, key_ok = chunk_columns(pid_n % n_chunks, COLS, BLOCK_N)
-    offs_n = y * ROW_STRIDE + offs_x * COL_STRIDE
     offs_dk = tl.arange(0, DK)
     offs_dv = tl.arange(0, DV)
     dk_ok = offs_dk < DKH
     dv_ok = offs_dv < DVH
     scale = tl.load(SCALE)
-    k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, key_ok, dk_ok)
-    v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, key_ok, dv_ok)
+    offs_n, k, v = load_keys(
+        K, V, y, offs_x, key_ok, offs_dk, offs_dv, dk_ok, dv_ok,
+        stride_kl, stride_kd, stride_vl, stride_vd, ROW_STRIDE, COL_STRIDE,
+    )  # fmt: skip
 
     dk = tl.zeros([BLOCK_N, DK], ACC)
     dv = tl.zeros([BLOCK_N, DV], ACC)
@@ -194,9 +196,10 @@ def attention_2d_bwd_dq_kernel(
         )
         dcb = tl.zeros([BLOCK_M, BLOCK_N], ACC)
         for y in range(0, ROWS):
-            offs_n = y * ROW_STRIDE + offs_x * COL_STRIDE
-            k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, key_ok, dk_ok)
-            v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, key_ok, dv_ok)
+            _, k, v = load_keys(
+                K, V, y, offs_x, key_ok, offs_dk, offs_dv, dk_ok, dv_ok,
+                stride_kl, stride_kd, stride_vl, stride_vd, ROW_STRIDE, COL_STRIDE,
+            )  # fmt: skip
             s = biased_logits(
                 q, k, scale, column_block, RB, offs_m, row_ok, y, stride_rbl, stride_rby,
                 HAS_RB, ACC, PRECISION,

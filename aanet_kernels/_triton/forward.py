@@ -14,7 +14,13 @@ import triton
 import triton.language as tl
 
 from aanet_kernels._triton.autotune import AUTOTUNE_KEY, configs
-from aanet_kernels._triton.tiles import biased_logits, chunk_columns, column_bias, load_tile
+from aanet_kernels._triton.tiles import (
+    biased_logits,
+    chunk_columns,
+    column_bias,
+    load_keys,
+    load_tile,
+)
 
 
 @triton.autotune(configs=configs("fwd"), key=AUTOTUNE_KEY)
@@ -68,9 +74,10 @@ def attention_2d_fwd_kernel(
             CB, offs_m, row_ok, offs_x, key_ok, stride_cbl, stride_cbx, HAS_CB, ACC
         )
         for y in range(0, ROWS):
-            offs_n = y * ROW_STRIDE + offs_x * COL_STRIDE
-            k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, key_ok, dk_ok)
-            v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, key_ok, dv_ok)
+            _, k, v = load_keys(
+                K, V, y, offs_x, key_ok, offs_dk, offs_dv, dk_ok, dv_ok,
+                stride_kl, stride_kd, stride_vl, stride_vd, ROW_STRIDE, COL_STRIDE,
+            )  # fmt: skip
             s = biased_logits(
                 q, k, scale, column_block, RB, offs_m, row_ok, y, stride_rbl, stride_rby,
                 HAS_RB, ACC, PRECISION,

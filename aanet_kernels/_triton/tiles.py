@@ -43,6 +43,32 @@ def load_tile(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok):
 
 
 @triton.jit
+def load_keys(
+    K,
+    V,
+    y,
+    offs_x,
+    key_ok,
+    offs_dk,
+    offs_dv,
+    dk_ok,
+    dv_ok,
+    stride_kl,
+    stride_kd,
+    stride_vl,
+    stride_vd,
+    ROW_STRIDE: tl.constexpr,
+    COL_STRIDE: tl.constexpr,
+):
+    """The key indices ``j = y * ROW_STRIDE + x * COL_STRIDE`` of the key tile (row ``y``, columns
+    ``offs_x``), and its K and V tiles; columns past the row end read as 0."""
+    offs_n = y * ROW_STRIDE + offs_x * COL_STRIDE
+    k = load_tile(K, offs_n, offs_dk, stride_kl, stride_kd, key_ok, dk_ok)
+    v = load_tile(V, offs_n, offs_dv, stride_vl, stride_vd, key_ok, dv_ok)
+    return offs_n, k, v
+
+
+@triton.jit
 def column_bias(
     cb_ptr,
     offs_m,
