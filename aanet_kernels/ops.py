@@ -62,6 +62,28 @@ def fake_attention_2d_bwd(
     return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape), dbias_h, dbias_w
 
 
+def differentiable_gradients(
+    grad_out: Tensor,
+    inputs: tuple[Bias, ...],
+    needs_grad: tuple[bool, ...],
+    height: int,
+    width: int,
+    scale: float,
+) -> tuple[Bias, ...]:
+    """Gradients of ``attention_2d`` w.r.t. ``inputs = (q, k, v, bias_h, bias_w)`` that are
+    themselves differentiable (for double backward: gradient penalties, Hessian-vector products),
+    recomputed through the reference path. That materialises the ``L x L`` logits once, the price
+    of a second derivative."""
+    wanted = [t for t, needed in zip(inputs, needs_grad, strict=True) if needed and t is not None]
+    with torch.enable_grad():
+        out = reference.attention_2d_reference(*inputs, height=height, width=width, scale=scale)
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+    return tuple(
+        next(found) if needed and t is not None else None
+        for t, needed in zip(inputs, needs_grad, strict=True)
+    )
+
+
 def register_attention_2d_autograd(fwd_op: str, bwd_op: Callable[..., tuple[Tensor, ...]]) -> None:
     """Register autograd for a forward op ``(q, k, v, bias_h, bias_w, height, width, scale) -> (out,
     lse)`` whose gradients come from ``bwd_op`` with the ``attention_2d_bwd`` signature."""
@@ -76,6 +98,12 @@ def register_attention_2d_autograd(fwd_op: str, bwd_op: Callable[..., tuple[Tens
     def backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def]
         q, k, v, bias_h, bias_w, out, lse = ctx.saved_tensors
         height, width, scale = ctx.geometry
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the fused backward op has no derivative of its own.
+            grads = differentiable_gradients(
+                grad_out, (q, k, v, bias_h, bias_w), ctx.needs_input_grad[:5], height, width, scale
+            )
+            return (*grads, None, None, None)
         dq, dk, dv, dbias_h, dbias_w = bwd_op(
             grad_out, q, k, v, bias_h, bias_w, out, lse, height, width, scale
         )

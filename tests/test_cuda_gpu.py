@@ -141,6 +141,14 @@ class TestCudaBackend:
             lambda *t: ak.attention_2d(*t, **kwargs, backend=BACKEND), inputs
         )
 
+    def test_double_backward_gradgradcheck(self):
+        case = Case(1, 2, 2, 3, 3, 2)
+        inputs = self.inputs(case, torch.float64, seed=16, requires_grad=True)
+        kwargs = self.kwargs(case, scale=0.8)
+        assert torch.autograd.gradgradcheck(
+            lambda *t: ak.attention_2d(*t, **kwargs, backend=BACKEND), inputs
+        )
+
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_backward_is_deterministic(self, dtype):
         case = Case(2, 2, 9, 13, 20, 8)  # several key and query tiles

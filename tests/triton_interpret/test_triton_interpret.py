@@ -108,6 +108,16 @@ def test_gradcheck_float64(case: Case):
     assert torch.autograd.gradcheck(fn, present)
 
 
+def test_double_backward_gradgradcheck():
+    """backward(create_graph=True) on the Triton op: the shared autograd recomputes differentiable
+    gradients through the reference path."""
+    case = Case(1, 1, 2, 2, 2, 2)
+    inputs = make_inputs(case, torch.float64, requires_grad=True, seed=15)
+    assert torch.autograd.gradgradcheck(
+        lambda *t: ak.attention_2d(*t, **_kwargs(case, 0.8), backend="triton"), inputs
+    )
+
+
 def test_broadcast_bias_and_strided_views(poisoned_allocations):
     """Heads split from a (B, C, L) projection (strided head dim), a transposed grad_out, and
     biases broadcast over batch (size 1) and over heads (stride 0)."""
