@@ -36,6 +36,8 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
     """``None`` if ``name`` can run on ``device``, else the reason in words."""
     if name == "reference":
         return None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available on this machine"
     if name == "cpu":
         if device.type != "cpu":
             return f"the 'cpu' backend takes CPU tensors, got {device}"

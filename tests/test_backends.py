@@ -27,6 +27,20 @@ def test_unavailable_backend_is_an_error_not_a_fallback():
         ak.resolve_backend("cuda", torch.device("cpu"))
 
 
+def test_cuda_device_lists_only_what_can_run_there():
+    """A CUDA-built extension on a machine without a GPU does not make the GPU backends
+    available; with a GPU, every listed backend actually runs."""
+    listed = ak.available_backends("cuda")
+    assert "reference" in listed
+    if not torch.cuda.is_available():
+        assert listed == ["reference"]
+        return
+    q = torch.randn(1, 1, 6, 4, device="cuda")
+    for backend in listed:
+        out = ak.attention_2d(q, q, q, height=2, width=3, backend=backend)
+        assert out.shape == q.shape
+
+
 def test_precedence_argument_context_environment(monkeypatch: pytest.MonkeyPatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv(ENV_VAR, "reference")
