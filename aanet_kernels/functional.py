@@ -142,8 +142,10 @@ def aa_conv2d(
         raise ValueError(
             f"out_weight: expected shape (dv, dv, 1, 1), got {tuple(out_weight.shape)}"
         )
-    dv = out_weight.shape[0]
-    dk2 = qkv_weight.shape[0] - dv
+    # int(): plain ints for the head split and the scale, also when TorchScript tracing hands
+    # sizes over as tensors (weight shapes are fixed, so nothing dynamic is lost).
+    dv = int(out_weight.shape[0])
+    dk2 = int(qkv_weight.shape[0]) - dv
     if qkv_weight.dim() != 4 or dk2 < 2 or dk2 % 2:
         raise ValueError(
             f"qkv_weight: expected shape (2 * dk + dv, Cin, 1, 1) with dv = {dv} (from out_weight) "
@@ -165,6 +167,10 @@ def aa_conv2d(
 
     conv_out = F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation)
     height, width = conv_out.shape[-2:]
+    if torch.jit.is_tracing():
+        # As above; a trace is fixed to its map size anyway. (int() would also specialise the
+        # sizes that torch.compile keeps dynamic, hence only here.)
+        height, width = int(height), int(width)
     x_att = x if x.shape[-2:] == (height, width) else F.adaptive_avg_pool2d(x, (height, width))
     qkv = F.conv2d(x_att, qkv_weight, qkv_bias)
     q, k, v = split_heads(qkv, dk, dv, num_heads)

@@ -166,8 +166,10 @@ def test_export_matches_eager(trained, tmp_path):
     assert export(model, tmp_path / "model.pt2", "export") <= 1e-4
 
 
-def test_torchscript_export_of_the_model_without_attention(tmp_path):
-    model = build_model(ModelConfig(input_size=32, width=16, blocks=(1, 1, 1), attention=False))
+@pytest.mark.parametrize("attention", [True, False], ids=["attention", "no-attention"])
+def test_torchscript_export_matches_eager(tmp_path, attention):
+    config = ModelConfig(input_size=32, width=16, blocks=(1, 1, 1), attention=attention)
+    model = build_model(config)
     torch.nn.init.normal_(model.head[-1].weight, std=0.1)
     assert export(model.eval(), tmp_path / "model.ts.pt", "torchscript") <= 1e-4
 
