@@ -11,6 +11,9 @@ from aanet.model import AANet
 from aanet_kernels import use_backend
 
 FORMATS = ("torchscript", "export", "onnx")
+# The batch dim of ``images`` stays free in torch.export and ONNX files (a TorchScript trace
+# records shape arithmetic, so its batch is free too); the image size is fixed by the model.
+_DYNAMIC_BATCH = {"images": {0: torch.export.Dim("batch", min=1)}}
 
 
 class _Landmarks(torch.nn.Module):
@@ -33,7 +36,8 @@ def export(
     atol: float = 1e-4,
 ) -> float:
     """Write ``model`` in ``fmt`` to ``path``, reload it, and return the largest difference of its
-    outputs from the eager model on a fresh random batch (raises if above ``atol``).
+    outputs from the eager model on a fresh random batch of another size than the traced one
+    (raises if above ``atol``).
 
     ``backend="reference"`` (the default) records attention as plain ATen operations, so the
     file runs where ``aanet_kernels``'s compiled extension is absent.
@@ -45,14 +49,16 @@ def export(
     wrapper = _Landmarks(model.eval())
     size = model.config.input_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    check = torch.randn(2, 3, size, size)
+    # Another batch size than the example's: the file must take any batch.
+    check = torch.randn(3, 3, size, size)
     with use_backend(backend), torch.no_grad():
         expected = wrapper(check)
         if fmt == "torchscript":
             torch.jit.save(torch.jit.trace(wrapper, example), str(path))
             got = torch.jit.load(str(path))(check)
         elif fmt == "export":
-            torch.export.save(torch.export.export(wrapper, (example,)), str(path))
+            program = torch.export.export(wrapper, (example,), dynamic_shapes=_DYNAMIC_BATCH)
+            torch.export.save(program, str(path))
             got = torch.export.load(str(path)).module()(check)
         else:
             got = _onnx(wrapper, example, check, path)
@@ -71,7 +77,8 @@ def _onnx(wrapper: torch.nn.Module, example: torch.Tensor, check: torch.Tensor, 
     import onnxruntime
 
     torch.onnx.export(wrapper, (example,), str(path), input_names=["images"],
-                      output_names=["coords", "confidence"], dynamo=True)  # fmt: skip
+                      output_names=["coords", "confidence"], dynamo=True,
+                      dynamic_shapes=_DYNAMIC_BATCH)  # fmt: skip
     session = onnxruntime.InferenceSession(str(path))
     outputs = session.run(None, {"images": check.numpy()})
     return [torch.from_numpy(o) for o in outputs]
