@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -85,12 +86,83 @@ def preset_names() -> list[str]:
 
 
 def make_config(values: dict[str, Any]) -> Config:
-    """A :class:`Config` from a mapping; unknown keys raise with the list of known ones."""
+    """A :class:`Config` from a mapping; unknown keys, wrong types and out-of-range values raise
+    an error naming the option."""
+    values = dict(values)
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"config: unknown options {unknown}; known: {sorted(known)}")
+    for f in fields(Config):
+        # PyYAML reads an exponent without a dot (lr: 1e-3) as a string.
+        if f.type == "float" and isinstance(values.get(f.name), str):
+            try:
+                values[f.name] = float(values[f.name])
+            except ValueError:
+                pass  # check_config names it
     config = Config(**values)
-    if config.on_nan not in NAN_POLICIES:
-        raise ValueError(f"on_nan: expected one of {NAN_POLICIES}, got {config.on_nan!r}")
+    check_config(config)
     return config
+
+
+# Options that must be at least 1, and at least 0.
+_POSITIVE = ("num_train", "num_test", "image_size", "input_size", "width", "num_heads",
+             "batch_size", "epochs")  # fmt: skip
+_NON_NEGATIVE = ("workers", "weight_decay")
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    # Imported here: the data and kernel packages are heavier than reading a config.
+    from aanet.datasets.records import ON_ERROR_CHOICES
+    from aanet.datasets.sources import DATASETS
+    from aanet.losses import LOSSES
+    from aanet_kernels import BACKENDS
+
+    return {
+        "data": DATASETS,
+        "on_error": ON_ERROR_CHOICES,
+        "on_nan": NAN_POLICIES,
+        "loss": LOSSES,
+        "backend": ("auto", *BACKENDS),
+    }
+
+
+_TYPE_WORDS = {"int": "an int", "float": "a number", "bool": "true or false",
+               "list[int]": "a list of ints", "str": "a string"}  # fmt: skip
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "list[int]":
+        return isinstance(value, list | tuple) and all(_type_ok(v, "int") for v in value)
+    return isinstance(value, str)
+
+
+def check_config(config: Config) -> None:
+    """Raise ``ValueError`` naming the option if a value has the wrong type or is out of range
+    (a YAML typo or ``--batch-size 0`` fails here, before any data is read)."""
+    for f in fields(Config):
+        value = getattr(config, f.name)
+        if not _type_ok(value, f.type):
+            raise ValueError(f"{f.name}: expected {_TYPE_WORDS[f.type]}, got {value!r}")
+    for name in _POSITIVE:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}: expected at least 1, got {getattr(config, name)}")
+    for name in _NON_NEGATIVE:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name}: expected at least 0, got {getattr(config, name)}")
+    if not config.lr > 0 or config.lr == float("inf"):
+        raise ValueError(f"lr: expected a positive finite number, got {config.lr}")
+    if not config.blocks or min(config.blocks) < 1:
+        raise ValueError(f"blocks: expected one or more positive ints, got {config.blocks}")
+    for name, allowed in _choices().items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name}: expected one of {allowed}, got {getattr(config, name)!r}")
+    device = config.device
+    if device != "auto" and device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")

@@ -1,0 +1,56 @@
+"""Run configurations: presets load, and every bad value is refused with the option named."""
+
+from __future__ import annotations
+
+import pytest
+
+from aanet.cli import main
+from aanet.config import make_config, preset_names, read_config_file
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_presets_are_valid(preset: str):
+    config = make_config(read_config_file(preset))
+    assert config.epochs >= 1 and config.batch_size >= 1
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"batch_size": 0}, "batch_size: expected at least 1"),
+        ({"epochs": -1}, "epochs: expected at least 1"),
+        ({"num_heads": 0}, "num_heads: expected at least 1"),
+        ({"workers": -2}, "workers: expected at least 0"),
+        ({"lr": 0.0}, "lr: expected a positive finite number"),
+        ({"lr": float("nan")}, "lr: expected a positive finite number"),
+        ({"lr": "fast"}, "lr: expected a number"),
+        ({"epochs": 2.5}, "epochs: expected an int"),
+        ({"attention": "yes"}, "attention: expected true or false"),
+        ({"blocks": []}, "blocks: expected one or more positive ints"),
+        ({"blocks": [1, 0]}, "blocks: expected one or more positive ints"),
+        ({"loss": "mae"}, "loss: expected one of"),
+        ({"data": "celeba"}, "data: expected one of"),
+        ({"on_error": "ignore"}, "on_error: expected one of"),
+        ({"backend": "fast"}, "backend: expected one of"),
+        ({"device": "gpu"}, "device: expected auto, cpu, cuda or cuda:N"),
+    ],
+    ids=lambda v: str(v)[:40] if isinstance(v, dict) else "",
+)
+def test_bad_values_are_named(values: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        make_config(values)
+
+
+def test_yaml_exponent_strings_are_numbers(tmp_path):
+    """PyYAML reads ``lr: 1e-3`` (no dot) as a string; it is taken as the number it means."""
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 5e-4\ndevice: cuda:1\n")
+    config = make_config(read_config_file(path))
+    assert config.lr == 1e-3 and config.weight_decay == 5e-4 and config.device == "cuda:1"
+
+
+def test_cli_refuses_a_bad_flag_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--batch-size", "0", "--out", str(out), "--no-progress"]) == 2
+    assert "batch_size: expected at least 1" in capsys.readouterr().err
+    assert not out.exists()
