@@ -69,6 +69,20 @@ def draw(image: np.ndarray, faces: list[dict[str, Any]]) -> np.ndarray:
     return out
 
 
+def checked_box(box: Any, width: int, height: int) -> np.ndarray:
+    """``box`` as a float32 ``(x0, y0, x1, y1)``; raises ``ValueError`` naming it unless it is a
+    finite, non-empty box that overlaps the ``width x height`` image."""
+    values = np.asarray(box, dtype=np.float64).reshape(-1)
+    x0, y0, x1, y1 = values if values.size == 4 else (np.nan,) * 4
+    if not (np.isfinite(values).all() and x0 < x1 and y0 < y1):
+        raise ValueError(
+            f"box: expected finite (x0, y0, x1, y1) with x0 < x1 and y0 < y1, got {list(values)}"
+        )
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        raise ValueError(f"box: {list(values)} lies outside the {width}x{height} image")
+    return values.astype(np.float32)
+
+
 def predict_image(
     model: AANet,
     image_path: Path | str,
@@ -85,7 +99,7 @@ def predict_image(
     if image is None:
         raise FileNotFoundError(f"image: cannot read {image_path}")
     if box is not None:
-        boxes = [np.asarray(box, dtype=np.float32)]
+        boxes = [checked_box(box, image.shape[1], image.shape[0])]
     else:
         boxes = detect_faces(image) if detect else []
     if not boxes:

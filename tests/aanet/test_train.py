@@ -149,6 +149,26 @@ def test_predict_writes_image_and_json(trained, tmp_path, capsys):
     assert '"faces"' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "box,message",
+    [
+        ((10, 10, 5, 30), "x0 < x1"),
+        ((10, 10, 30, 10), "y0 < y1"),
+        ((0, 0, float("nan"), 20), "finite"),
+        ((100, 0, 120, 20), "lies outside the 80x64 image"),
+        ((1, 2, 3), "expected finite"),
+    ],
+)
+def test_predict_refuses_a_bad_box(trained, tmp_path, box, message):
+    from aanet.predict import predict_image
+
+    image = tmp_path / "face.png"
+    cv2.imwrite(str(image), np.full((64, 80, 3), 127, np.uint8))
+    model = load_model(Path(trained.out) / "last.pt")
+    with pytest.raises(ValueError, match=f"box: .*{message}"):
+        predict_image(model, image, torch.device("cpu"), box=np.array(box, dtype=np.float64))
+
+
 def test_predict_without_a_face_warns_and_uses_the_whole_image(trained, tmp_path, caplog):
     from aanet.predict import predict_image
 
