@@ -81,7 +81,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     test_set = LandmarkDataset(sources.load_split(config, "test"), config.input_size)
     loader = DataLoader(test_set, batch_size=config.batch_size, num_workers=config.workers)
     with use_backend(config.backend), torch.no_grad():
-        report = subset_report(*predict_errors(model, loader, device, config.amp))
+        report = subset_report(predict_errors(model, loader, device, config.amp))
     print(format_table(report))
     out = Path(args.json or Path(config.out) / "eval.json")
     write_json(report, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +36,7 @@ class Config:
     num_heads: int = 4
     # optimisation (defaults from the AANet description: MSE, batch 64, Adam, lr 1e-3)
     loss: str = "mse"
+    heatmap_reg: float = 0.0  # weight of the heat-map regulariser (losses.heatmap_divergence)
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 64
@@ -108,7 +110,7 @@ def make_config(values: dict[str, Any]) -> Config:
 # Options that must be at least 1, and at least 0.
 _POSITIVE = ("num_train", "num_test", "image_size", "input_size", "width", "num_heads",
              "batch_size", "epochs")  # fmt: skip
-_NON_NEGATIVE = ("workers", "weight_decay")
+_NON_NEGATIVE = ("workers", "weight_decay", "heatmap_reg")
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -150,14 +152,16 @@ def check_config(config: Config) -> None:
         value = getattr(config, f.name)
         if not _type_ok(value, f.type):
             raise ValueError(f"{f.name}: expected {_TYPE_WORDS[f.type]}, got {value!r}")
+        if f.type == "float" and not math.isfinite(value):
+            raise ValueError(f"{f.name}: expected a finite number, got {value!r}")
     for name in _POSITIVE:
         if getattr(config, name) < 1:
             raise ValueError(f"{name}: expected at least 1, got {getattr(config, name)}")
     for name in _NON_NEGATIVE:
         if getattr(config, name) < 0:
             raise ValueError(f"{name}: expected at least 0, got {getattr(config, name)}")
-    if not config.lr > 0 or config.lr == float("inf"):
-        raise ValueError(f"lr: expected a positive finite number, got {config.lr}")
+    if config.lr <= 0:
+        raise ValueError(f"lr: expected a positive number, got {config.lr}")
     if not config.blocks or min(config.blocks) < 1:
         raise ValueError(f"blocks: expected one or more positive ints, got {config.blocks}")
     for name, allowed in _choices().items():

@@ -4,52 +4,80 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from aanet.landmarks import WFLW_ATTRIBUTES
-from aanet.metrics import nme, summarize
+from aanet.metrics import confidence_summary, point_errors, summarize
+
+
+class Predictions(NamedTuple):
+    """A model's results on a test set: per-face NME ``(F,)``, per-point errors and confidences
+    ``(F, N)`` (errors in inter-ocular distances), and the WFLW attribute flags ``(F, 6)``."""
+
+    face_errors: torch.Tensor
+    point_errors: torch.Tensor
+    confidence: torch.Tensor
+    flags: torch.Tensor
 
 
 @torch.no_grad()
 def predict_errors(
     model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-face NME ``(F,)`` and attribute flags ``(F, 6)`` over ``loader``."""
+) -> Predictions:
+    """Run ``model`` over ``loader`` and measure every point against its annotation."""
     was_training = model.training
     model.eval()
-    errors, flags = [], []
+    points, confidences, flags = [], [], []
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=amp):
-            coords, _, _ = model(images)
-        errors.append(nme(coords.float().cpu(), batch["landmarks"]))
+            coords, confidence, _ = model(images)
+        points.append(point_errors(coords.float().cpu(), batch["landmarks"]))
+        confidences.append(confidence.float().cpu())
         flags.append(batch["attributes"])
     model.train(was_training)
-    return torch.cat(errors), torch.cat(flags)
+    point_error = torch.cat(points)
+    return Predictions(
+        point_error.mean(dim=-1), point_error, torch.cat(confidences), torch.cat(flags)
+    )
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def subset_report(errors: torch.Tensor, flags: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Metrics of the full set and of each WFLW subset (faces whose flag is set)."""
+def subset_report(predictions: Predictions) -> dict[str, dict[str, float]]:
+    """Metrics of the full set and of each WFLW subset (faces whose flag is set), and under
+    ``"confidence"`` how well the landmark confidences track the errors."""
+    errors, flags = predictions.face_errors, predictions.flags
     report = {"full": summarize(errors)}
     if flags.numel() and flags.any():
         for column, name in enumerate(WFLW_ATTRIBUTES):
             report[name] = summarize(errors[flags[:, column] == 1])
+    report["confidence"] = confidence_summary(predictions.point_errors, predictions.confidence)
     return report
 
 
 def format_table(report: dict[str, dict[str, float]]) -> str:
-    """A fixed-width table: subset, faces, NME (%), FR@0.1 (%), AUC@0.1."""
+    """A fixed-width table (subset, faces, NME %, FR@0.1 %, AUC@0.1), then the confidences."""
     lines = [f"{'subset':<14}{'faces':>7}{'NME %':>9}{'FR@0.1 %':>10}{'AUC@0.1':>9}"]
     for name, m in report.items():
+        if name != "confidence":
+            lines.append(
+                f"{name:<14}{m['count']:>7}{100 * m['nme']:>9.2f}{100 * m['fr']:>10.2f}"
+                f"{m['auc']:>9.4f}"
+            )
+    if "confidence" in report:
+        c = report["confidence"]
         lines.append(
-            f"{name:<14}{m['count']:>7}{100 * m['nme']:>9.2f}{100 * m['fr']:>10.2f}{m['auc']:>9.4f}"
+            f"landmark confidence: median {c['median']:.2f}; rank correlation with the error "
+            f"{c['rank_correlation']:+.2f}; mean error of the least / most confident quarter of "
+            f"the points {100 * c['error_least_sure_quarter']:.2f}% / "
+            f"{100 * c['error_most_sure_quarter']:.2f}%"
         )
     return "\n".join(lines)
 

@@ -73,6 +73,23 @@ def awing_loss(coords: Tensor, logits: Tensor, target: Tensor, stride: int) -> T
     return adaptive_wing(torch.sigmoid(logits.float()), maps)
 
 
+def heatmap_divergence(logits: Tensor, target: Tensor, stride: int, sigma: float = 1.0) -> Tensor:
+    """Mean Jensen-Shannon divergence between each softmax heat map and a Gaussian of ``sigma``
+    heat-map cells centred on its target, normalised to sum 1 (the regulariser of DSNT, Nibali et
+    al., 2018). A coordinate loss alone is met by any map whose mean is right, however spread
+    out; this term asks for a compact peak, which is what the confidence measures. In fp32;
+    bounded by ``log 2``."""
+    b, n, h, w = logits.shape
+    p = torch.softmax(logits.float().flatten(2), dim=-1)
+    q = gaussian_heatmaps(target.float(), h, w, stride, sigma).flatten(2)
+    # A target far off the grid has an all-zero Gaussian: q = 0 there gives a constant term.
+    q = q / q.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    m = 0.5 * (p + q)
+    kl_p = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(dim=-1)
+    kl_q = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(dim=-1)
+    return (0.5 * (kl_p + kl_q)).mean()
+
+
 def build_loss(name: str) -> LossFn:
     """The loss called as ``loss(coords, heatmap_logits, target, stride)``."""
     table = {"mse": mse_loss, "l1": l1_loss, "wing": wing_loss, "awing": awing_loss}

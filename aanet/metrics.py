@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from aanet.landmarks import scheme_for
@@ -15,6 +16,11 @@ def nme(pred: Tensor, target: Tensor) -> Tensor:
     The mean point-to-point distance divided by the distance between the outer eye corners of
     the target (WFLW points 60 and 72, 300W points 36 and 45), chosen from ``N``.
     """
+    return point_errors(pred, target).mean(dim=-1)
+
+
+def point_errors(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-point distances ``(B, N)`` divided by the face's inter-ocular distance (see ``nme``)."""
     if pred.shape != target.shape or pred.dim() != 3 or pred.shape[-1] != 2:
         raise ValueError(
             f"pred, target: expected equal shapes (B, N, 2), got {tuple(pred.shape)} and "
@@ -26,7 +32,33 @@ def nme(pred: Tensor, target: Tensor) -> Tensor:
         raise ValueError(
             "target: the outer eye corners coincide in some face (zero inter-ocular distance)"
         )
-    return (pred - target).norm(dim=-1).mean(dim=-1) / ocular
+    return (pred - target).norm(dim=-1) / ocular[:, None]
+
+
+def rank_correlation(a: Tensor, b: Tensor) -> float:
+    """Spearman's rank correlation of two 1-D samples (ties ranked in order of appearance)."""
+    if a.numel() < 2:
+        return float("nan")
+    ranks = torch.stack([a.argsort().argsort(), b.argsort().argsort()]).double()
+    return float(torch.corrcoef(ranks)[0, 1])
+
+
+def confidence_summary(errors: Tensor, confidence: Tensor) -> dict[str, float]:
+    """Whether per-point confidences mean anything: their median, their rank correlation with the
+    per-point errors (negative when the sure points are the accurate ones), and the mean error
+    of the least and of the most confident quarter of the points."""
+    errors, confidence = errors.flatten().double(), confidence.flatten().double()
+    if not errors.numel():
+        return {"median": float("nan"), "rank_correlation": float("nan"),
+                "error_least_sure_quarter": float("nan"),
+                "error_most_sure_quarter": float("nan")}  # fmt: skip
+    low, high = torch.quantile(confidence, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    return {
+        "median": float(confidence.median()),
+        "rank_correlation": rank_correlation(errors, confidence),
+        "error_least_sure_quarter": float(errors[confidence <= low].mean()),
+        "error_most_sure_quarter": float(errors[confidence >= high].mean()),
+    }
 
 
 def failure_rate(errors: Tensor, threshold: float = THRESHOLD) -> float:

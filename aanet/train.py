@@ -22,7 +22,7 @@ from aanet.datasets import sources
 from aanet.datasets.augment import AugmentConfig
 from aanet.datasets.dataset import LandmarkDataset
 from aanet.evaluate import predict_errors, subset_report
-from aanet.losses import build_loss
+from aanet.losses import build_loss, heatmap_divergence
 from aanet.metrics import summarize
 from aanet.model import HEATMAP_STRIDE, build_model
 from aanet_kernels import use_backend
@@ -216,6 +216,10 @@ def train(
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
                     coords, _, logits = net(images)
                 loss = loss_fn(coords.float(), logits, target, HEATMAP_STRIDE)
+                if config.heatmap_reg:
+                    loss = loss + config.heatmap_reg * heatmap_divergence(
+                        logits, target, HEATMAP_STRIDE
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 if not loss_is_finite(loss, group):
                     handle_nonfinite_loss(config.on_nan, loss, epoch + 1, step, out / "last.pt")
@@ -242,7 +246,9 @@ def train(
                 "seconds": seconds,
             }  # fmt: skip
             if group.main:
-                metrics = summarize(predict_errors(model, test_loader, device, config.amp)[0])
+                metrics = summarize(
+                    predict_errors(model, test_loader, device, config.amp).face_errors
+                )
                 row.update(test_nme=metrics["nme"], test_fr=metrics["fr"], test_auc=metrics["auc"])
                 history.append(row)
                 log.info(
@@ -263,6 +269,5 @@ def train(
 
     result: dict[str, Any] = {"history": history, "out": str(out), "model": model}
     if group.main:
-        errors, flags = predict_errors(model, test_loader, device, config.amp)
-        result["report"] = subset_report(errors, flags)
+        result["report"] = subset_report(predict_errors(model, test_loader, device, config.amp))
     return result

@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
-from aanet.losses import adaptive_wing, build_loss, gaussian_heatmaps, wing
-from aanet.metrics import auc, failure_rate, nme, summarize
+from aanet.losses import adaptive_wing, build_loss, gaussian_heatmaps, heatmap_divergence, wing
+from aanet.metrics import (
+    auc,
+    confidence_summary,
+    failure_rate,
+    nme,
+    point_errors,
+    rank_correlation,
+    summarize,
+)
 
 
 def _face(num_points: int, left: int, right: int) -> torch.Tensor:
@@ -90,3 +98,76 @@ def test_gaussian_heatmaps_peak_at_targets():
     maps = gaussian_heatmaps(target, 8, 8, 4)
     assert maps[0, 0].argmax().item() == 1 * 8 + 3
     assert maps.max().item() == pytest.approx(1.0)
+
+
+def _js_by_hand(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen-Shannon divergence of two distributions, from the definition."""
+    m = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> float:
+        keep = a > 0
+        return float((a[keep] * (a[keep] / b[keep]).log()).sum())
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def test_heatmap_divergence_matches_its_definition():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 6, 7, generator=generator, dtype=torch.float64)
+    target = torch.rand(2, 3, 2, generator=generator, dtype=torch.float64) * 24
+    got = heatmap_divergence(logits, target, stride=4).item()
+    gauss = gaussian_heatmaps(target, 6, 7, 4).flatten(2)
+    gauss = gauss / gauss.sum(-1, keepdim=True)
+    prob = torch.softmax(logits.flatten(2), -1)
+    expected = sum(_js_by_hand(prob[b, n], gauss[b, n]) for b in range(2) for n in range(3)) / 6
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_heatmap_divergence_is_zero_at_the_gaussian_and_grows_as_the_map_spreads():
+    target = torch.tensor([[[13.5, 9.5]]])  # crop pixels; cell (3, 2) of a stride-4 map
+    gauss = gaussian_heatmaps(target, 8, 8, 4)
+    at_target = heatmap_divergence(gauss.clamp_min(1e-30).log(), target, 4).item()
+    sharp_wrong = torch.full((1, 1, 8, 8), -30.0)
+    sharp_wrong[0, 0, 7, 7] = 0.0
+    flat = torch.zeros(1, 1, 8, 8)
+    assert at_target == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 < heatmap_divergence(flat, target, 4).item() < math.log(2)
+    assert heatmap_divergence(sharp_wrong, target, 4).item() == pytest.approx(math.log(2), rel=1e-3)
+
+
+def test_heatmap_divergence_is_finite_in_half_and_for_targets_off_the_map():
+    logits = torch.randn(1, 2, 8, 8, dtype=torch.float16, requires_grad=True)
+    target = torch.tensor([[[16.0, 16.0], [1e4, -1e4]]])  # the second far outside the crop
+    value = heatmap_divergence(logits, target, 4)
+    value.backward()
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[0, 1].abs().max() < 1e-6  # nothing to learn from an all-zero Gaussian
+
+
+def test_point_errors_average_to_the_nme():
+    target = _face(98, 60, 72)
+    pred = target + torch.randn(1, 98, 2, generator=torch.Generator().manual_seed(4))
+    per_point = point_errors(pred, target)
+    assert per_point.shape == (1, 98)
+    assert per_point.mean().item() == pytest.approx(nme(pred, target).item())
+    assert per_point[0, 5].item() == pytest.approx((pred - target)[0, 5].norm().item() / 10)
+
+
+def test_rank_correlation_by_hand():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert rank_correlation(a, a * 10) == pytest.approx(1.0)
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    # ranks (0, 1, 2, 3) against (1, 0, 3, 2): 1 - 6 * 4 / (4 * 15) = 0.6
+    assert rank_correlation(a, torch.tensor([2.0, 1.0, 4.0, 3.0])) == pytest.approx(0.6)
+
+
+def test_confidence_summary_tells_informative_from_useless_confidences():
+    generator = torch.Generator().manual_seed(5)
+    errors = torch.rand(40, 98, generator=generator) * 0.1
+    informative = confidence_summary(errors, 1.0 - errors * 5)  # sure where accurate
+    useless = confidence_summary(errors, torch.rand(40, 98, generator=generator))
+    assert informative["rank_correlation"] == pytest.approx(-1.0)
+    assert informative["error_least_sure_quarter"] > 3 * informative["error_most_sure_quarter"]
+    assert abs(useless["rank_correlation"]) < 0.1
+    assert informative["median"] == pytest.approx(float((1.0 - errors * 5).median()), abs=1e-6)

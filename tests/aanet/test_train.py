@@ -22,7 +22,7 @@ from aanet.datasets.dataset import LandmarkDataset
 from aanet.datasets.wflw import load_wflw
 from aanet.export import export
 from aanet.inference import load_model
-from aanet.losses import build_loss
+from aanet.losses import build_loss, heatmap_divergence
 from aanet.model import HEATMAP_STRIDE, ModelConfig, build_model
 from aanet.train import train
 from aanet_kernels import use_backend
@@ -63,6 +63,26 @@ def test_a_few_steps_lower_the_loss(tmp_path, attention):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_heatmap_regulariser_sharpens_the_maps_and_raises_confidence(tmp_path):
+    torch.manual_seed(0)
+    root = synthetic.generate(tmp_path, synthetic.SyntheticConfig(8, 1, 64))
+    data = LandmarkDataset(load_wflw(root, "train"), 32, AugmentConfig())
+    batch = torch.utils.data.default_collate([data[i] for i in range(8)])
+    model = build_model(ModelConfig(input_size=32, width=16, blocks=(1, 1, 1)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    divergences, confidences = [], []
+    for _ in range(20):
+        _, confidence, logits = model(batch["image"])
+        loss = heatmap_divergence(logits, batch["landmarks"], HEATMAP_STRIDE)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        divergences.append(loss.item())
+        confidences.append(confidence.median().item())
+    assert divergences[-1] < 0.5 * divergences[0], divergences
+    assert confidences[-1] > 2 * confidences[0], confidences
 
 
 def test_attention_flag_switches_the_layer():
@@ -202,6 +222,8 @@ def test_evaluate_cli_writes_table_and_json(trained, tmp_path, capsys):
     )
     report = json.loads(out.read_text())
     assert report["full"]["count"] == 8
+    confidence = report["confidence"]
+    assert 0.0 <= confidence["median"] <= 1.0 and -1.0 <= confidence["rank_correlation"] <= 1.0
     assert "NME %" in capsys.readouterr().out
 
 
