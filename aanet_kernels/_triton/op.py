@@ -57,7 +57,14 @@ _BWD_SCHEMA = (
 )
 
 
-def _check_head_dims(q: Tensor, v: Tensor) -> None:
+def _check_supported(q: Tensor, v: Tensor) -> None:
+    """Head dims within the compiled range, and no bf16 under the interpreter, whose ``tl.dot``
+    on bf16 operands returns garbage (a wrong answer must not pass for a result)."""
+    if q.dtype == torch.bfloat16 and triton_interpreted():
+        raise TypeError(
+            "q: bfloat16 does not run under TRITON_INTERPRET=1 (the Triton interpreter computes "
+            "bf16 tl.dot wrongly); use float16/float32 there, or run the triton backend on a GPU"
+        )
     for name, size in (("q", q.shape[-1]), ("v", v.shape[-1])):
         if size > MAX_HEAD_DIM:
             raise ValueError(
@@ -131,7 +138,7 @@ def attention_2d_triton_fwd(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     """Forward: ``(out, lse)``, both contiguous; see ``aanet_kernels.attention_2d`` for the math."""
-    _check_head_dims(q, v)
+    _check_supported(q, v)
     batch, heads, length, dkh = q.shape
     dvh = v.shape[-1]
     out = q.new_empty((batch, heads, length, dvh))
@@ -172,7 +179,7 @@ def attention_2d_triton_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward: ``(dq, dk, dv, dbias_h, dbias_w)``, contiguous; a bias gradient is full size
     ``(B, Nh, L, height|width)``, or a 0-element tensor when that bias is absent."""
-    _check_head_dims(q, v)
+    _check_supported(q, v)
     batch, heads, length, dkh = q.shape
     dvh = v.shape[-1]
     lse = lse.contiguous()

@@ -235,6 +235,13 @@ def test_empty_batch():
     assert inputs[0].grad.shape == inputs[0].shape
 
 
+def test_bfloat16_is_refused_under_the_interpreter_not_computed_wrong():
+    case = Case(1, 1, 3, 5, 4, 3)
+    inputs = make_inputs(case, torch.bfloat16)
+    with pytest.raises(TypeError, match="q: bfloat16 does not run under TRITON_INTERPRET=1"):
+        ak.attention_2d(*inputs, height=3, width=5, backend="triton")
+
+
 def test_head_dim_past_the_limit_names_the_argument():
     case = Case(1, 1, 2, 2, triton_op.MAX_HEAD_DIM + 1, 2)
     q, k, v, bh, bw = make_inputs(case, torch.float32)
