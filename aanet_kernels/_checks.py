@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -42,12 +43,15 @@ def check_attention_2d_inputs(
             raise ValueError(
                 f"{name}: expected device {q.device} (the device of q), got {t.device}"
             )
+    # numbers.Integral / Real: NumPy scalars are taken too (the caller converts them).
     sizes_ok = all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (height, width)
+        isinstance(n, int | numbers.Integral) and not isinstance(n, bool) and n >= 1
+        for n in (height, width)
     )
     if not sizes_ok:
         raise ValueError(f"height, width: expected positive ints, got {height!r}, {width!r}")
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+    real = isinstance(scale, int | float | numbers.Real) and not isinstance(scale, bool)
+    if not real or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite real number, got {scale!r}")
     batch, heads, length, dkh = q.shape
     if length != height * width:

@@ -151,6 +151,9 @@ def attention_2d(
         ``(B, Nh, L, dvh)``. A query whose logits are all ``-inf`` gets zeros (and zero gradients).
     """
     check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale)
+    # NumPy integers to ints; an int (or a SymInt under torch.compile) is passed on untouched.
+    height, width = (n if isinstance(n, int) else int(n) for n in (height, width))
+    scale = float(scale)
     name = resolve_backend(backend, q.device, max(q.shape[-1], v.shape[-1]))
     if name == "reference":
         return reference.attention_2d_reference(
@@ -159,8 +162,6 @@ def attention_2d(
     if name == "triton":
         from aanet_kernels._triton import attention_2d_triton
 
-        return attention_2d_triton(q, k, v, bias_h, bias_w, height, width, float(scale))
-    out, _ = torch.ops.aanet_kernels.attention_2d_fwd(
-        q, k, v, bias_h, bias_w, height, width, float(scale)
-    )
+        return attention_2d_triton(q, k, v, bias_h, bias_w, height, width, scale)
+    out, _ = torch.ops.aanet_kernels.attention_2d_fwd(q, k, v, bias_h, bias_w, height, width, scale)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,3 +74,15 @@ def test_cpp_op_names_the_argument(overrides: dict, message: str):
 def test_cpp_op_checks_length():
     with pytest.raises(RuntimeError, match="L = 12 does not equal height"):
         torch.ops.aanet_kernels.attention_2d_fwd(*_inputs().values(), 4, 4, 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalars_are_taken_as_the_numbers_they_hold(backend: str):
+    inputs = _inputs()
+    plain = ak.attention_2d(**inputs, height=3, width=4, scale=0.5, backend=backend)
+    numpy_args = ak.attention_2d(
+        **inputs, height=np.int64(3), width=np.int32(4), scale=np.float32(0.5), backend=backend
+    )
+    assert torch.equal(plain, numpy_args)
+    with pytest.raises(ValueError, match="height, width: expected positive ints"):
+        ak.attention_2d(**inputs, height=np.float64(3.0), width=4, backend=backend)
