@@ -36,7 +36,9 @@ class Config:
     num_heads: int = 4
     # optimisation (defaults from the AANet description: MSE, batch 64, Adam, lr 1e-3)
     loss: str = "mse"
-    heatmap_reg: float = 0.0  # weight of the heat-map regulariser (losses.heatmap_divergence)
+    # Weight of the heat-map regulariser (losses.heatmap_divergence): 300 makes confidences
+    # informative, and on a 24-epoch schedule the landmarks more accurate (README).
+    heatmap_reg: float = 300.0
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 64
