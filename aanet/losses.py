@@ -96,3 +96,17 @@ def build_loss(name: str) -> LossFn:
     if name not in table:
         raise ValueError(f"loss: expected one of {LOSSES}, got {name!r}")
     return table[name]
+
+
+def build_training_loss(name: str, heatmap_reg: float = 0.0) -> LossFn:
+    """What training minimises: the loss ``name`` plus ``heatmap_reg`` times
+    :func:`heatmap_divergence`; called like :func:`build_loss`'s losses."""
+    loss_fn = build_loss(name)
+    if not heatmap_reg:
+        return loss_fn
+
+    def regularised(coords: Tensor, logits: Tensor, target: Tensor, stride: int) -> Tensor:
+        divergence = heatmap_divergence(logits, target, stride)
+        return loss_fn(coords, logits, target, stride) + heatmap_reg * divergence
+
+    return regularised

@@ -22,7 +22,7 @@ from aanet.datasets import sources
 from aanet.datasets.augment import AugmentConfig
 from aanet.datasets.dataset import LandmarkDataset
 from aanet.evaluate import predict_errors, subset_report
-from aanet.losses import build_loss, heatmap_divergence
+from aanet.losses import build_training_loss
 from aanet.metrics import summarize
 from aanet.model import HEATMAP_STRIDE, build_model
 from aanet_kernels import use_backend
@@ -196,7 +196,7 @@ def train(
         if group.world > 1
         else model
     )
-    loss_fn = build_loss(config.loss)
+    loss_fn = build_training_loss(config.loss, config.heatmap_reg)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
     with use_backend(config.backend):
@@ -216,10 +216,6 @@ def train(
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
                     coords, _, logits = net(images)
                 loss = loss_fn(coords.float(), logits, target, HEATMAP_STRIDE)
-                if config.heatmap_reg:
-                    loss = loss + config.heatmap_reg * heatmap_divergence(
-                        logits, target, HEATMAP_STRIDE
-                    )
                 optimizer.zero_grad(set_to_none=True)
                 if not loss_is_finite(loss, group):
                     handle_nonfinite_loss(config.on_nan, loss, epoch + 1, step, out / "last.pt")

@@ -3,11 +3,12 @@
 Variants: AANet with its AA-Conv layers on each backend of
 ``aanet_kernels.available_backends(device)`` (chosen with ``aanet_kernels.use_backend``), and the
 same network with plain 3x3 convolutions (``attention=False``) as the baseline. A step is what
-``aanet.train`` does per batch: forward, the MSE of the landmark coordinates, backward, an Adam
-step. The batch size defaults to the model's (``aanet.config.Config.batch_size``) on random images
-of the default input size; time is the median over steps after warm-up (``benchmarks.common``),
-memory the peak of one step above the model and optimizer state (CUDA: allocator; CPU: resident
-set, in a worker process, see ``benchmarks.common.rss_peak_bytes``).
+``aanet.train`` does per batch: forward, the default training loss (coordinate MSE plus the
+heat-map regulariser, ``aanet.losses.build_training_loss``), backward, an Adam step. The batch
+size defaults to the model's (``aanet.config.Config.batch_size``) on random images of the default
+input size; time is the median over steps after warm-up (``benchmarks.common``), memory the peak
+of one step above the model and optimizer state (CUDA: allocator; CPU: resident set, in a worker
+process, see ``benchmarks.common.rss_peak_bytes``).
 
 ``--max-batch`` (CUDA) also searches the largest batch that fits: doubling until out of memory,
 then bisecting between the last fit and the first failure.
@@ -49,12 +50,14 @@ class Job:
 def make_step(job: Job, device: torch.device) -> Callable[[], None]:
     """A training step of AANet for ``job`` on fixed random data (model, optimizer built here)."""
     from aanet.config import Config
-    from aanet.model import build_model
+    from aanet.losses import build_training_loss
+    from aanet.model import HEATMAP_STRIDE, build_model
 
     config = Config(input_size=job.input_size, attention=job.variant != PLAIN)
     dtype = getattr(torch, job.dtype)
     model = build_model(config.model_config()).to(device=device, dtype=dtype).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    loss_fn = build_training_loss(config.loss, config.heatmap_reg)
     images = torch.randn(job.batch, 3, job.input_size, job.input_size, device=device, dtype=dtype)
     num_points = config.model_config().num_points
     targets = torch.rand(job.batch, num_points, 2, device=device, dtype=dtype) * job.input_size
@@ -62,8 +65,8 @@ def make_step(job: Job, device: torch.device) -> Callable[[], None]:
 
     def step() -> None:
         with aanet_kernels.use_backend(backend):
-            coords, _, _ = model(images)
-            loss = torch.nn.functional.mse_loss(coords.float(), targets.float())
+            coords, _, logits = model(images)
+            loss = loss_fn(coords.float(), logits, targets.float(), HEATMAP_STRIDE)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -201,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         f"# AANet training steps: {meta['device_name']} ({meta['device']})\n\n"
         f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
         f"{meta['cpu_threads']} CPU threads; input {args.input_size}x{args.input_size}, "
-        f"{args.dtype}, Adam.\n\n" + common.markdown_table(table, header) + "\n"
+        f"{args.dtype}, Adam, the default training loss (MSE + heat-map regulariser).\n\n"
+        + common.markdown_table(table, header)
+        + "\n"
     )
     keys = list(dict.fromkeys(k for r in rows for k in r))
     common.write_csv(

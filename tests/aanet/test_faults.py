@@ -112,11 +112,11 @@ def test_sigkilled_training_resumes_to_the_same_weights(tmp_path):
 
 def _nan_at_calls(monkeypatch: pytest.MonkeyPatch, poisoned: set[int]) -> None:
     """Make the training loss NaN at the given (1-based) calls of the loss function."""
-    build = aanet.train.build_loss
+    build = aanet.train.build_training_loss
     calls = iter(range(1, 10**6))
 
-    def build_poisoned(name: str):
-        loss_fn = build(name)
+    def build_poisoned(name: str, heatmap_reg: float):
+        loss_fn = build(name, heatmap_reg)
 
         def poisoned_loss(*args, **kwargs):
             loss = loss_fn(*args, **kwargs)
@@ -124,7 +124,7 @@ def _nan_at_calls(monkeypatch: pytest.MonkeyPatch, poisoned: set[int]) -> None:
 
         return poisoned_loss
 
-    monkeypatch.setattr(aanet.train, "build_loss", build_poisoned)
+    monkeypatch.setattr(aanet.train, "build_training_loss", build_poisoned)
 
 
 def _nan_config(tmp_path: Path, on_nan: str) -> Config:

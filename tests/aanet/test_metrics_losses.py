@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from aanet.losses import adaptive_wing, build_loss, gaussian_heatmaps, heatmap_divergence, wing
+from aanet.losses import (
+    adaptive_wing,
+    build_loss,
+    build_training_loss,
+    gaussian_heatmaps,
+    heatmap_divergence,
+    wing,
+)
 from aanet.metrics import (
     auc,
     confidence_summary,
@@ -73,6 +80,19 @@ def test_coordinate_losses():
     )
     with pytest.raises(ValueError, match="loss"):
         build_loss("huber")
+
+
+def test_training_loss_adds_the_weighted_heatmap_divergence():
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.rand(2, 98, 2, generator=g) * 32, torch.rand(2, 98, 2, generator=g) * 32
+    logits = torch.randn(2, 98, 8, 8, generator=g)
+    plain = build_loss("l1")(pred, logits, target, 4)
+    assert build_training_loss("l1", 0.0)(pred, logits, target, 4).item() == plain.item()
+    divergence = heatmap_divergence(logits, target, 4)
+    assert divergence.item() > 0.01  # random maps are far from the Gaussians
+    assert build_training_loss("l1", 300.0)(pred, logits, target, 4).item() == pytest.approx(
+        (plain + 300.0 * divergence).item()
+    )
 
 
 def test_wing_by_hand_and_continuous():
