@@ -152,6 +152,39 @@ def test_bench_train_tiny_writes_table(tmp_path):
     assert "time / plain conv" in md
 
 
+def test_ablation_tiny_trains_both_variants_and_writes_table_and_plot(tmp_path):
+    pytest.importorskip("aanet.train", reason="the AANet trainer is not in this checkout")
+    from benchmarks import ablation_aanet
+
+    config = tmp_path / "tiny.json"
+    config.write_text(
+        json.dumps(
+            {
+                "data_root": str(tmp_path / "data"),
+                "num_train": 8,
+                "num_test": 4,
+                "image_size": 48,
+                "input_size": 32,
+                "width": 16,
+                "blocks": [1, 1, 1],
+                "batch_size": 4,
+                "device": "cpu",
+            }
+        )
+    )
+    results = ablation_aanet.main([
+        "--config", str(config), "--epochs", "1", "--runs-dir", str(tmp_path / "runs"),
+        "--out-dir", str(tmp_path / "out"), "--name", "tiny", "--no-progress",
+    ])  # fmt: skip
+    # The variants differ in their layers, so in their parameter counts.
+    assert results["attention"]["parameters"] != results["no-attention"]["parameters"]
+    assert all(len(r["history"]) == 1 for r in results.values())
+    md = (tmp_path / "out" / "aanet_ablation_tiny.md").read_text()
+    assert "| AANet, attention |" in md and "| AANet, no-attention |" in md
+    assert (tmp_path / "out" / "aanet_ablation_tiny.png").stat().st_size > 0
+    assert (tmp_path / "runs" / "no-attention" / "last.pt").exists()
+
+
 def test_profiler_writes_trace_with_named_phases(tmp_path):
     from aanet_kernels import profile
 
