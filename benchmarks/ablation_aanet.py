@@ -6,7 +6,10 @@ confidence summary, each WFLW subset) and ``aanet_ablation_<name>.png`` (trainin
 NME per epoch, both variants on the same axes). Each variant's run directory keeps its checkpoint,
 so ``--resume`` continues a killed ablation where it stopped.
 
-    python benchmarks/ablation_aanet.py --config cpu --epochs 24     # about 25 minutes on 2 cores
+    python benchmarks/ablation_aanet.py --config cpu --epochs 24     # about 30 minutes on 2 cores
+    python benchmarks/ablation_aanet.py --config cpu --epochs 24 --seed 1 \
+        --data-root runs/data/synthetic-seed1 --runs-dir runs/ablation-seed1 \
+        --name synthetic_cpu_seed1
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def variant_config(args: argparse.Namespace, attention: bool, name: str) -> Conf
     """The preset with this run's budget, regulariser weight and variant."""
     values = read_config_file(args.config)
     values.update(attention=attention, out=str(args.runs_dir / name))
-    for key in ("epochs", "heatmap_reg", "seed", "device"):
+    for key in ("epochs", "heatmap_reg", "seed", "device", "data_root"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     return make_config(values)
@@ -111,6 +114,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--heatmap-reg", type=float, help="default: the preset's or Config's")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="default: the preset's")
+    parser.add_argument(
+        "--data-root",
+        help="default: the preset's; give each --seed its own (the synthetic set follows the seed)",
+    )
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="synthetic_cpu", help="suffix of the result files")
