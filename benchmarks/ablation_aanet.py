@@ -89,6 +89,9 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 30, not 3 x 10^1, on the log axes
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, result in results.items():
@@ -101,6 +104,8 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     right.set(xlabel="epoch", ylabel="NME (%)", yscale="log", title="test NME (inter-ocular)")
     for axis in (left, right):
         axis.grid(alpha=0.3, which="both")
+        axis.yaxis.set_major_formatter(plain)
+        axis.yaxis.set_minor_formatter(plain)
         axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
