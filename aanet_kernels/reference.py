@@ -86,3 +86,36 @@ def attention_2d_reference_lse(
     """Log-sum-exp of each logits row, ``(B, Nh, L)``: what the fused kernels save for backward."""
     logits = attention_2d_logits(q, k, bias_h, bias_w, height=height, width=width, scale=scale)
     return torch.logsumexp(logits, dim=-1)
+
+
+def attention_2d_reference_jvp(
+    primals: tuple[Tensor | None, ...],
+    tangents: tuple[Tensor | None, ...],
+    *,
+    height: int,
+    width: int,
+    scale: float = 1.0,
+) -> Tensor:
+    """Forward-mode derivative of ``attention_2d``: the tangent of the output for tangents of
+    ``(q, k, v, bias_h, bias_w)`` (``None`` where an input is held constant or absent).
+
+    With ``P = softmax(S)`` and ``dS`` the tangent of the logits,
+    ``dO = (P * (dS - rowsum(P * dS))) @ v + P @ dv``: a row of only ``-inf`` logits has ``P = 0``
+    and a zero tangent."""
+    q, k, v, bias_h, bias_w = primals
+    dq, dk, dv, dbias_h, dbias_w = tangents
+    probs = safe_softmax(
+        attention_2d_logits(q, k, bias_h, bias_w, height=height, width=width, scale=scale)
+    )
+    bias_term = expand_bias_tables(dbias_h, dbias_w, height, width)
+    terms = [bias_term] if bias_term is not None else []
+    if dq is not None:
+        terms.append(torch.matmul(dq, k.transpose(-1, -2)) * scale)
+    if dk is not None:
+        terms.append(torch.matmul(q, dk.transpose(-1, -2)) * scale)
+    dout = probs.new_zeros((*probs.shape[:-1], v.shape[-1])) if dv is None else probs @ dv
+    if terms:
+        dlogits = sum(terms[1:], terms[0])
+        dprobs = probs * (dlogits - (probs * dlogits).sum(dim=-1, keepdim=True))
+        dout = dout + torch.matmul(dprobs, v)
+    return dout

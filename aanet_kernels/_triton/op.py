@@ -3,7 +3,7 @@
 Declared with ``torch.library.triton_op`` and launched through ``wrap_triton``, so that
 ``torch.compile(fullgraph=True)`` sees the kernels; ``triton_op`` derives the fake (meta)
 implementations by running these functions on fake tensors, which gives the same shapes and dtypes
-as ``ops.fake_attention_2d_fwd/bwd``. Autograd is the shared ``ops.register_attention_2d_autograd``.
+as ``ops.fake_attention_2d_fwd/bwd``. Autograd is the shared ``ops.attention_2d_autograd``.
 The schemas are those of the C++ ops in ``csrc/ops.cpp`` (torch 2.11 ignores ``schema=`` and infers
 the same arguments, with ``SymInt`` sizes and unnamed returns; a symbolic ``height``/``width`` is
 then specialised, as every constexpr argument of a traced Triton kernel is).
@@ -32,7 +32,7 @@ from aanet_kernels._triton.backward import (
 )
 from aanet_kernels._triton.forward import attention_2d_fwd_kernel
 from aanet_kernels.backends import triton_interpreted
-from aanet_kernels.ops import lse_dtype, register_attention_2d_autograd
+from aanet_kernels.ops import attention_2d_autograd, lse_dtype
 
 Bias = Tensor | None
 FWD_NAME = "aanet_kernels::attention_2d_triton_fwd"
@@ -233,7 +233,10 @@ def attention_2d_triton_bwd(
     return dq, dk, dv, dbias_h, dbias_w
 
 
-register_attention_2d_autograd(FWD_NAME, torch.ops.aanet_kernels.attention_2d_triton_bwd.default)
+triton_attention_2d = attention_2d_autograd(
+    torch.ops.aanet_kernels.attention_2d_triton_fwd.default,
+    torch.ops.aanet_kernels.attention_2d_triton_bwd.default,
+)
 
 
 def attention_2d_triton(
@@ -247,7 +250,5 @@ def attention_2d_triton(
     scale: float,
 ) -> Tensor:
     """``attention_2d`` on the Triton kernels, with autograd (the caller has checked the inputs)."""
-    out, _ = torch.ops.aanet_kernels.attention_2d_triton_fwd(
-        q, k, v, bias_h, bias_w, height, width, scale
-    )
+    out, _ = triton_attention_2d(q, k, v, bias_h, bias_w, height, width, scale)
     return out

@@ -1,0 +1,140 @@
+"""attention_2d under torch.func transforms and forward-mode autograd, on the CPU kernel and (on
+a GPU) the CUDA and Triton kernels; the Triton kernels under the interpreter in
+tests/triton_interpret. The forward-mode formula of the reference path is checked against
+PyTorch's own forward-mode differentiation of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import grad, jvp, vjp, vmap
+
+import aanet_kernels as ak
+from aanet_kernels import reference
+from aanet_kernels._extension import extension_loaded
+from tests import func_transform_checks as checks
+from tests.attention_cases import AWKWARD_CASES, Case, make_inputs
+
+OPS = torch.ops.aanet_kernels
+needs_extension = pytest.mark.skipif(not extension_loaded(), reason="aanet_kernels._C not built")
+BACKENDS = [
+    pytest.param("cpu", "cpu", marks=needs_extension),
+    pytest.param("cuda", "cuda", marks=[pytest.mark.gpu, needs_extension]),
+    pytest.param("triton", "cuda", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("check", checks.CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_transform_matches_reference(check, backend: str, device: str) -> None:
+    check(backend, device, torch.float64, 1e-10)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_vmap_in_float32(backend: str, device: str) -> None:
+    checks.check_vmap(backend, device, torch.float32, 1e-5)
+
+
+@needs_extension
+def test_vmap_of_the_bare_ops_folds_into_the_batch() -> None:
+    """torch.ops.aanet_kernels.attention_2d_fwd/bwd under vmap (no autograd involved): one call on
+    the folded batch, equal to the op per element; an absent bias gets an empty placeholder."""
+    case = Case(2, 2, 3, 4, 5, 3, "h")
+    draws = [make_inputs(case, seed=80 + i) for i in range(3)]
+    q, k, v, bias_h = (torch.stack([d[n] for d in draws]) for n in range(4))
+    geometry = (case.height, case.width, 0.5)
+    out, lse = vmap(lambda *t: OPS.attention_2d_fwd(*t, None, *geometry))(q, k, v, bias_h)
+    grad_out = torch.randn_like(out)
+    grads = vmap(lambda *t: OPS.attention_2d_bwd(*t[:5], None, *t[5:], *geometry))(
+        grad_out, q, k, v, bias_h, out, lse
+    )
+    for i in range(3):
+        out_i, lse_i = OPS.attention_2d_fwd(q[i], k[i], v[i], bias_h[i], None, *geometry)
+        torch.testing.assert_close(out[i], out_i, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse[i], lse_i, rtol=1e-12, atol=1e-12)
+        grads_i = OPS.attention_2d_bwd(
+            grad_out[i], q[i], k[i], v[i], bias_h[i], None, out_i, lse_i, *geometry
+        )
+        for batched, single in zip(grads[:4], grads_i[:4], strict=True):
+            torch.testing.assert_close(batched[i], single, rtol=1e-12, atol=1e-12)
+    assert grads[4].shape == (3, 0)  # the empty placeholder, stacked by vmap's out_dims=0
+
+
+@pytest.mark.parametrize("case", AWKWARD_CASES, ids=str)
+def test_reference_jvp_matches_forward_mode_autograd(case: Case) -> None:
+    """The explicit forward-mode formula against torch.func.jvp through the reference's own ATen
+    ops, with every other input held constant."""
+    primals = make_inputs(case, seed=90)
+    free = [i for i, t in enumerate(primals) if t is not None][::2]  # the others held constant
+    tangents = [t if i in free else None for i, t in enumerate(make_inputs(case, seed=91))]
+
+    def attend(*moving):  # type: ignore[no-untyped-def]
+        full = list(primals)
+        for i, t in zip(free, moving, strict=True):
+            full[i] = t
+        return reference.attention_2d_reference(
+            *full, height=case.height, width=case.width, scale=0.7
+        )
+
+    _, expected = jvp(attend, tuple(primals[i] for i in free), tuple(tangents[i] for i in free))
+    found = reference.attention_2d_reference_jvp(
+        primals, tuple(tangents), height=case.height, width=case.width, scale=0.7
+    )
+    torch.testing.assert_close(found, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_jvp_of_a_fully_masked_row_is_zero() -> None:
+    """A query whose logits are all -inf gets a zero output, and a zero tangent."""
+    case = Case(1, 1, 2, 3, 4, 2)
+    q, k, v, bias_h, bias_w = make_inputs(case, seed=92)
+    bias_h[..., 1, :] = float("-inf")
+    tangents = make_inputs(case, seed=93)
+    found = ak.attention_2d(
+        q, k, v, bias_h, bias_w, height=2, width=3, backend="reference"
+    )  # the output row is zero...
+    dout = reference.attention_2d_reference_jvp(
+        (q, k, v, bias_h, bias_w), tangents, height=2, width=3
+    )
+    assert torch.equal(found[..., 1, :], torch.zeros_like(found[..., 1, :]))
+    assert torch.equal(dout[..., 1, :], torch.zeros_like(dout[..., 1, :]))  # ...and so its tangent
+    assert dout[..., 0, :].abs().min() > 0
+
+
+@needs_extension
+def test_first_derivatives_use_the_fused_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """grad, vjp and vmap(grad) never fall back to the reference path (which would build the
+    L x L logits): the reference is made to fail, and they still run."""
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the reference path was used for a first derivative")
+
+    monkeypatch.setattr(reference, "attention_2d_reference", refuse)
+    q, k, v, bias_h, bias_w = checks.stacked_inputs(3, torch.float64, "cpu")
+    attend = checks.attention("cpu", checks.CASE)
+
+    def loss(*x: torch.Tensor) -> torch.Tensor:
+        return attend(*x).sum()
+
+    grad(loss, argnums=(0, 3))(q[0], k[0], v[0], bias_h[0], bias_w[0])
+    vmap(grad(loss, argnums=(0, 4)))(q, k, v, bias_h, bias_w)
+    out, pullback = vjp(attend, q[0], k[0], v[0], bias_h[0], bias_w[0])
+    pullback(torch.ones_like(out))
+
+
+@needs_extension
+def test_torch_compile_of_transforms_matches_eager() -> None:
+    """torch.compile of vmap (fullgraph) and of grad over the op gives what eager gives."""
+    q, k, v, bias_h, bias_w = checks.stacked_inputs(3, torch.float32, "cpu")
+    attend = checks.attention("cpu", checks.CASE)
+    batched = vmap(attend)
+    torch.testing.assert_close(
+        torch.compile(batched, fullgraph=True)(q, k, v, bias_h, bias_w),
+        batched(q, k, v, bias_h, bias_w),
+    )
+    gradient = grad(lambda *x: attend(*x).square().sum(), argnums=(0, 3))
+    for compiled, eager in zip(
+        torch.compile(gradient)(q[0], k[0], v[0], bias_h[0], bias_w[0]),
+        gradient(q[0], k[0], v[0], bias_h[0], bias_w[0]),
+        strict=True,
+    ):
+        torch.testing.assert_close(compiled, eager)
