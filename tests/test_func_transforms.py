@@ -122,19 +122,11 @@ def test_first_derivatives_use_the_fused_backward(monkeypatch: pytest.MonkeyPatc
 
 
 @needs_extension
-def test_torch_compile_of_transforms_matches_eager() -> None:
-    """torch.compile of vmap (fullgraph) and of grad over the op gives what eager gives."""
+def test_torch_compile_of_vmap_matches_eager() -> None:
+    """torch.compile(fullgraph=True) of vmap over the op gives what eager gives."""
     q, k, v, bias_h, bias_w = checks.stacked_inputs(3, torch.float32, "cpu")
-    attend = checks.attention("cpu", checks.CASE)
-    batched = vmap(attend)
+    batched = vmap(checks.attention("cpu", checks.CASE))
     torch.testing.assert_close(
         torch.compile(batched, fullgraph=True)(q, k, v, bias_h, bias_w),
         batched(q, k, v, bias_h, bias_w),
     )
-    gradient = grad(lambda *x: attend(*x).square().sum(), argnums=(0, 3))
-    for compiled, eager in zip(
-        torch.compile(gradient)(q[0], k[0], v[0], bias_h[0], bias_w[0]),
-        gradient(q[0], k[0], v[0], bias_h[0], bias_w[0]),
-        strict=True,
-    ):
-        torch.testing.assert_close(compiled, eager)

@@ -3,7 +3,7 @@
 Declared with ``torch.library.triton_op`` and launched through ``wrap_triton``, so that
 ``torch.compile(fullgraph=True)`` sees the kernels; ``triton_op`` derives the fake (meta)
 implementations by running these functions on fake tensors, which gives the same shapes and dtypes
-as ``ops.fake_attention_2d_fwd/bwd``. Autograd is the shared ``ops.attention_2d_autograd``.
+as ``ops.fake_attention_2d_fwd/bwd``. Autograd is the shared ``_autograd.attention_2d_autograd``.
 The schemas are those of the C++ ops in ``csrc/ops.cpp`` (torch 2.11 ignores ``schema=`` and infers
 the same arguments, with ``SymInt`` sizes and unnamed returns; a symbolic ``height``/``width`` is
 then specialised, as every constexpr argument of a traced Triton kernel is).
@@ -18,6 +18,7 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from aanet_kernels._autograd import attention_2d_autograd
 from aanet_kernels._triton.autotune import (
     MAX_HEAD_DIM,
     key_block,
@@ -32,7 +33,7 @@ from aanet_kernels._triton.backward import (
 )
 from aanet_kernels._triton.forward import attention_2d_fwd_kernel
 from aanet_kernels.backends import triton_interpreted
-from aanet_kernels.ops import attention_2d_autograd, lse_dtype
+from aanet_kernels.ops import lse_dtype
 
 Bias = Tensor | None
 FWD_NAME = "aanet_kernels::attention_2d_triton_fwd"

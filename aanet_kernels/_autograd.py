@@ -1,0 +1,235 @@
+"""Autograd for the fused ``attention_2d`` ops, in eager mode, in compiled graphs and under
+``torch.func`` transforms.
+
+``attention_2d_autograd`` registers autograd on a forward/backward op pair (the C++ ops and the
+Triton ops alike) and returns the differentiable forward that ``ops.attention_2d`` calls. First
+derivatives are the fused backward op; what the fused kernels have no formula for (forward mode,
+second derivatives) is computed through the reference path, only when asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch._ops import OpOverload
+
+from aanet_kernels import reference
+
+Bias = Tensor | None
+
+
+def reference_gradients(
+    grad_out: Tensor, primals: dict[int, Tensor], height: int, width: int, scale: float
+) -> dict[int, Tensor]:
+    """The gradients of ``attention_2d`` through the reference path, computed with
+    ``torch.func.vjp``. ``primals`` maps the positions of ``(q, k, v, bias_h, bias_w)`` to the
+    tensors present (``torch.func`` takes no ``None``); the result has the same keys."""
+
+    def attend(tensors: dict[int, Tensor]) -> Tensor:
+        args = [tensors.get(i) for i in range(5)]
+        return reference.attention_2d_reference(*args, height=height, width=width, scale=scale)
+
+    _, pullback = torch.func.vjp(attend, primals)
+    (grads,) = pullback(grad_out)
+    return grads
+
+
+def reference_second_order(
+    cotangents: tuple[Tensor, ...], inputs: tuple[Bias, ...], height: int, width: int, scale: float
+) -> tuple[Bias, ...]:
+    """The vector-Jacobian product of the gradients of ``attention_2d``: for ``inputs = (grad_out,
+    q, k, v, bias_h, bias_w)`` and cotangents (``None`` for zero) of ``(dq, dk, dv, dbias_h,
+    dbias_w)``, the cotangents of ``inputs`` (``None`` for an absent bias).
+
+    Recomputed through the reference path with ``torch.func``, so that it composes with autograd
+    and with ``torch.func`` transforms alike and is differentiable again. It materialises the
+    ``L x L`` logits once: the price of a second derivative (gradient penalties, Hessian-vector
+    products), paid only when one is taken."""
+    grad_out, *tensors = inputs
+    primals = {i: t for i, t in enumerate(tensors) if t is not None}
+    _, pullback = torch.func.vjp(
+        lambda g, p: reference_gradients(g, p, height, width, scale), grad_out, primals
+    )
+    wanted = {
+        i: cotangents[i] if cotangents[i] is not None else torch.zeros_like(t)
+        for i, t in primals.items()
+    }
+    d_grad_out, d_primals = pullback(wanted)
+    return (d_grad_out, *(d_primals.get(i) for i in range(5)))
+
+
+def reference_second_order_jvp(
+    inputs: tuple[Bias, ...], tangents: tuple[Bias, ...], height: int, width: int, scale: float
+) -> tuple[Tensor, ...]:
+    """The Jacobian-vector product of the gradients of ``attention_2d`` (forward over reverse, as
+    ``torch.func.hessian`` takes it): tangents of ``(dq, dk, dv, dbias_h, dbias_w)`` for tangents
+    (``None`` for zero) of ``inputs = (grad_out, q, k, v, bias_h, bias_w)``; an absent bias's is
+    empty. By reverse mode twice: the pullback of the gradients is linear in its cotangent ``u``,
+    ``u -> J^T u``, so its own pullback maps ``t`` to ``J t``. (Forward mode cannot nest here.)"""
+    grad_out, *tensors = inputs
+    primals = {i: t for i, t in enumerate(tensors) if t is not None}
+    grads, pullback = torch.func.vjp(
+        lambda g, p: reference_gradients(g, p, height, width, scale), grad_out, primals
+    )
+    _, pullback_of_pullback = torch.func.vjp(
+        pullback, {i: torch.zeros_like(t) for i, t in grads.items()}
+    )
+    tangent_in = (
+        tangents[0] if tangents[0] is not None else torch.zeros_like(grad_out),
+        {
+            i: tangents[i + 1] if tangents[i + 1] is not None else torch.zeros_like(t)
+            for i, t in primals.items()
+        },
+    )
+    (found,) = pullback_of_pullback(tangent_in)
+    return tuple(found[i] if i in found else grad_out.new_empty(0) for i in range(5))
+
+
+def fold_vmap_dim(tensor: Bias, dim: int | None, size: int, lead: tuple[int, int]) -> Bias:
+    """``tensor`` under ``vmap`` (batched at ``dim``, or unbatched) with the vmapped dim folded
+    into its batch dim, ``(size * B, ...)``. ``lead = (B, Nh)``: a bias broadcast over batch or
+    heads is expanded to them first, so that every tensor folds alike."""
+    if tensor is None:
+        return None
+    if dim is None:
+        tensor = tensor.unsqueeze(0).expand(size, *tensor.shape)
+    else:
+        tensor = tensor.movedim(dim, 0)
+    tensor = tensor.expand(size, *lead, *tensor.shape[3:])
+    return tensor.reshape(size * lead[0], *tensor.shape[2:])
+
+
+def unfold_vmap_dim(tensor: Tensor, size: int) -> tuple[Tensor, int | None]:
+    """An output of a folded call with the vmapped dim split out again, and its ``out_dims``
+    entry; the empty gradient of an absent bias stays unbatched."""
+    if tensor.dim() == 1:
+        return tensor, None
+    return tensor.unflatten(0, (size, tensor.shape[0] // size)), 0
+
+
+def register_batch_folding_vmap(op: OpOverload, num_tensors: int, query_index: int) -> None:
+    """``vmap`` of an attention op as one call on a bigger batch, since the kernels are batched
+    over ``B`` already (without a rule, PyTorch would call the op once per vmapped element). The
+    op's first ``num_tensors`` arguments are the tensors, the query among them at
+    ``query_index``."""
+
+    def batched(info, in_dims, *args):  # type: ignore[no-untyped-def]
+        tensors, rest = args[:num_tensors], args[num_tensors:]
+        query, query_dim = tensors[query_index], in_dims[query_index]
+        lead = query.shape[:2] if query_dim is None else query.movedim(query_dim, 0).shape[1:3]
+        folded = [
+            fold_vmap_dim(t, d, info.batch_size, (lead[0], lead[1]))
+            for t, d in zip(tensors, in_dims[:num_tensors], strict=True)
+        ]
+        outputs = [unfold_vmap_dim(t, info.batch_size) for t in op(*folded, *rest)]
+        return tuple(t for t, _ in outputs), tuple(d for _, d in outputs)
+
+    torch.library.register_vmap(op, batched)
+
+
+def forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual tensors may be about)."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+def attention_2d_autograd(
+    fwd_op: OpOverload, bwd_op: OpOverload
+) -> Callable[..., tuple[Tensor, Tensor]]:
+    """Autograd for a forward op ``(q, k, v, bias_h, bias_w, height, width, scale) -> (out, lse)``
+    whose gradients come from ``bwd_op`` (the ``attention_2d_bwd`` signature); returns the forward
+    that the public :func:`attention_2d` calls.
+
+    The autograd is registered on the op itself (for callers of ``torch.ops`` and for compiled
+    graphs) and, for eager calls, is also an ``autograd.Function`` that ``torch.func`` transforms
+    take (they refuse the one ``register_autograd`` generates): ``grad``, ``vjp``, ``jacrev``;
+    ``jvp``, ``jacfwd`` and forward-mode AD through :func:`reference.attention_2d_reference_jvp`;
+    ``vmap`` by folding into the batch (:func:`register_batch_folding_vmap`). The fused gradients
+    are an ``autograd.Function`` too, whose own derivatives (:func:`reference_second_order`,
+    :func:`reference_second_order_jvp`) go through the reference path."""
+
+    def fused_gradients(grad_out, q, k, v, bias_h, bias_w, out, lse, height, width, scale):  # type: ignore[no-untyped-def]
+        """``(dq, dk, dv, dbias_h, dbias_w)`` from ``bwd_op``, a broadcast bias's gradient summed
+        to its shape (the sum of the full-size one), an absent bias's empty."""
+        dq, dk, dv, dbias_h, dbias_w = bwd_op(
+            grad_out, q, k, v, bias_h, bias_w, out, lse, height, width, scale
+        )
+        dbias_h = dbias_h.sum_to_size(bias_h.shape) if bias_h is not None else dbias_h
+        dbias_w = dbias_w.sum_to_size(bias_w.shape) if bias_w is not None else dbias_w
+        return dq, dk, dv, dbias_h, dbias_w
+
+    class Attention2dBackward(torch.autograd.Function):
+        """:func:`fused_gradients` as a differentiable function."""
+
+        generate_vmap_rule = True
+        forward = staticmethod(fused_gradients)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+            *tensors, _out, _lse, height, width, scale = inputs
+            ctx.save_for_backward(*tensors)
+            ctx.save_for_forward(*tensors)
+            ctx.geometry = (height, width, scale)
+
+        @staticmethod
+        def backward(ctx, *grads):  # type: ignore[no-untyped-def]
+            # out and lse are functions of q, k, v and the biases: the recomputation accounts
+            # for them, so they get no gradient of their own.
+            found = reference_second_order(grads, ctx.saved_tensors, *ctx.geometry)
+            return (*found, None, None, None, None, None)
+
+        @staticmethod
+        def jvp(ctx, *tangents):  # type: ignore[no-untyped-def]
+            return reference_second_order_jvp(ctx.saved_tensors, tangents[:6], *ctx.geometry)
+
+    def save_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        q, k, v, bias_h, bias_w, height, width, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, bias_h, bias_w, out, lse)
+        ctx.save_for_forward(q, k, v, bias_h, bias_w)
+        ctx.geometry = (height, width, scale)
+        ctx.mark_non_differentiable(lse)
+
+    def fused_backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def]
+        q, k, v, bias_h, bias_w, out, lse = ctx.saved_tensors
+        args = (grad_out, q, k, v, bias_h, bias_w, out, lse, *ctx.geometry)
+        # In grad mode (create_graph=True, every torch.func transform) the gradients must be
+        # differentiable; otherwise the autograd.Function is overhead.
+        gradients = Attention2dBackward.apply if torch.is_grad_enabled() else fused_gradients
+        dq, dk, dv, dbias_h, dbias_w = gradients(*args)
+        dbias_h = dbias_h if bias_h is not None else None
+        dbias_w = dbias_w if bias_w is not None else None
+        return dq, dk, dv, dbias_h, dbias_w, None, None, None
+
+    def reference_jvp(ctx, *tangents):  # type: ignore[no-untyped-def]
+        height, width, scale = ctx.geometry
+        dout = reference.attention_2d_reference_jvp(
+            ctx.saved_tensors, tangents[:5], height=height, width=width, scale=scale
+        )
+        return dout, None
+
+    torch.library.register_autograd(fwd_op, fused_backward, setup_context=save_context)
+    register_batch_folding_vmap(fwd_op, num_tensors=5, query_index=0)
+    register_batch_folding_vmap(bwd_op, num_tensors=8, query_index=1)
+
+    class Attention2dFunction(torch.autograd.Function):
+        generate_vmap_rule = True  # vmap of forward, backward and jvp, each op folding as above
+        setup_context = staticmethod(save_context)
+        backward = staticmethod(fused_backward)
+        jvp = staticmethod(reference_jvp)
+
+        @staticmethod
+        def forward(q, k, v, bias_h, bias_w, height, width, scale):  # type: ignore[no-untyped-def]
+            return fwd_op(q, k, v, bias_h, bias_w, height, width, scale)
+
+    def differentiable_fwd(*args: object) -> tuple[Tensor, Tensor]:
+        # The op with its registered autograd where that suffices: in a compiled graph (Dynamo
+        # refuses an autograd.Function with a jvp) and in plain eager calls (the Function costs
+        # a Python call more); the Function under a torch.func transform or forward-mode AD.
+        transformed = torch._C._functorch.peek_interpreter_stack() is not None
+        if torch.compiler.is_compiling() or not (transformed or forward_ad_active()):
+            return fwd_op(*args)
+        return Attention2dFunction.apply(*args)
+
+    return differentiable_fwd
