@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.func import grad, jvp, vjp, vmap
 
 import aanet_kernels as ak
@@ -14,6 +16,7 @@ from aanet_kernels import reference
 from aanet_kernels._extension import extension_loaded
 from tests import func_transform_checks as checks
 from tests.attention_cases import AWKWARD_CASES, Case, make_inputs
+from tests.property_cases import budget
 
 OPS = torch.ops.aanet_kernels
 needs_extension = pytest.mark.skipif(not extension_loaded(), reason="aanet_kernels._C not built")
@@ -130,3 +133,90 @@ def test_torch_compile_of_vmap_matches_eager() -> None:
         torch.compile(batched, fullgraph=True)(q, k, v, bias_h, bias_w),
         batched(q, k, v, bias_h, bias_w),
     )
+
+
+SHAPE_LIMITS = {"batch": 2, "heads": 2, "height": 4, "width": 5, "dkh": 4, "dvh": 3}
+BROADCASTS = [(False, False), (True, False), (False, True), (True, True)]  # size 1: batch, heads
+
+
+@st.composite
+def vmapped_calls(draw: st.DrawFn) -> dict:
+    """A vmap over attention_2d: the shape, the vmapped size, and for each of the five tensors
+    whether it is present (biases may be absent), how a bias broadcasts over batch and heads, and
+    the dim it is mapped at (``None``: not mapped; q always is)."""
+    tensors = {}
+    for name in ("q", "k", "v", "bias_h", "bias_w"):
+        is_bias = name.startswith("bias")
+        if is_bias and draw(st.booleans()):
+            continue
+        broadcast = draw(st.sampled_from(BROADCASTS)) if is_bias else (False, False)
+        mapped = name == "q" or draw(st.booleans())
+        tensors[name] = (broadcast, draw(st.integers(0, 4)) if mapped else None)
+    shape = {name: draw(st.integers(1, limit)) for name, limit in SHAPE_LIMITS.items()}
+    return {"shape": shape, "size": draw(st.integers(1, 3)), "tensors": tensors}
+
+
+def build_vmapped_call(call: dict) -> tuple[list, list, list]:
+    """The five physical tensors (``None`` if absent), their in_dims, and for each vmapped
+    element the five logical tensors it stands for."""
+    s, size = call["shape"], call["size"]
+    gen = torch.Generator().manual_seed(sum(s.values()) * 7 + size)
+    last = {
+        "q": s["dkh"],
+        "k": s["dkh"],
+        "v": s["dvh"],
+        "bias_h": s["height"],
+        "bias_w": s["width"],
+    }
+    tensors, in_dims, elements = [], [], [[] for _ in range(size)]
+    for name, width in last.items():
+        if name not in call["tensors"]:
+            tensors.append(None)
+            in_dims.append(None)
+            for element in elements:
+                element.append(None)
+            continue
+        (one_batch, one_head), dim = call["tensors"][name]
+        logical = (1 if one_batch else s["batch"], 1 if one_head else s["heads"])
+        logical += (s["height"] * s["width"], width)
+        draws = size if dim is not None else 1
+        stack = torch.randn(draws, *logical, generator=gen, dtype=torch.float64)
+        for e, element in enumerate(elements):
+            element.append(stack[e if dim is not None else 0])
+        tensors.append(stack.movedim(0, dim) if dim is not None else stack[0])
+        in_dims.append(dim)
+    return tensors, in_dims, elements
+
+
+@pytest.mark.fuzz
+@needs_extension
+@budget(25, 300)
+@given(call=vmapped_calls())
+def test_vmap_of_vjp_matches_reference_per_element(call: dict) -> None:
+    """vmap of the output and its vjp on the CPU kernel, over random in_dims, absent and broadcast
+    biases, against plain autograd through the reference, element by element."""
+    tensors, in_dims, elements = build_vmapped_call(call)
+    s = call["shape"]
+    present = [i for i, t in enumerate(tensors) if t is not None]
+
+    def attend(backend: str, moving) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        args = [None] * 5
+        for i, t in zip(present, moving, strict=True):
+            args[i] = t
+        return ak.attention_2d(
+            *args, height=s["height"], width=s["width"], scale=0.8, backend=backend
+        )
+
+    def out_and_grads(*moving):  # type: ignore[no-untyped-def]
+        out, pullback = vjp(lambda *m: attend("cpu", m), *moving)
+        return out, pullback(out.cos())
+
+    mapped = vmap(out_and_grads, in_dims=tuple(in_dims[i] for i in present))
+    out, grads = mapped(*(tensors[i] for i in present))
+    for e, element in enumerate(elements):
+        leaves = [element[i].clone().requires_grad_() for i in present]
+        expected = attend("reference", leaves)
+        wanted = torch.autograd.grad(expected, leaves, expected.detach().cos())
+        checks.assert_close(out[e], expected, 1e-10)
+        for found, gradient in zip(grads, wanted, strict=True):
+            checks.assert_close(found[e], gradient, 1e-10)
