@@ -240,3 +240,36 @@ def test_flex_baseline_computes_the_reference_attention():
         height=shape.height, width=shape.width, scale=shape.dkh**-0.5,
     )  # fmt: skip
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(
+    "cpu" not in aanet_kernels.available_backends("cpu"),
+    reason="the C++ extension is not built (run `make test`, which builds it)",
+)
+def test_bench_per_sample_grads_tiny_checks_and_writes_table(tmp_path):
+    from benchmarks import bench_per_sample_grads as bench
+
+    rows = bench.main([
+        "--device", "cpu", "--samples", "2", "--channels", "24", "--sizes", "5",
+        "--methods", "vmap_reference,loop_reference,vmap_cpu", "--warmup", "0",
+        "--repeats", "1", "--budget", "0", "--out-dir", str(tmp_path),
+    ])  # fmt: skip
+    assert [r["method"] for r in rows] == ["vmap_reference", "loop_reference", "vmap_cpu"]
+    assert all(r["status"] == "ok" and r["time_ms"] > 0 and "peak_mib" in r for r in rows)
+    md = (tmp_path / f"per_sample_grads_{common.device_slug('cpu')}.md").read_text()
+    assert "speed vs vmap_reference" in md
+
+
+def test_bench_per_sample_grads_disagreement_sees_a_wrong_gradient():
+    from benchmarks import bench_per_sample_grads as bench
+
+    expected = {"w": torch.ones(2, 3)}
+    assert bench.disagreement({"w": torch.ones(2, 3)}, expected) == 0
+    assert bench.disagreement({"w": torch.ones(2, 3) * 1.01}, expected) > 1e-3
+
+
+def test_bench_per_sample_grads_rejects_unknown_method(tmp_path):
+    from benchmarks import bench_per_sample_grads as bench
+
+    with pytest.raises(SystemExit, match="--methods"):
+        bench.main(["--device", "cpu", "--methods", "vmap_nope", "--out-dir", str(tmp_path)])
