@@ -6,8 +6,8 @@
 #   benchmarks/run_gpu_suite.sh                     # all steps
 #   STEPS="tests attention" benchmarks/run_gpu_suite.sh   # a subset (e.g. to fit a time limit)
 #
-# Steps: build tests attention aaconv train profile sanitize ncu. PYTHON picks the interpreter
-# (default: python). sanitize: compute-sanitizer (memcheck, racecheck) over the CUDA and Triton
+# Steps: build tests attention aaconv train profile sanitize ncu (train: AANet training steps and
+# per-sample gradients). PYTHON picks the interpreter (default: python). sanitize: compute-sanitizer (memcheck, racecheck) over the CUDA and Triton
 # kernels at the awkward shapes; ncu: Nsight Compute reports of one forward and one backward per
 # GPU backend at the AA-Conv benchmark shape (clocks left alone), as .ncu-rep and a text summary.
 # A failing step does not stop the others; the script exits 1 if any failed and says which.
@@ -51,6 +51,8 @@ if wants aaconv && [[ -f benchmarks/bench_aaconv.py ]]; then
 fi
 if wants train && [[ -f benchmarks/bench_train.py ]]; then
   run_step bench_train "$PY" benchmarks/bench_train.py --device cuda --out-dir "$OUT_DIR"
+  run_step bench_per_sample_grads "$PY" benchmarks/bench_per_sample_grads.py --device cuda \
+    --out-dir "$OUT_DIR"
 fi
 if wants profile; then
   for backend in $(gpu_backends); do
