@@ -8,8 +8,9 @@
 #
 # Steps: build tests attention aaconv train profile sanitize ncu (train: AANet training steps and
 # per-sample gradients). PYTHON picks the interpreter (default: python). sanitize:
-# compute-sanitizer (memcheck, racecheck) over the CUDA and Triton kernels at the awkward shapes; ncu: Nsight Compute reports of one forward and one backward per
-# GPU backend at the AA-Conv benchmark shape (clocks left alone), as .ncu-rep and a text summary.
+# compute-sanitizer (memcheck, racecheck) over the CUDA and Triton kernels at the awkward shapes;
+# ncu: Nsight Compute reports of one forward and one backward per GPU backend at the AA-Conv
+# benchmark shape (clocks left alone), as .ncu-rep and a text summary.
 # A failing step does not stop the others; the script exits 1 if any failed and says which.
 set -uo pipefail
 cd "$(dirname "$0")/.."
