@@ -160,6 +160,25 @@ def check_second_order(backend: str, device: str, dtype: torch.dtype, tolerance:
         assert_close(actual, wanted, tolerance)
 
 
+def check_gradcheck_every_mode(
+    backend: str, device: str, dtype: torch.dtype, tolerance: float
+) -> None:
+    """PyTorch's own numerical oracle in every mode it has: reverse and forward mode, batched
+    (vmapped) gradients of both, undefined output gradients, and second derivatives reverse over
+    reverse and forward over reverse (fast mode: random projections of the Jacobians, so that the
+    interpreter can afford it). ``tolerance`` is unused: gradcheck has its own, in fp64."""
+    inputs = tuple(t.requires_grad_() for t in make_inputs(TINY, torch.float64, device, seed=90))
+    attend = attention(backend, TINY)
+    assert torch.autograd.gradcheck(
+        attend, inputs, check_forward_ad=True, check_batched_grad=True,
+        check_batched_forward_grad=True, check_undefined_grad=True, fast_mode=True,
+    )  # fmt: skip
+    assert torch.autograd.gradgradcheck(
+        attend, inputs, check_fwd_over_rev=True, check_rev_over_rev=True, check_batched_grad=True,
+        fast_mode=True,
+    )  # fmt: skip
+
+
 CHECKS = [
     check_vmap,
     check_grad,
@@ -167,4 +186,5 @@ CHECKS = [
     check_forward_mode,
     check_jacobians,
     check_second_order,
+    check_gradcheck_every_mode,
 ]
