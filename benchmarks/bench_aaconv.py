@@ -334,9 +334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.memory_worker:
         memory_worker_main()
         return
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device on this machine")
+    device = common.benchmark_device(args.device)
     if args.max_dense_gib is None:
         args.max_dense_gib = 1.0 if device.type == "cpu" else 8.0
     cases = [

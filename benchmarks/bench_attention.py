@@ -631,37 +631,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _pick(requested: str | None, available: Sequence[str], what: str) -> list[str]:
-    if requested is None:
-        return list(available)
-    picked = [s.strip() for s in requested.split(",") if s.strip()]
-    unknown = [p for p in picked if p not in available]
-    if unknown or not picked:
-        raise SystemExit(
-            f"--{what}: expected a comma-separated subset of {list(available)}, got {requested!r}"
-        )
-    return picked
-
-
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Run the benchmark; returns the rows it wrote."""
     args = parse_args(argv)
     if args.memory_worker:
         memory_worker_main()
         return []
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available on this machine")
+    device = common.benchmark_device(args.device)
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if dtype_name not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"--dtype: expected float32, bfloat16 or float16, got {dtype_name!r}")
-    families = _pick(
+    families = common.pick_subset(
         args.families, list(dict.fromkeys(s.family for s in PRESETS[preset])), "families"
     )
     shapes = [s for s in PRESETS[preset] if s.family in families]
-    methods = _pick(args.methods, methods_for(device), "methods")
-    modes = _pick(args.modes, MODES, "modes")
+    methods = common.pick_subset(args.methods, methods_for(device), "methods")
+    modes = common.pick_subset(args.modes, MODES, "modes")
     settings = Settings(
         getattr(torch, dtype_name), args.warmup, args.repeats, args.min_repeats, args.budget,
         args.max_dense_length,

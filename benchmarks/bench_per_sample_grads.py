@@ -159,14 +159,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     if args.memory_worker:
         memory_worker_main()
         return []
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available on this machine")
-    available = methods_for(device)
-    methods = available if args.methods is None else args.methods.split(",")
-    unknown = [m for m in methods if m not in available]
-    if unknown:
-        raise SystemExit(f"--methods: expected a subset of {available}, got {unknown}")
+    device = common.benchmark_device(args.device)
+    methods = common.pick_subset(args.methods, methods_for(device), "methods")
     samples = args.samples or (16 if device.type == "cpu" else 64)
     cases = [Case(samples, args.channels, size) for size in args.sizes]
     meta = common.run_metadata(device)

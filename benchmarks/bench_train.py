@@ -159,14 +159,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     if args.memory_worker:
         memory_worker_main()
         return []
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available on this machine")
-    available = variants_for(device)
-    variants = available if args.variants is None else args.variants.split(",")
-    unknown = [v for v in variants if v not in available]
-    if unknown:
-        raise SystemExit(f"--variants: expected a subset of {available}, got {unknown}")
+    device = common.benchmark_device(args.device)
+    variants = common.pick_subset(args.variants, variants_for(device), "variants")
     jobs = [Job(v, args.batch_size, args.input_size, args.dtype) for v in variants]
     meta = common.run_metadata(device)
     rows: list[dict[str, object]] = []

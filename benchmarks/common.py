@@ -49,6 +49,28 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def benchmark_device(name: str) -> torch.device:
+    """The ``--device`` of a benchmark; exits with a message when it asks for an absent GPU."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available on this machine")
+    return device
+
+
+def pick_subset(requested: str | None, available: Sequence[str], option: str) -> list[str]:
+    """The comma-separated choice of ``--<option>`` (all of ``available`` when not given); exits
+    with a message naming the option when it names anything else, or nothing."""
+    if requested is None:
+        return list(available)
+    picked = [s.strip() for s in requested.split(",") if s.strip()]
+    unknown = [p for p in picked if p not in available]
+    if unknown or not picked:
+        raise SystemExit(
+            f"--{option}: expected a comma-separated subset of {list(available)}, got {requested!r}"
+        )
+    return picked
+
+
 def device_name(device: torch.device | str) -> str:
     """Human name of the device: the GPU's name, or the CPU model from ``/proc/cpuinfo``."""
     device = torch.device(device)
