@@ -5,6 +5,8 @@ PyTorch's own forward-mode differentiation of it."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -46,11 +48,13 @@ def test_vmap_of_the_bare_ops_folds_into_the_batch() -> None:
     draws = [make_inputs(case, seed=80 + i) for i in range(3)]
     q, k, v, bias_h = (torch.stack([d[n] for d in draws]) for n in range(4))
     geometry = (case.height, case.width, 0.5)
-    out, lse = vmap(lambda *t: OPS.attention_2d_fwd(*t, None, *geometry))(q, k, v, bias_h)
-    grad_out = torch.randn_like(out)
-    grads = vmap(lambda *t: OPS.attention_2d_bwd(*t[:5], None, *t[5:], *geometry))(
-        grad_out, q, k, v, bias_h, out, lse
-    )
+    with warnings.catch_warnings():  # PyTorch warns when it falls back to a per-element loop
+        warnings.filterwarnings("error", message=".*performance drop.*")
+        out, lse = vmap(lambda *t: OPS.attention_2d_fwd(*t, None, *geometry))(q, k, v, bias_h)
+        grad_out = torch.randn_like(out)
+        grads = vmap(lambda *t: OPS.attention_2d_bwd(*t[:5], None, *t[5:], *geometry))(
+            grad_out, q, k, v, bias_h, out, lse
+        )
     for i in range(3):
         out_i, lse_i = OPS.attention_2d_fwd(q[i], k[i], v[i], bias_h[i], None, *geometry)
         torch.testing.assert_close(out[i], out_i, rtol=1e-12, atol=1e-12)
