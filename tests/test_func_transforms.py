@@ -109,8 +109,8 @@ def test_reference_jvp_of_a_fully_masked_row_is_zero() -> None:
 
 @needs_extension
 def test_first_derivatives_use_the_fused_backward(monkeypatch: pytest.MonkeyPatch) -> None:
-    """grad, vjp and vmap(grad) never fall back to the reference path (which would build the
-    L x L logits): the reference is made to fail, and they still run."""
+    """grad, vjp, vmap(grad) and backward(create_graph=True) never fall back to the reference
+    path (which would build the L x L logits): the reference is made to fail, and they still run."""
 
     def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the reference path was used for a first derivative")
@@ -126,6 +126,10 @@ def test_first_derivatives_use_the_fused_backward(monkeypatch: pytest.MonkeyPatc
     vmap(grad(loss, argnums=(0, 4)))(q, k, v, bias_h, bias_w)
     out, pullback = vjp(attend, q[0], k[0], v[0], bias_h[0], bias_w[0])
     pullback(torch.ones_like(out))
+    # backward(create_graph=True) too: only a second derivative may recompute.
+    leaf = q[0].clone().requires_grad_()
+    (dq,) = torch.autograd.grad(attend(leaf, k[0], v[0], None, None).sum(), leaf, create_graph=True)
+    assert dq.requires_grad
 
 
 @needs_extension
