@@ -36,6 +36,25 @@ def reference_gradients(
     return grads
 
 
+def zeros_if_none(tensor: Tensor | None, like: Tensor) -> Tensor:
+    """``tensor``, or zeros shaped like ``like`` for an absent (zero) tangent or cotangent."""
+    return tensor if tensor is not None else torch.zeros_like(like)
+
+
+def reference_gradients_pullback(
+    inputs: tuple[Bias, ...], height: int, width: int, scale: float
+) -> tuple[dict[int, Tensor], Callable[..., tuple[Tensor, dict[int, Tensor]]], dict[int, Tensor]]:
+    """For ``inputs = (grad_out, q, k, v, bias_h, bias_w)``: the reference gradients (keyed as in
+    :func:`reference_gradients`), their pullback to ``(grad_out, primals)``, and the present
+    ``primals``."""
+    grad_out, *tensors = inputs
+    primals = {i: t for i, t in enumerate(tensors) if t is not None}
+    grads, pullback = torch.func.vjp(
+        lambda g, p: reference_gradients(g, p, height, width, scale), grad_out, primals
+    )
+    return grads, pullback, primals
+
+
 def reference_second_order(
     cotangents: tuple[Tensor, ...], inputs: tuple[Bias, ...], height: int, width: int, scale: float
 ) -> tuple[Bias, ...]:
@@ -47,16 +66,10 @@ def reference_second_order(
     and with ``torch.func`` transforms alike and is differentiable again. It materialises the
     ``L x L`` logits once: the price of a second derivative (gradient penalties, Hessian-vector
     products), paid only when one is taken."""
-    grad_out, *tensors = inputs
-    primals = {i: t for i, t in enumerate(tensors) if t is not None}
-    _, pullback = torch.func.vjp(
-        lambda g, p: reference_gradients(g, p, height, width, scale), grad_out, primals
+    _, pullback, primals = reference_gradients_pullback(inputs, height, width, scale)
+    d_grad_out, d_primals = pullback(
+        {i: zeros_if_none(cotangents[i], t) for i, t in primals.items()}
     )
-    wanted = {
-        i: cotangents[i] if cotangents[i] is not None else torch.zeros_like(t)
-        for i, t in primals.items()
-    }
-    d_grad_out, d_primals = pullback(wanted)
     return (d_grad_out, *(d_primals.get(i) for i in range(5)))
 
 
@@ -68,26 +81,19 @@ def reference_second_order_jvp(
     (``None`` for zero) of ``inputs = (grad_out, q, k, v, bias_h, bias_w)``; an absent bias's is
     empty. By reverse mode twice: the pullback of the gradients is linear in its cotangent ``u``,
     ``u -> J^T u``, so its own pullback maps ``t`` to ``J t``. (Forward mode cannot nest here.)"""
-    grad_out, *tensors = inputs
-    primals = {i: t for i, t in enumerate(tensors) if t is not None}
-    grads, pullback = torch.func.vjp(
-        lambda g, p: reference_gradients(g, p, height, width, scale), grad_out, primals
-    )
+    grads, pullback, primals = reference_gradients_pullback(inputs, height, width, scale)
     _, pullback_of_pullback = torch.func.vjp(
         pullback, {i: torch.zeros_like(t) for i, t in grads.items()}
     )
-    tangent_in = (
-        tangents[0] if tangents[0] is not None else torch.zeros_like(grad_out),
-        {
-            i: tangents[i + 1] if tangents[i + 1] is not None else torch.zeros_like(t)
-            for i, t in primals.items()
-        },
-    )
-    (found,) = pullback_of_pullback(tangent_in)
+    grad_out = inputs[0]
+    (found,) = pullback_of_pullback((
+        zeros_if_none(tangents[0], grad_out),
+        {i: zeros_if_none(tangents[i + 1], t) for i, t in primals.items()},
+    ))  # fmt: skip
     return tuple(found[i] if i in found else grad_out.new_empty(0) for i in range(5))
 
 
-def fold_vmap_dim(tensor: Bias, dim: int | None, size: int, lead: tuple[int, int]) -> Bias:
+def fold_vmap_dim(tensor: Bias, dim: int | None, size: int, lead: torch.Size) -> Bias:
     """``tensor`` under ``vmap`` (batched at ``dim``, or unbatched) with the vmapped dim folded
     into its batch dim, ``(size * B, ...)``. ``lead = (B, Nh)``: a bias broadcast over batch or
     heads is expanded to them first, so that every tensor folds alike."""
@@ -120,7 +126,7 @@ def register_batch_folding_vmap(op: OpOverload, num_tensors: int, query_index: i
         query, query_dim = tensors[query_index], in_dims[query_index]
         lead = query.shape[:2] if query_dim is None else query.movedim(query_dim, 0).shape[1:3]
         folded = [
-            fold_vmap_dim(t, d, info.batch_size, (lead[0], lead[1]))
+            fold_vmap_dim(t, d, info.batch_size, lead)
             for t, d in zip(tensors, in_dims[:num_tensors], strict=True)
         ]
         outputs = [unfold_vmap_dim(t, info.batch_size) for t in op(*folded, *rest)]
