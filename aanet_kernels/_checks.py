@@ -43,15 +43,18 @@ def check_attention_2d_inputs(
             raise ValueError(
                 f"{name}: expected device {q.device} (the device of q), got {t.device}"
             )
-    # numbers.Integral / Real: NumPy scalars are taken too (the caller converts them).
+    # numbers.Integral / Real: NumPy scalars are taken too (the caller converts them); a SymInt
+    # is a map size that torch.compile(dynamic=True) or torch.export traces symbolically.
     sizes_ok = all(
-        isinstance(n, int | numbers.Integral) and not isinstance(n, bool) and n >= 1
+        isinstance(n, int | numbers.Integral | torch.SymInt) and not isinstance(n, bool) and n >= 1
         for n in (height, width)
     )
     if not sizes_ok:
         raise ValueError(f"height, width: expected positive ints, got {height!r}, {width!r}")
     real = isinstance(scale, int | float | numbers.Real) and not isinstance(scale, bool)
-    if not real or not math.isfinite(scale):
+    # A comparison, not math.isfinite: Dynamo with dynamic=True cannot trace math.isfinite even on
+    # a constant, and NaN fails both comparisons.
+    if not real or not -math.inf < scale < math.inf:
         raise ValueError(f"scale: expected a finite real number, got {scale!r}")
     batch, heads, length, dkh = q.shape
     if length != height * width:

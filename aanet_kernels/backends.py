@@ -76,21 +76,27 @@ _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "referenc
 _MAX_HEAD_DIM = {"triton": 256, "cuda": 128}
 
 
-# The choice is a Python-level decision made once per traced call: torch.compile treats it as a
-# constant rather than tracing the availability checks.
-@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device, head_dim: int = 0) -> str:
     """The concrete backend for a call: argument, then context manager, then env var, then auto.
 
     ``head_dim`` (the larger of dkh and dvh) lets ``auto`` pass over kernels compiled for smaller
     heads; an explicit choice is left to the kernel, which raises a clear error.
     """
+    # Compared here, outside the constant function below: under dynamic shapes the head dim is a
+    # SymInt, and the comparison becomes a guard where the function could not take it.
+    too_small = tuple(name for name, limit in _MAX_HEAD_DIM.items() if head_dim > limit)
+    return _resolve_backend(backend, device, too_small)
+
+
+# The choice is a Python-level decision made once per traced call: torch.compile treats it as a
+# constant rather than tracing the availability checks.
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: str, device: torch.device, too_small: tuple[str, ...]) -> str:
     if backend == "auto":
         backend = _context_backend.get() or os.environ.get(ENV_VAR, "auto") or "auto"
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            fits = head_dim <= _MAX_HEAD_DIM.get(candidate, head_dim)
-            if fits and _why_unavailable(candidate, device) is None:
+            if candidate not in too_small and _why_unavailable(candidate, device) is None:
                 return candidate
         return "reference"
     reason = _why_unavailable(backend, device)

@@ -28,9 +28,13 @@ def resize_rel_table(table: Tensor, length: int) -> Tensor:
     """
     if table.dim() != 2:
         raise ValueError(f"table: expected a 2-D tensor (n, d), got shape {tuple(table.shape)}")
-    if not isinstance(length, int) or length < 1:
+    if not isinstance(length, int | torch.SymInt) or isinstance(length, bool) or length < 1:
         raise ValueError(f"length: expected a positive int, got {length!r}")
-    if table.shape[0] == length:
+    # Traced, the length may be symbolic (torch.export's SymInt; under Dynamo it even passes for
+    # an int): comparing it with the table's rows would pin the map to its nominal size, so a
+    # traced call always interpolates, which at equal sizes gives the table's values.
+    traced = isinstance(length, torch.SymInt) or torch.compiler.is_compiling()
+    if not traced and table.shape[0] == length:
         return table
     resized = F.interpolate(table.t().unsqueeze(0), size=length, mode="linear", align_corners=False)
     return resized.squeeze(0).t()

@@ -101,7 +101,7 @@ def attention_2d(
     """
     check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale)
     # NumPy integers to ints; an int (or a SymInt under torch.compile) is passed on untouched.
-    height, width = (n if isinstance(n, int) else int(n) for n in (height, width))
+    height, width = (n if isinstance(n, int | torch.SymInt) else int(n) for n in (height, width))
     scale = float(scale)
     name = resolve_backend(backend, q.device, max(q.shape[-1], v.shape[-1]))
     if name == "reference":

@@ -100,10 +100,10 @@ at::ScalarType lse_dtype(at::ScalarType input_dtype) {
 TORCH_LIBRARY(aanet_kernels, m) {
   m.def(
       "attention_2d_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias_h, Tensor? bias_w, "
-      "int height, int width, float scale) -> (Tensor out, Tensor lse)");
+      "SymInt height, SymInt width, float scale) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_2d_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias_h, "
-      "Tensor? bias_w, Tensor out, Tensor lse, int height, int width, float scale) -> "
+      "Tensor? bias_w, Tensor out, Tensor lse, SymInt height, SymInt width, float scale) -> "
       "(Tensor dq, Tensor dk, Tensor dv, Tensor dbias_h, Tensor dbias_w)");
 }
 

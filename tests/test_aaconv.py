@@ -262,6 +262,27 @@ def test_compile_fullgraph_small_cnn(backend: str) -> None:
         torch.testing.assert_close(g, p.grad)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_export_and_compile_with_dynamic_batch_and_map_size(backend: str) -> None:
+    # One traced program for every batch and map size: the tables are resized symbolically and the
+    # op takes a symbolic map size. Dim.AUTO: PyTorch cannot prove Min(w, w * w) == w, a guard it
+    # adds when a view merges the map's two dims, for a strict Dim("w"), though it always holds.
+    torch._dynamo.reset()
+    layer = AAConv2d(4, 12, 3, dk=8, dv=4, num_heads=2, input_size=(6, 5), backend=backend).eval()
+    auto = torch.export.Dim.AUTO
+    program = torch.export.export(
+        layer, (torch.randn(2, 4, 6, 5),), dynamic_shapes={"x": {0: auto, 2: auto, 3: auto}}
+    )
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True, backend="aot_eager")
+    compiled(torch.randn(2, 4, 6, 5))
+    for shape in ((3, 4, 9, 7), (2, 4, 4, 11), (5, 4, 6, 5)):
+        x = torch.randn(shape, dtype=torch.float64).float()
+        expected = layer(x)
+        torch.testing.assert_close(program.module()(x), expected)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            torch.testing.assert_close(compiled(x), expected)
+
+
 def test_fraction_channels() -> None:
     m = AAConv2d(64, 256, 3)  # kappa = 0.2 -> 51.2 -> 48; upsilon = 0.1 -> 25.6 -> 24 (8 heads)
     assert (m.dk, m.dv, m.dkh) == (48, 24, 6)

@@ -18,6 +18,7 @@ import aanet_kernels as ak
 from aanet_kernels._extension import extension_loaded, has_kernel
 from aanet_kernels.reference import attention_2d_reference_lse
 from tests.attention_cases import AWKWARD_CASES, Case, make_inputs
+from tests.compile_checks import check_compile_dynamic_shapes
 
 DEVICE = "cuda"
 BACKEND = "cuda"
@@ -191,6 +192,9 @@ class TestCudaBackend:
         ref = torch.autograd.grad(attend(q, k, v, bias_h).sum(), (q, k, v, bias_h))
         for grad, ref_grad in zip(grads, ref, strict=True):
             torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+
+    def test_torch_compile_dynamic_shapes(self):
+        check_compile_dynamic_shapes(BACKEND, DEVICE)
 
     @pytest.mark.skipif(
         importlib.util.find_spec("triton") is None, reason="triton is not installed"

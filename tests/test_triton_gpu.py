@@ -15,6 +15,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 import aanet_kernels as ak  # noqa: E402
 from aanet_kernels.reference import attention_2d_reference_lse  # noqa: E402
 from tests.attention_cases import AWKWARD_CASES, Case, make_inputs  # noqa: E402
+from tests.compile_checks import check_compile_dynamic_shapes  # noqa: E402
 from tests.triton_configs import every_config, pinned_config  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -208,3 +209,8 @@ def test_torch_compile_fullgraph_module():
     ref_grads = torch.autograd.grad(ref.square().sum(), (x, bias_h, model.proj.weight))
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_dynamic_shapes():
+    # The map size and head dims are compile-time constants of the kernels: a new graph per size.
+    check_compile_dynamic_shapes("triton", DEVICE, one_graph=False)

@@ -74,6 +74,13 @@ def _check_supported(q: Tensor, v: Tensor) -> None:
             )
 
 
+def _head_dims(q: Tensor, v: Tensor) -> tuple[int, int]:
+    """``(dkh, dvh)`` as ints: they are compile-time constants of the kernels, so under
+    ``torch.compile(dynamic=True)`` ``int()`` pins them (a guard), as the schema's ``int`` does the
+    map size."""
+    return int(q.shape[-1]), int(v.shape[-1])
+
+
 def _bias_args(bias: Tensor | None, q: Tensor, size: int) -> tuple[Tensor, int, int, int, int]:
     """The bias (or ``q`` as an unused placeholder) and its four strides at full size; a broadcast
     dim reads with stride 0."""
@@ -140,8 +147,8 @@ def attention_2d_triton_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Forward: ``(out, lse)``, both contiguous; see ``aanet_kernels.attention_2d`` for the math."""
     _check_supported(q, v)
-    batch, heads, length, dkh = q.shape
-    dvh = v.shape[-1]
+    batch, heads, length, _ = q.shape
+    dkh, dvh = _head_dims(q, v)
     out = q.new_empty((batch, heads, length, dvh))
     lse = q.new_empty((batch, heads, length), dtype=lse_dtype(q.dtype))
     scale_t, meta = _common(q, scale)
@@ -181,8 +188,8 @@ def attention_2d_triton_bwd(
     """Backward: ``(dq, dk, dv, dbias_h, dbias_w)``, contiguous; a bias gradient is full size
     ``(B, Nh, L, height|width)``, or a 0-element tensor when that bias is absent."""
     _check_supported(q, v)
-    batch, heads, length, dkh = q.shape
-    dvh = v.shape[-1]
+    batch, heads, length, _ = q.shape
+    dkh, dvh = _head_dims(q, v)
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     dq = q.new_empty(q.shape)
