@@ -283,6 +283,26 @@ def test_export_and_compile_with_dynamic_batch_and_map_size(backend: str) -> Non
             torch.testing.assert_close(compiled(x), expected)
 
 
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
+def test_inductor_training_with_a_changing_batch() -> None:
+    # torch.compile's default compiler, as users run it: the second batch size makes the batch dim
+    # symbolic (automatic dynamic shapes), as the last, smaller batch of an epoch does. A symbolic
+    # map size fails inside Inductor for plain PyTorch attention too (README, pytorch#172204).
+    torch._dynamo.reset()
+    # About half a minute of C++ code generation: the fused op only (the reference is PyTorch's).
+    layer = AAConv2d(4, 12, 3, dk=8, dv=4, num_heads=2, input_size=5, backend="cpu")
+    compiled = torch.compile(layer, fullgraph=True)
+    for batch in (3, 2, 5):
+        x = torch.randn(batch, 4, 5, 5)
+        got = compiled(x)
+        got_grads = torch.autograd.grad(got.square().sum(), list(layer.parameters()))
+        expected = layer(x)
+        expected_grads = torch.autograd.grad(expected.square().sum(), list(layer.parameters()))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for g, e in zip(got_grads, expected_grads, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
 def test_fraction_channels() -> None:
     m = AAConv2d(64, 256, 3)  # kappa = 0.2 -> 51.2 -> 48; upsilon = 0.1 -> 25.6 -> 24 (8 heads)
     assert (m.dk, m.dv, m.dkh) == (48, 24, 6)
