@@ -13,6 +13,7 @@ from aanet.model import ModelConfig
 
 PRESETS = Path(__file__).parent / "configs"
 NAN_POLICIES = ("stop", "skip")
+COMPILERS = ("none", "inductor", "aot_eager")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     backend: str = "auto"  # attention_2d backend: auto | reference | cpu | cuda | triton
     amp: bool = False
+    # torch.compile the training step's model: none | inductor (the default compiler) | aot_eager
+    # (traced but not code-generated: to tell a compiler problem from a model one)
+    compile: str = "none"
     on_nan: str = "stop"  # a non-finite loss: stop (error naming the step) or skip that step
     seed: int = 0
     out: str = "runs/aanet"
@@ -128,6 +132,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "on_nan": NAN_POLICIES,
         "loss": LOSSES,
         "backend": ("auto", *BACKENDS),
+        "compile": COMPILERS,
     }
 
 

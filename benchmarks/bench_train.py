@@ -10,11 +10,15 @@ input size; time is the median over steps after warm-up (``benchmarks.common``),
 of one step above the model and optimizer state (CUDA: allocator; CPU: resident set, in a worker
 process, see ``benchmarks.common.rss_peak_bytes``).
 
+``--compile inductor`` also measures every variant under ``torch.compile`` with that compiler
+(``aot_eager``: traced, not code-generated), with the time of its first step (the compilation)
+beside the steady one; ``aanet train --compile inductor`` trains that way.
+
 ``--max-batch`` (CUDA) also searches the largest batch that fits: doubling until out of memory,
 then bisecting between the last fit and the first failure.
 
     python benchmarks/bench_train.py --device cuda
-    python benchmarks/bench_train.py --device cpu --batch-size 16
+    python benchmarks/bench_train.py --device cpu --batch-size 16 --compile inductor
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -45,6 +50,11 @@ class Job:
     batch: int
     input_size: int
     dtype: str
+    compiler: str = "none"  # or the torch.compile backend the model runs under
+
+    @property
+    def label(self) -> str:
+        return self.variant if self.compiler == "none" else f"{self.variant}, {self.compiler}"
 
 
 def make_step(job: Job, device: torch.device) -> Callable[[], None]:
@@ -62,10 +72,11 @@ def make_step(job: Job, device: torch.device) -> Callable[[], None]:
     num_points = config.model_config().num_points
     targets = torch.rand(job.batch, num_points, 2, device=device, dtype=dtype) * job.input_size
     backend = "auto" if job.variant == PLAIN else job.variant
+    net = model if job.compiler == "none" else torch.compile(model, backend=job.compiler)
 
     def step() -> None:
         with aanet_kernels.use_backend(backend):
-            coords, _, logits = model(images)
+            coords, _, logits = net(images)
             loss = loss_fn(coords.float(), logits, targets.float(), HEATMAP_STRIDE)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -81,13 +92,21 @@ def variants_for(device: torch.device) -> list[str]:
 
 
 def measure(job: Job, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
-    """Median step time (and steps/s) of ``job``; peak memory too on CUDA."""
+    """Time of the first step (with any compilation), median step time (and steps/s) after it;
+    peak memory too on CUDA."""
     step = make_step(job, device)
+    began = time.perf_counter()
+    step()
+    common.synchronize(device)
+    first_s = time.perf_counter() - began
     timing = common.time_fn(
         step, device, warmup=args.warmup, repeats=args.repeats, min_repeats=args.min_repeats,
         budget_s=args.budget,
     )  # fmt: skip
-    result = {"step_ms": timing.median_s * 1e3, "steps_per_s": 1 / timing.median_s}
+    result = {
+        "first_step_s": first_s, "step_ms": timing.median_s * 1e3,
+        "steps_per_s": 1 / timing.median_s,
+    }  # fmt: skip
     if device.type == "cuda":
         result["peak_mib"] = common.cuda_peak_bytes(step, device) / 2**20
     return result
@@ -117,15 +136,16 @@ def largest_batch(job: Job, device: torch.device, limit: int) -> int:
 
 
 def memory_worker_main() -> None:
-    """CPU memory worker: a JSON list of jobs on stdin, ``{variant: bytes}`` on stdout."""
+    """CPU memory worker: a JSON list of jobs on stdin, ``{label: bytes}`` on stdout."""
     if not common.in_memory_worker():
         raise RuntimeError("--memory-worker: start it with benchmarks.common.run_worker")
     device = torch.device("cpu")
     out = {}
     for item in json.load(sys.stdin):
-        step = make_step(Job(**item), device)
+        job = Job(**item)
+        step = make_step(job, device)
         step()  # first step: one-time costs and the optimizer state are not the step's
-        out[item["variant"]] = common.rss_peak_bytes(step)
+        out[job.label] = common.rss_peak_bytes(step)
     print(json.dumps(out))
 
 
@@ -145,6 +165,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--budget", type=float, default=5.0, help="seconds of timed steps per variant"
     )
+    parser.add_argument(
+        "--compile", choices=("inductor", "aot_eager"),
+        help="also measure each variant under torch.compile with this compiler",
+    )  # fmt: skip
     parser.add_argument("--max-batch", action="store_true", help="(CUDA) find the largest batch")
     parser.add_argument("--max-batch-limit", type=int, default=4096)
     parser.add_argument("--no-memory", action="store_true")
@@ -161,11 +185,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         return []
     device = common.benchmark_device(args.device)
     variants = common.pick_subset(args.variants, variants_for(device), "variants")
-    jobs = [Job(v, args.batch_size, args.input_size, args.dtype) for v in variants]
+    compilers = ("none", args.compile) if args.compile else ("none",)
+    jobs = [
+        Job(v, args.batch_size, args.input_size, args.dtype, c) for c in compilers for v in variants
+    ]
     meta = common.run_metadata(device)
     rows: list[dict[str, object]] = []
     for job in jobs:
-        row: dict[str, object] = {**asdict(job), "status": "ok"}
+        row: dict[str, object] = {"label": job.label, **asdict(job), "status": "ok"}
         try:
             row.update(measure(job, device, args))
             if args.max_batch and device.type == "cuda":
@@ -178,20 +205,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         ok = [asdict(j) for j, r in zip(jobs, rows, strict=True) if r["status"] == "ok"]
         peaks = common.run_worker(["-m", "benchmarks.bench_train", "--memory-worker"], ok)
         for row in rows:
-            if row["variant"] in peaks:
-                row["peak_mib"] = peaks[row["variant"]] / 2**20
+            if row["label"] in peaks:
+                row["peak_mib"] = peaks[row["label"]] / 2**20
 
-    plain = next((r for r in rows if r["variant"] == PLAIN and "step_ms" in r), None)
+    plain = next(
+        (r for r in rows if r["variant"] == PLAIN and r["compiler"] == "none" and "step_ms" in r),
+        None,
+    )
     table = [
         [
-            r["variant"], r["batch"], common.fmt(r.get("steps_per_s")),
-            common.fmt(r.get("step_ms")), common.fmt(r.get("peak_mib")),
+            r["label"], r["batch"], common.fmt(r.get("steps_per_s")),
+            common.fmt(r.get("step_ms")), common.fmt(r.get("first_step_s")),
+            common.fmt(r.get("peak_mib")),
             f"{r['step_ms'] / plain['step_ms']:.2f}x" if plain and "step_ms" in r else None,
             r.get("largest_batch"), r["status"],
         ]
         for r in rows
     ]  # fmt: skip
-    header = ["variant", "batch", "steps/s", "ms/step", "peak MiB", "time / plain conv"]
+    header = ["variant", "batch", "steps/s", "ms/step", "first step s", "peak MiB"]
+    header += ["time / plain conv (eager)"]
     header += ["largest batch", "status"]
     stem = f"train_{common.device_slug(device)}"
     md = (

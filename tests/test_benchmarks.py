@@ -144,12 +144,14 @@ def test_bench_train_tiny_writes_table(tmp_path):
     rows = bench_train.main([
         "--device", "cpu", "--variants", f"reference,{bench_train.PLAIN}", "--batch-size", "2",
         "--input-size", "32", "--warmup", "1", "--repeats", "2", "--min-repeats", "2",
-        "--budget", "0", "--out-dir", str(tmp_path),
+        "--budget", "0", "--out-dir", str(tmp_path), "--compile", "aot_eager",
     ])  # fmt: skip
-    assert [r["variant"] for r in rows] == ["reference", bench_train.PLAIN]
+    plain, compiled = bench_train.PLAIN, f"{bench_train.PLAIN}, aot_eager"
+    assert [r["label"] for r in rows] == ["reference", plain, "reference, aot_eager", compiled]
     assert all(r["status"] == "ok" and r["steps_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
+    assert all(r["first_step_s"] > 0 for r in rows)
     md = (tmp_path / f"train_{common.device_slug('cpu')}.md").read_text()
-    assert "time / plain conv" in md
+    assert "time / plain conv" in md and "reference, aot_eager" in md
 
 
 def test_ablation_tiny_trains_both_variants_and_writes_table_and_plot(tmp_path):

@@ -34,6 +34,8 @@ def test_presets_are_valid(preset: str):
         ({"data": "celeba"}, "data: expected one of"),
         ({"on_error": "ignore"}, "on_error: expected one of"),
         ({"backend": "fast"}, "backend: expected one of"),
+        ({"compile": "max-autotune"}, "compile: expected one of"),
+        ({"compile": True}, "compile: expected a string"),
         ({"device": "gpu"}, "device: expected auto, cpu, cuda or cuda:N"),
     ],
     ids=lambda v: str(v)[:40] if isinstance(v, dict) else "",

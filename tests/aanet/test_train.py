@@ -126,6 +126,31 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert len(rows) == 3 and (Path(interrupted.out) / "curves.png").stat().st_size > 0
 
 
+def test_compiled_training_follows_eager_training(tmp_path, monkeypatch):
+    # aot_eager traces the step as Inductor would (Dynamo, AOT autograd, the fused op in the
+    # graph) without minutes of code generation; tests/test_aaconv.py runs Inductor itself.
+    torch._dynamo.reset()
+    eager = train(tiny_config(tmp_path / "eager", epochs=1), progress=False)
+    compilers = []
+    real_compile = torch.compile
+
+    def recording_compile(model, **options):
+        compilers.append(options.get("backend"))
+        return real_compile(model, **options)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    compiled = train(
+        tiny_config(tmp_path / "compiled", epochs=1, compile="aot_eager"), progress=False
+    )
+    assert compilers == ["aot_eager"]
+    a, b = eager["model"].state_dict(), compiled["model"].state_dict()
+    assert list(a) == list(b), "a compiled model's checkpoint must keep the plain parameter names"
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    saved = torch.load(Path(compiled["out"]) / "last.pt", weights_only=False)
+    assert saved["config"]["compile"] == "aot_eager" and list(saved["model"]) == list(a)
+
+
 def test_checkpoint_is_written_atomically(tmp_path):
     from aanet.checkpoint import save_atomic
 
