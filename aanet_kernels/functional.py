@@ -2,8 +2,9 @@
 
 ``aa_conv2d`` computes the layer of DESIGN.md section 2 from explicit weights; the module
 ``aanet_kernels.nn.AAConv2d`` holds those weights and calls it. The helpers here are public
-because users of SAM-style relative positions need them too (``resize_rel_table``) or want to
-feed ``attention_2d`` from their own projections (``split_heads``).
+because users of SAM-style relative positions need them too (``resize_rel_table``,
+``sam_relative_logits``) or want to feed ``attention_2d`` from their own projections
+(``split_heads``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,23 @@ def resize_rel_table(table: Tensor, length: int) -> Tensor:
         return table
     resized = F.interpolate(table.t().unsqueeze(0), size=length, mode="linear", align_corners=False)
     return resized.squeeze(0).t()
+
+
+def sam_relative_logits(
+    q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, height: int, width: int
+) -> tuple[Tensor, Tensor]:
+    """The bias tables of SAM / ViTDet's decomposed relative positions, for ``attention_2d``.
+
+    SAM's image encoder adds ``q_i . rel_pos_h[iy - y + H - 1] + q_i . rel_pos_w[ix - x + W - 1]``
+    to the logits of key ``(y, x)`` (``add_decomposed_rel_pos``): tables indexed by query minus
+    key, where :func:`relative_logits` (Bello et al.) indexes by key minus query, so the same tables
+    reversed along the offsets. Tables of another length than ``2 * size - 1`` are resized first,
+    as SAM's ``get_rel_pos`` does. Pass SAM's *unscaled* queries here and its scale to
+    ``attention_2d(..., scale=head_dim ** -0.5)``, which multiplies ``q . k`` only.
+    """
+    rel_h = resize_rel_table(rel_pos_h, 2 * height - 1).flip(0)
+    rel_w = resize_rel_table(rel_pos_w, 2 * width - 1).flip(0)
+    return relative_logits(q, rel_h, rel_w, height, width)
 
 
 def split_heads(qkv: Tensor, dk: int, dv: int, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
