@@ -6,7 +6,8 @@ same network with plain 3x3 convolutions (``attention=False``) as the baseline. 
 ``aanet.train`` does per batch: forward, the default training loss (coordinate MSE plus the
 heat-map regulariser, ``aanet.losses.build_training_loss``), backward, an Adam step. The batch
 size defaults to the model's (``aanet.config.Config.batch_size``) on random images of the default
-input size; time is the median over steps after warm-up (``benchmarks.common``), memory the peak
+input size; time is the median over steps after warm-up, the variants' steps timed in interleaved
+rounds (``benchmarks.common.time_interleaved``), memory the peak
 of one step above the model and optimizer state (CUDA: allocator; CPU: resident set, in a worker
 process, see ``benchmarks.common.rss_peak_bytes``).
 
@@ -85,31 +86,23 @@ def make_step(job: Job, device: torch.device) -> Callable[[], None]:
     return step
 
 
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+
+
 def variants_for(device: torch.device) -> list[str]:
     """The backends that run on ``device`` (Triton only on a GPU), then the plain-conv baseline."""
     backends = aanet_kernels.available_backends(device)
     return [b for b in backends if b != "triton" or device.type == "cuda"] + [PLAIN]
 
 
-def measure(job: Job, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
-    """Time of the first step (with any compilation), median step time (and steps/s) after it;
-    peak memory too on CUDA."""
+def first_step(job: Job, device: torch.device) -> tuple[Callable[[], None], float]:
+    """The step of ``job`` and the time of its first call (with any compilation)."""
     step = make_step(job, device)
     began = time.perf_counter()
     step()
     common.synchronize(device)
-    first_s = time.perf_counter() - began
-    timing = common.time_fn(
-        step, device, warmup=args.warmup, repeats=args.repeats, min_repeats=args.min_repeats,
-        budget_s=args.budget,
-    )  # fmt: skip
-    result = {
-        "first_step_s": first_s, "step_ms": timing.median_s * 1e3,
-        "steps_per_s": 1 / timing.median_s,
-    }  # fmt: skip
-    if device.type == "cuda":
-        result["peak_mib"] = common.cuda_peak_bytes(step, device) / 2**20
-    return result
+    return step, time.perf_counter() - began
 
 
 def fits(job: Job, device: torch.device) -> bool:
@@ -190,17 +183,32 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         Job(v, args.batch_size, args.input_size, args.dtype, c) for c in compilers for v in variants
     ]
     meta = common.run_metadata(device)
-    rows: list[dict[str, object]] = []
+    by_label = {job.label: {"label": job.label, **asdict(job), "status": "ok"} for job in jobs}
+    steps: dict[str, Callable[[], None]] = {}
     for job in jobs:
-        row: dict[str, object] = {"label": job.label, **asdict(job), "status": "ok"}
         try:
-            row.update(measure(job, device, args))
-            if args.max_batch and device.type == "cuda":
-                row["largest_batch"] = largest_batch(job, device, args.max_batch_limit)
+            steps[job.label], by_label[job.label]["first_step_s"] = first_step(job, device)
         except (RuntimeError, ValueError) as error:  # OOM included: recorded, not fatal
-            row["status"] = f"error: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            by_label[job.label]["status"] = f"error: {_first_line(error)}"
+    # The variants' steps in interleaved rounds, so that a shared machine's changing load falls on
+    # all of them alike and their ratios hold.
+    timings = common.time_interleaved(
+        {label: (step, None) for label, step in steps.items()}, device, warmup=args.warmup,
+        repeats=args.repeats, min_repeats=args.min_repeats, budget_s=args.budget,
+    )  # fmt: skip
+    for job in jobs:
+        row, timing = by_label[job.label], timings.get(job.label)
+        if isinstance(timing, str):
+            row["status"] = f"error: {timing}"
+        elif timing is not None:
+            row.update(step_ms=timing.median_s * 1e3, steps_per_s=1 / timing.median_s)
+            if device.type == "cuda":
+                row["peak_mib"] = common.cuda_peak_bytes(steps[job.label], device) / 2**20
+        if args.max_batch and device.type == "cuda" and row["status"] == "ok":
+            row["largest_batch"] = largest_batch(job, device, args.max_batch_limit)
         print(row, flush=True)
-        rows.append(row)
+    steps.clear()
+    rows = list(by_label.values())
     if device.type == "cpu" and not args.no_memory:
         ok = [asdict(j) for j, r in zip(jobs, rows, strict=True) if r["status"] == "ok"]
         peaks = common.run_worker(["-m", "benchmarks.bench_train", "--memory-worker"], ok)
