@@ -20,6 +20,10 @@ ENV_VAR = "AANET_KERNELS_BACKEND"
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "aanet_kernels_backend", default=None
 )
+# The innermost use_backend of the process, for torch.compile: Dynamo guards on a module global,
+# so entering another use_backend around a compiled model makes it retrace; the ContextVar above
+# (per thread, what eager calls read) torch 2.11's Dynamo cannot trace at all.
+_traced_context_backend: str | None = None
 
 
 def triton_interpreted() -> bool:
@@ -82,18 +86,22 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int = 0) -> st
     ``head_dim`` (the larger of dkh and dvh) lets ``auto`` pass over kernels compiled for smaller
     heads; an explicit choice is left to the kernel, which raises a clear error.
     """
-    # Compared here, outside the constant function below: under dynamic shapes the head dim is a
-    # SymInt, and the comparison becomes a guard where the function could not take it.
+    # Read and compared here, outside the constant function below, so that under torch.compile
+    # they become guards: the use_backend in force (a changed one retraces), and the head dim,
+    # a SymInt under dynamic shapes. The environment variable is read at trace time.
+    if backend == "auto":
+        traced = torch.compiler.is_compiling()
+        context = _traced_context_backend if traced else _context_backend.get()
+        # A use_backend, even use_backend("auto"), overrides the environment variable.
+        backend = context or os.environ.get(ENV_VAR, "auto") or "auto"
     too_small = tuple(name for name, limit in _MAX_HEAD_DIM.items() if head_dim > limit)
     return _resolve_backend(backend, device, too_small)
 
 
-# The choice is a Python-level decision made once per traced call: torch.compile treats it as a
-# constant rather than tracing the availability checks.
+# The availability checks are a Python-level decision made once per traced call: torch.compile
+# treats their result as a constant rather than tracing them.
 @torch.compiler.assume_constant_result
 def _resolve_backend(backend: str, device: torch.device, too_small: tuple[str, ...]) -> str:
-    if backend == "auto":
-        backend = _context_backend.get() or os.environ.get(ENV_VAR, "auto") or "auto"
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
             if candidate not in too_small and _why_unavailable(candidate, device) is None:
@@ -110,8 +118,11 @@ def use_backend(backend: str) -> Iterator[None]:
     """Run the enclosed ``attention_2d`` calls (and layers built on it) with ``backend``."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+    global _traced_context_backend
     token = _context_backend.set(backend)
+    outer, _traced_context_backend = _traced_context_backend, backend
     try:
         yield
     finally:
         _context_backend.reset(token)
+        _traced_context_backend = outer

@@ -70,3 +70,39 @@ def test_auto_passes_over_kernels_compiled_for_smaller_heads(monkeypatch: pytest
     cpu = torch.device("cpu")
     assert ak.resolve_backend("auto", cpu, head_dim=64) == "triton"
     assert ak.resolve_backend("auto", cpu, head_dim=300) == "reference"
+
+
+@pytest.mark.skipif(
+    "cpu" not in ak.available_backends("cpu"), reason="the C++ extension is not built"
+)
+def test_compiled_code_follows_the_use_backend_in_force():
+    # The choice is made at trace time; a compiled function called under another use_backend must
+    # retrace (a guard), not keep running the backend it was traced with. Until 2026-12-01 it kept
+    # it: a second model instance compiled under another use_backend ran the first one's backend.
+    torch._dynamo.reset()
+    graphs: list[str] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs):  # type: ignore[no-untyped-def]
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def attend(q: torch.Tensor) -> torch.Tensor:
+        return ak.attention_2d(q, q, q, height=2, width=3)
+
+    compiled = torch.compile(attend, fullgraph=True, backend=recording_backend)
+    q = torch.randn(1, 2, 6, 4)
+
+    def ran_fused_op() -> bool:
+        compiled(q)  # any tracing first: it runs the op on fake tensors, which the profiler sees
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            torch.testing.assert_close(compiled(q), attend(q))
+        # attend(q) runs eagerly under the same use_backend: count the compiled call's share.
+        calls = [e.count for e in prof.key_averages() if e.key == "aanet_kernels::attention_2d_fwd"]
+        return sum(calls) == 2
+
+    for backend, expect_fused in (("cpu", True), ("reference", False), ("cpu", True)):
+        with ak.use_backend(backend):
+            assert ran_fused_op() == expect_fused, backend
+    assert len(graphs) == 2, "the second use_backend('cpu') should reuse the first graph"
+    assert "aanet_kernels.attention_2d_fwd" in graphs[0]
+    assert "aanet_kernels.attention_2d_fwd" not in graphs[1]
