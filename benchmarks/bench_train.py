@@ -238,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         f"# AANet training steps: {meta['device_name']} ({meta['device']})\n\n"
         f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
         f"{meta['cpu_threads']} CPU threads; input {args.input_size}x{args.input_size}, "
-        f"{args.dtype}, Adam, the default training loss (MSE + heat-map regulariser).\n\n"
+        f"{args.dtype}, Adam, the default training loss (MSE + heat-map regulariser). "
+        "First step: the first call, with any compilation, Inductor's on-disk caches as found "
+        "(TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 for a cold compile).\n\n"
         + common.markdown_table(table, header)
         + "\n"
     )
