@@ -145,13 +145,6 @@ def skip_reason(case: Case, method: str, max_dense_gib: float) -> str | None:
     return None
 
 
-def _short_error(error: BaseException) -> str:
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return "out of memory"
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return f"error: {type(error).__name__}: {first[:120]}"
-
-
 def measure_memory(
     case: Case, method: str, device: torch.device, amp_dtype: torch.dtype | None
 ) -> int | str:
@@ -161,7 +154,7 @@ def measure_memory(
         step()  # one-time costs (thread pools, code pages, lazy init) are not the layer's
         return common.peak_memory(step, device)
     except (RuntimeError, ValueError, TypeError) as error:
-        return _short_error(error)
+        return common.error_status(error)
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -204,7 +197,7 @@ def run(
                 try:
                     steps[method] = (make_step(case, method, device, amp_dtype), None)
                 except (RuntimeError, ValueError, TypeError) as error:
-                    failed[method] = _short_error(error)
+                    failed[method] = common.error_status(error)
         timings = common.time_interleaved(
             steps, device, warmup=args.warmup, repeats=args.repeats,
             min_repeats=min(3, args.repeats), budget_s=args.budget_s,

@@ -312,13 +312,6 @@ def _skip_reason(method: str, shape: Shape, settings: Settings) -> str | None:
     return None
 
 
-def _short_error(error: BaseException) -> str:
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return "out of memory"
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"error: {type(error).__name__}: {first[:120]}"
-
-
 def _release(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -393,7 +386,7 @@ def measure_memory(
             for measured in (False, True):
                 results[mode] = _one_call_memory(fn, setup, device, measured)
         except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError) as error:
-            results[mode] = _short_error(error)
+            results[mode] = common.error_status(error)
         finally:
             _release(device)
     return results

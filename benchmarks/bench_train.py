@@ -86,10 +86,6 @@ def make_step(job: Job, device: torch.device) -> Callable[[], None]:
     return step
 
 
-def _first_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-
-
 def variants_for(device: torch.device) -> list[str]:
     """The backends that run on ``device`` (Triton only on a GPU), then the plain-conv baseline."""
     backends = aanet_kernels.available_backends(device)
@@ -189,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         try:
             steps[job.label], by_label[job.label]["first_step_s"] = first_step(job, device)
         except (RuntimeError, ValueError) as error:  # OOM included: recorded, not fatal
-            by_label[job.label]["status"] = f"error: {_first_line(error)}"
+            by_label[job.label]["status"] = common.error_status(error)
     # The variants' steps in interleaved rounds, so that a shared machine's changing load falls on
     # all of them alike and their ratios hold.
     timings = common.time_interleaved(
@@ -199,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     for job in jobs:
         row, timing = by_label[job.label], timings.get(job.label)
         if isinstance(timing, str):
-            row["status"] = f"error: {timing}"
+            row["status"] = timing  # already "error: ..." (common.time_interleaved)
         elif timing is not None:
             row.update(step_ms=timing.median_s * 1e3, steps_per_s=1 / timing.median_s)
             if device.type == "cuda":
@@ -231,8 +227,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         for r in rows
     ]  # fmt: skip
     header = ["variant", "batch", "steps/s", "ms/step", "first step s", "peak MiB"]
-    header += ["time / plain conv (eager)"]
-    header += ["largest batch", "status"]
+    header += ["time / plain conv (eager)", "largest batch", "status"]
     stem = f"train_{common.device_slug(device)}"
     md = (
         f"# AANet training steps: {meta['device_name']} ({meta['device']})\n\n"

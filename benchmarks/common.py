@@ -62,7 +62,7 @@ def pick_subset(requested: str | None, available: Sequence[str], option: str) ->
     with a message naming the option when it names anything else, or nothing."""
     if requested is None:
         return list(available)
-    picked = [s.strip() for s in requested.split(",") if s.strip()]
+    picked = list(dict.fromkeys(s.strip() for s in requested.split(",") if s.strip()))
     unknown = [p for p in picked if p not in available]
     if unknown or not picked:
         raise SystemExit(
@@ -133,6 +133,15 @@ class Timing:
     min_s: float
     max_s: float
     repeats: int
+
+
+def error_status(error: BaseException) -> str:
+    """A failed case's status for a results table: ``error: <type>: <first line>``, or ``out of
+    memory``."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"error: {type(error).__name__}: {first[:120]}"
 
 
 def time_fn(
@@ -238,7 +247,7 @@ def time_interleaved(
             try:
                 one_call(name, timed=round_index >= 0)
             except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:
-                failed[name] = f"error: {type(error).__name__}: {str(error).strip()[:160]}"
+                failed[name] = error_status(error)
     return {
         name: failed.get(name) or Timing(statistics.median(got), min(got), max(got), len(got))
         for name, got in samples.items()
