@@ -276,7 +276,7 @@ def test_export_and_compile_with_dynamic_batch_and_map_size(backend: str) -> Non
     compiled = torch.compile(layer, dynamic=True, fullgraph=True, backend="aot_eager")
     compiled(torch.randn(2, 4, 6, 5))
     for shape in ((3, 4, 9, 7), (2, 4, 4, 11), (5, 4, 6, 5)):
-        x = torch.randn(shape, dtype=torch.float64).float()
+        x = torch.randn(shape)
         expected = layer(x)
         torch.testing.assert_close(program.module()(x), expected)
         with torch.compiler.set_stance("fail_on_recompile"):
