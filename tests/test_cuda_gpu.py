@@ -7,6 +7,7 @@ kernels, so a CUDA build that silently lost them cannot pass ``make test``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -47,6 +48,13 @@ def test_cuda_build_registers_cuda_kernels():
         assert has_kernel(name, "CUDA"), f"aanet_kernels::{name} has no CUDA kernel"
 
 
+# Key walks of the fp16/bf16 forward (csrc/cuda/attention_2d_common.cuh, KeyWalk) that the
+# awkward shapes miss: a 5 x 70 map walked by its columns (9 tiles of 64 keys against 10 by rows),
+# a 2 x 100 map whose rows take two chunks of 64 keys, and a 70 x 1 strip in runs of one key with
+# head dims that need the 128-wide tiles (32 keys).
+CUDA_WALK_CASES = [Case(1, 2, 5, 70, 8, 4), Case(1, 1, 2, 100, 16, 8), Case(1, 1, 70, 1, 33, 65)]
+
+
 class TestCudaBackend:
     """Needs a GPU and an extension built with CUDA."""
 
@@ -79,7 +87,7 @@ class TestCudaBackend:
         return (actual.double() - exact).abs().max().item() if exact.numel() else 0.0
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-    @pytest.mark.parametrize("case", AWKWARD_CASES, ids=str)
+    @pytest.mark.parametrize("case", AWKWARD_CASES + CUDA_WALK_CASES, ids=str)
     def test_forward_within_twice_torch_error(self, case, dtype, poisoned_allocations):
         inputs = self.inputs(case, dtype, seed=11)
         kwargs = self.kwargs(case)
@@ -97,7 +105,7 @@ class TestCudaBackend:
         assert self.max_error(lse, exact_lse) <= lse_tol * max(1.0, exact_lse.abs().max().item())
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-    @pytest.mark.parametrize("case", AWKWARD_CASES, ids=str)
+    @pytest.mark.parametrize("case", AWKWARD_CASES + CUDA_WALK_CASES, ids=str)
     def test_gradients_within_twice_torch_error(self, case, dtype, poisoned_allocations):
         inputs = self.inputs(case, dtype, seed=12, requires_grad=True)
         kwargs = self.kwargs(case, scale=0.7)
@@ -305,7 +313,16 @@ EMULATION_SOURCE = (
     Path(__file__).resolve().parents[1] / "csrc/cuda/emulation/attention_2d_emulated.cpp"
 )
 CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
-EMULATION_CASES = AWKWARD_CASES[1:] + [Case(1, 2, 3, 24, 5, 3), Case(1, 1, 70, 1, 33, 65)]
+EMULATION_CASES = AWKWARD_CASES[1:] + CUDA_WALK_CASES + [Case(1, 2, 3, 24, 5, 3)]
+
+
+def kernel_headers_digest() -> str:
+    """A digest of the kernel headers the emulation includes: ``load`` rebuilds only when its
+    sources or flags change, and the kernels live in the headers."""
+    headers = sorted(EMULATION_SOURCE.parents[1].glob("*.cuh")) + [
+        EMULATION_SOURCE.parents[1] / "attention_2d_cuda.h"
+    ]
+    return hashlib.sha256(b"".join(h.read_bytes() for h in headers)).hexdigest()[:16]
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +339,13 @@ def emulated_kernels():
         name="aanet_attention_2d_emulated",
         sources=[str(EMULATION_SOURCE)],
         build_directory=str(build_dir),
-        extra_cflags=["-O1", "-std=c++20", f"-I{CUDA_INCLUDE}", "-w"],  # std::barrier
+        extra_cflags=[
+            "-O1",
+            "-std=c++20",
+            f"-I{CUDA_INCLUDE}",
+            "-w",  # std::barrier
+            f"-DAANET_KERNELS_HEADERS_DIGEST={kernel_headers_digest()}",
+        ],  # fmt: skip
         extra_ldflags=["-lpthread"],
     )
 
@@ -331,7 +354,8 @@ def emulated_kernels():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", EMULATION_CASES, ids=str)
 def test_kernels_in_host_emulation(emulated_kernels, case, dtype):
-    """The kernels' tiling, masking, softmax and bias reductions, run on the CPU (no WMMA)."""
+    """The kernels' tiling, masking, softmax and bias reductions, run on the CPU (the fp16/bf16
+    forward's mma fragments included, the backward's WMMA not)."""
     q, k, v, bh, bw = make_inputs(case, dtype, seed=25)
     gen = torch.Generator().manual_seed(26)
     shape = (case.batch, case.heads, case.length, case.dvh)

@@ -96,7 +96,8 @@ __host__ __device__ constexpr size_t smem_align(size_t bytes) {
 }
 
 // Tile shapes for input type T (device type) and padded head dim D.
-//   kFwdM x kFwdN: query rows per block x keys per step, forward.
+//   kFwdM x kFwdN: query rows per block x keys per step of the fp32/fp64 forward (fp16/bf16 take
+//   the register-resident forward, FwdMmaTiles in attention_2d_fwd.cuh).
 //   kBwdM x kBwdN: query rows x key rows of one step in both backward kernels.
 //   kStep: the granularity head dims and tile sides are padded to (16 for WMMA).
 //   kPadT / kPadA: leading-dimension padding of operand / accumulator tiles (bank conflicts;
@@ -106,8 +107,8 @@ struct Tiles {
   static constexpr bool kTC = kTensorCore<T>;
   static constexpr bool kF64 = std::is_same_v<T, double>;
   static constexpr int kThreads = 128;
-  static constexpr int kFwdM = kTC ? 64 : (kF64 ? 16 : 32);
-  static constexpr int kFwdN = kTC ? (D <= 64 ? 64 : 32) : (kF64 ? 16 : 32);
+  static constexpr int kFwdM = kF64 ? 16 : 32;
+  static constexpr int kFwdN = kF64 ? 16 : 32;
   static constexpr int kBwdM = kTC ? 32 : 16;
   static constexpr int kBwdN = kTC ? (D <= 64 ? 64 : 32) : (kF64 ? 16 : 32);
   static constexpr int kStep = 16;
@@ -123,8 +124,34 @@ __device__ __forceinline__ const T* head_ptr(const Tensor4& t, int b, int h) {
   return static_cast<const T*>(t.ptr) + b * t.stride[0] + h * t.stride[1];
 }
 
-// dst[r][c] = src[row0 + r][c] for rows < n_rows and columns < n_cols, zero elsewhere;
-// ROWS x COLS elements, dst leading dim ld.
+// dst(r, c) = src[row_index(r) * row_stride + c * col_stride] for rows with row_index(r) >= 0
+// and columns c < n_cols, zero elsewhere; ROWS x COLS elements stored at dst[r * ld + c], or at
+// dst[c * ld + r] when TRANSPOSED. Consecutive threads walk the source along its unit stride, so
+// the global reads coalesce for both layouts AAConv2d hands over (q/k/v split out of an NCHW map
+// have unit stride along positions, contiguous ones along the head dim).
+template <typename T, int ROWS, int COLS, int NT, bool TRANSPOSED = false, typename RowIndex>
+__device__ __forceinline__ void load_rows(
+    T* dst,
+    int ld,
+    const T* src,
+    int64_t row_stride,
+    int64_t col_stride,
+    int n_cols,
+    RowIndex row_index) {
+  const bool rows_fastest = row_stride == 1 && col_stride != 1;
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
+    const int r = rows_fastest ? idx % ROWS : idx / COLS;
+    const int c = rows_fastest ? idx / ROWS : idx % COLS;
+    const int row = row_index(r);
+    T value = from_acc<T>(0.0f);
+    if (row >= 0 && c < n_cols) {
+      value = src[row * row_stride + c * col_stride];
+    }
+    dst[TRANSPOSED ? c * ld + r : r * ld + c] = value;
+  }
+}
+
+// dst[r][c] = src[row0 + r][c] for rows < n_rows and columns < n_cols, zero elsewhere.
 template <typename T, int ROWS, int COLS, int NT>
 __device__ __forceinline__ void load_tile(
     T* dst,
@@ -135,16 +162,9 @@ __device__ __forceinline__ void load_tile(
     int row0,
     int n_rows,
     int n_cols) {
-  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
-    const int r = idx / COLS;
-    const int c = idx % COLS;
-    const int row = row0 + r;
-    T value = from_acc<T>(0.0f);
-    if (row < n_rows && c < n_cols) {
-      value = src[row * row_stride + c * col_stride];
-    }
-    dst[r * ld + c] = value;
-  }
+  load_rows<T, ROWS, COLS, NT>(dst, ld, src, row_stride, col_stride, n_cols, [=](int r) {
+    return row0 + r < n_rows ? row0 + r : -1;
+  });
 }
 
 template <typename A, int ROWS, int COLS, int NT>
@@ -283,6 +303,57 @@ __device__ __forceinline__ A bias_at(
   }
   return value;
 }
+
+// How a kernel with key tiles of block_n keys walks the (height x width) key grid: a tile is
+// block_n >> inner_log2 runs of 1 << inner_log2 consecutive keys along the inner dim, so every
+// key's coordinates come from shifts and the inner bias table is the same for every run of a
+// tile. The inner dim is the image row (bias_w indexed along it), or, for a map that fills the
+// tiles better that way (narrow and tall: 70 x 1 would fill 1 slot in 16 of each run), the image
+// column, with the two bias tables trading places. A tile never spans two inner chunks; keys past
+// the map are masked.
+struct KeyWalk {
+  int outer_size = 0, inner_size = 0;      // e.g. height, width
+  int outer_stride = 0, inner_stride = 0;  // key j = outer * outer_stride + inner * inner_stride
+  int inner_log2 = 0;                      // run length 1 << inner_log2 <= block_n
+  bool transposed = false;                 // inner dim = image column; bias_h is the inner table
+
+  __host__ __device__ static int run_log2(int size, int block_n) {
+    int log2 = 0;
+    while ((1 << log2) < size && (1 << log2) < block_n) {
+      ++log2;
+    }
+    return log2;
+  }
+
+  __host__ __device__ static KeyWalk make(
+      int outer, int inner, int outer_stride, int inner_stride, int block_n, bool transposed) {
+    return {outer, inner, outer_stride, inner_stride, run_log2(inner, block_n), transposed};
+  }
+
+  __host__ __device__ static KeyWalk of(int height, int width, int block_n) {
+    const KeyWalk rows = make(height, width, width, 1, block_n, false);
+    const KeyWalk columns = make(width, height, 1, width, block_n, true);
+    return columns.tiles(block_n) < rows.tiles(block_n) ? columns : rows;
+  }
+
+  __host__ __device__ int runs_per_tile(int block_n) const {
+    return block_n >> inner_log2;
+  }
+
+  __host__ __device__ int tiles(int block_n) const {
+    const int run = 1 << inner_log2;
+    const int runs = runs_per_tile(block_n);
+    return ((inner_size + run - 1) / run) * ((outer_size + runs - 1) / runs);
+  }
+
+  // Key index of slot c of the tile starting at (outer0, inner0), or -1 past the map.
+  __host__ __device__ int key(int outer0, int inner0, int c) const {
+    const int outer = outer0 + (c >> inner_log2);
+    const int inner = inner0 + (c & ((1 << inner_log2) - 1));
+    return outer < outer_size && inner < inner_size ? outer * outer_stride + inner * inner_stride
+                                                    : -1;
+  }
+};
 
 // Shared memory must fit the device's opt-in limit; above 48 KiB the kernel must opt in.
 template <typename Kernel>

@@ -1,9 +1,15 @@
-// Forward kernel: flash-style online softmax over key tiles, the two bias tables added per tile
-// by key row (j / width) and key column (j % width), log-sum-exp saved for backward.
-// One block per (query tile, head, batch).
+// Forward kernels: flash-style online softmax over key tiles, the two bias tables added per tile,
+// log-sum-exp saved for backward. One block per (query tile, head, batch).
+//
+// - fp16/bf16: attention_2d_fwd_mma_kernel, register-resident (FlashAttention-2's structure):
+//   each warp owns 16 query rows; logits, probabilities and the output accumulator stay in mma
+//   fragments (warp_mma.cuh), only K and V^T tiles pass through shared memory. Key tiles follow
+//   KeyWalk, so bias coordinates come from shifts and the inner bias table sits in registers.
+// - fp32/fp64: attention_2d_fwd_kernel, every tile in shared memory and FMA loops (no TF32).
 #pragma once
 
 #include "attention_2d_common.cuh"
+#include "warp_mma.cuh"
 
 namespace aanet_kernels::cuda::detail {
 
@@ -133,6 +139,212 @@ __global__ void __launch_bounds__(Tiles<T, D>::kThreads)
   }
 }
 
+// Tile shapes of the register-resident forward (fp16/bf16). Leading dims are padded by 8
+// elements so that the 32-bit fragment loads of a warp hit 32 distinct banks.
+template <typename T, int D>
+struct FwdMmaTiles {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int BM = 16 * kWarps;           // query rows per block, 16 per warp
+  static constexpr int BN = D <= 64 ? 64 : 32;     // keys per tile
+  static constexpr int kNTiles = BN / 8;           // n-tiles of the logits per warp
+  static constexpr int kDTiles = D / 8;            // n-tiles of the output per warp
+  static constexpr int kLdQK = D + 8;              // s_q, s_k: [row][head dim]
+  static constexpr int kLdVt = BN + 8;             // s_vt: [head dim][key]
+  static constexpr size_t kQ = 0;
+  static constexpr size_t kK = kQ + smem_align(sizeof(T) * BM * kLdQK);
+  static constexpr size_t kVt = kK + smem_align(sizeof(T) * BN * kLdQK);
+  static constexpr size_t kBytes = kVt + smem_align(sizeof(T) * D * kLdVt);
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(FwdMmaTiles<T, D>::kThreads)
+    attention_2d_fwd_mma_kernel(const Attention2dParams p) {
+  using S = FwdMmaTiles<T, D>;
+  constexpr int NT = S::kThreads;
+  constexpr int BM = S::BM;
+  constexpr int BN = S::BN;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* s_q = reinterpret_cast<T*>(smem + S::kQ);
+  T* s_k = reinterpret_cast<T*>(smem + S::kK);
+  T* s_vt = reinterpret_cast<T*>(smem + S::kVt);
+
+  const int m0 = blockIdx.x * BM;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int len = p.length;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int quad = lane % 4;
+  const float scale = static_cast<float>(p.scale);
+  const int dk_steps = round_up(p.dkh, 16) / 16;  // k-steps of Q K^T
+  const int dv_tiles = round_up(p.dvh, 8) / 8;    // n-tiles of P V
+
+  const KeyWalk walk = KeyWalk::of(p.height, p.width, BN);
+  const Tensor4 outer_table = walk.transposed ? p.bias_w : p.bias_h;
+  const Tensor4 inner_table = walk.transposed ? p.bias_h : p.bias_w;
+  const T* outer_bias = outer_table.ptr ? head_ptr<T>(outer_table, b, h) : nullptr;
+  const T* inner_bias = inner_table.ptr ? head_ptr<T>(inner_table, b, h) : nullptr;
+  const T* k = head_ptr<T>(p.k, b, h);
+  const T* v = head_ptr<T>(p.v, b, h);
+
+  // This lane's two query rows (accumulator rows lane / 4 and lane / 4 + 8 of its warp's 16).
+  int rows[2];
+  bool row_ok[2];
+  for (int r = 0; r < 2; ++r) {
+    rows[r] = m0 + 16 * warp + lane / 4 + 8 * r;
+    row_ok[r] = rows[r] < len;
+  }
+
+  load_tile<T, BM, D, NT>(s_q, S::kLdQK, head_ptr<T>(p.q, b, h), p.q.stride[2], p.q.stride[3],
+                          m0, len, p.dkh);
+  __syncthreads();
+  uint32_t q_frag[D / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    load_a_fragment(q_frag[ks], s_q, S::kLdQK, 16 * warp, 16 * ks, lane);
+  }
+
+  float acc[S::kDTiles][4] = {};  // output accumulator, unnormalised
+  float row_max[2] = {neg_inf<float>(), neg_inf<float>()};
+  float row_sum[2] = {0.0f, 0.0f};  // this lane's share; the quad's four are summed at the end
+
+  const int run_mask = (1 << walk.inner_log2) - 1;
+  for (int inner0 = 0; inner0 < walk.inner_size; inner0 += run_mask + 1) {
+    // Inner bias of this lane's slots, the same for every run of every tile of the chunk;
+    // inner_ok masks the slots past the map's inner size.
+    float inner_value[2][S::kNTiles][2];
+    bool inner_ok[S::kNTiles][2];
+#pragma unroll
+    for (int nt = 0; nt < S::kNTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int inner = inner0 + ((8 * nt + 2 * quad + e) & run_mask);
+        inner_ok[nt][e] = inner < walk.inner_size;
+        for (int r = 0; r < 2; ++r) {
+          inner_value[r][nt][e] = inner_bias != nullptr && row_ok[r] && inner_ok[nt][e]
+              ? to_acc(inner_bias[rows[r] * inner_table.stride[2] + inner * inner_table.stride[3]])
+              : 0.0f;
+        }
+      }
+    }
+
+    for (int outer0 = 0; outer0 < walk.outer_size; outer0 += walk.runs_per_tile(BN)) {
+      const auto key_of = [&](int c) { return walk.key(outer0, inner0, c); };
+      __syncthreads();  // the previous tile's fragments are read
+      load_rows<T, BN, D, NT>(s_k, S::kLdQK, k, p.k.stride[2], p.k.stride[3], p.dkh, key_of);
+      load_rows<T, BN, D, NT, true>(s_vt, S::kLdVt, v, p.v.stride[2], p.v.stride[3], p.dvh,
+                                    key_of);
+      __syncthreads();
+
+      float logits[S::kNTiles][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        if (ks < dk_steps) {
+#pragma unroll
+          for (int nt = 0; nt < S::kNTiles; ++nt) {
+            uint32_t k_frag[2];
+            load_b_fragment(k_frag, s_k, S::kLdQK, 8 * nt, 16 * ks, lane);
+            mma_m16n8k16<T>(logits[nt], q_frag[ks], k_frag);
+          }
+        }
+      }
+
+      // Scale, bias and mask: accumulator value v of n-tile nt is row v / 2, slot 8 nt + 2 quad
+      // + v % 2 of the tile.
+      float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
+#pragma unroll
+      for (int nt = 0; nt < S::kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int outer = outer0 + ((8 * nt + 2 * quad + e) >> walk.inner_log2);
+          const bool ok = inner_ok[nt][e] && outer < walk.outer_size;
+          for (int r = 0; r < 2; ++r) {
+            float logit = neg_inf<float>();
+            if (ok) {
+              logit = scale * logits[nt][2 * r + e] + inner_value[r][nt][e];
+              if (outer_bias != nullptr && row_ok[r]) {
+                logit += to_acc(
+                    outer_bias[rows[r] * outer_table.stride[2] + outer * outer_table.stride[3]]);
+              }
+            }
+            logits[nt][2 * r + e] = logit;
+            tile_max[r] = fmaxf(tile_max[r], logit);
+          }
+        }
+      }
+
+      // Online softmax; the four lanes of a quad hold one row between them.
+      float alpha[2];
+      float shift[2];
+      for (int r = 0; r < 2; ++r) {
+        const float new_max = fmaxf(row_max[r], group_max<4>(tile_max[r]));
+        // A row with no finite logit yet shifts by 0, so exp(-inf - 0) = 0 instead of NaN.
+        shift[r] = new_max == neg_inf<float>() ? 0.0f : new_max;
+        alpha[r] = exp_acc(row_max[r] - shift[r]);
+        row_max[r] = new_max;
+        row_sum[r] *= alpha[r];
+      }
+#pragma unroll
+      for (int nt = 0; nt < S::kNTiles; ++nt) {
+#pragma unroll
+        for (int v4 = 0; v4 < 4; ++v4) {
+          const float prob = exp_acc(logits[nt][v4] - shift[v4 / 2]);
+          logits[nt][v4] = prob;
+          row_sum[v4 / 2] += prob;
+        }
+      }
+#pragma unroll
+      for (int dt = 0; dt < S::kDTiles; ++dt) {
+#pragma unroll
+        for (int v4 = 0; v4 < 4; ++v4) {
+          acc[dt][v4] *= alpha[v4 / 2];
+        }
+      }
+
+      // acc += P V, P straight from the logit registers.
+#pragma unroll
+      for (int kt = 0; kt < BN / 16; ++kt) {
+        uint32_t p_frag[4];
+        accumulators_as_a<T>(p_frag, logits[2 * kt], logits[2 * kt + 1]);
+#pragma unroll
+        for (int dt = 0; dt < S::kDTiles; ++dt) {
+          if (dt < dv_tiles) {
+            uint32_t v_frag[2];
+            load_b_fragment(v_frag, s_vt, S::kLdVt, 8 * dt, 16 * kt, lane);
+            mma_m16n8k16<T>(acc[dt], p_frag, v_frag);
+          }
+        }
+      }
+    }
+  }
+
+  for (int r = 0; r < 2; ++r) {
+    const float total = group_sum<4>(row_sum[r]);
+    if (!row_ok[r]) {
+      continue;
+    }
+    const int64_t row = (static_cast<int64_t>(b) * p.heads + h) * len + rows[r];
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    T* out = static_cast<T*>(p.out) + row * p.dvh;
+#pragma unroll
+    for (int dt = 0; dt < S::kDTiles; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = 8 * dt + 2 * quad + e;
+        if (d < p.dvh) {
+          out[d] = from_acc<T>(acc[dt][2 * r + e] * inv);
+        }
+      }
+    }
+    if (quad == 0) {
+      static_cast<float*>(p.lse)[row] =
+          total > 0.0f ? row_max[r] + log_acc(total) : neg_inf<float>();
+    }
+  }
+}
+
 } // namespace aanet_kernels::cuda::detail
 
 // Launchers need nvcc; a host compiler sees only the kernels (csrc/cuda/emulation/ runs them on
@@ -144,11 +356,19 @@ namespace aanet_kernels::cuda {
 template <typename scalar_t, int D>
 void launch_attention_2d_fwd(const Attention2dParams& params, cudaStream_t stream) {
   using T = typename detail::DeviceTypeOf<scalar_t>::type;
-  using S = detail::FwdSmem<T, D>;
-  auto kernel = detail::attention_2d_fwd_kernel<T, D>;
-  detail::prepare_smem(kernel, S::kBytes);
-  kernel<<<detail::tile_grid(params.length, S::BM, params), detail::Tiles<T, D>::kThreads,
-           S::kBytes, stream>>>(params);
+  if constexpr (detail::kTensorCore<T>) {
+    using S = detail::FwdMmaTiles<T, D>;
+    auto kernel = detail::attention_2d_fwd_mma_kernel<T, D>;
+    detail::prepare_smem(kernel, S::kBytes);
+    kernel<<<detail::tile_grid(params.length, S::BM, params), S::kThreads, S::kBytes, stream>>>(
+        params);
+  } else {
+    using S = detail::FwdSmem<T, D>;
+    auto kernel = detail::attention_2d_fwd_kernel<T, D>;
+    detail::prepare_smem(kernel, S::kBytes);
+    kernel<<<detail::tile_grid(params.length, S::BM, params), detail::Tiles<T, D>::kThreads,
+             S::kBytes, stream>>>(params);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

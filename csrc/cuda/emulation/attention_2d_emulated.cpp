@@ -2,9 +2,12 @@
 // index math, masking, online softmax and reductions on a machine without a GPU
 // (tests/test_cuda_gpu.py builds it with torch.utils.cpp_extension.load). One OS thread per CUDA
 // thread; std::barrier stands in for __syncthreads and for warp shuffles; shared memory is a
-// global buffer filled with 0xFF before each block. Without __CUDA_ARCH__ the GEMMs take the
-// plain loop path, so the WMMA code is NOT exercised here; everything else (tile shapes of every
-// dtype included) is. Not part of the built extension (setup.py compiles csrc/cuda/*.{cu,cpp}).
+// global buffer filled with 0xFF before each block. The register-resident fp16/bf16 forward runs
+// its mma.sync fragments through emulated_mma_m16n8k16 below, which gathers a warp's fragments
+// and multiplies them by the PTX ISA's fragment layout, so that kernel's fragment index math is
+// checked too. Without __CUDA_ARCH__ the backward's block GEMMs take the plain loop path, so its
+// WMMA code is NOT exercised here; everything else (tile shapes of every dtype included) is. Not
+// part of the built extension (setup.py compiles csrc/cuda/*.{cu,cpp}).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -12,9 +15,11 @@
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 // --- The CUDA built-ins the kernels use, for one block at a time. ---------------------------
@@ -51,6 +56,49 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask) {
   return partner;
 }
 
+// mma.sync.m16n8k16 (fp32 accumulators) for one warp: every lane publishes its A and B registers,
+// the warp meets, each lane computes its four D values from the gathered fragments, the warp
+// meets again. Layout, from the PTX ISA's fragment tables (lane = 4 * group + quad):
+//   A[row][k] is half k % 2 of register (row / 8) + 2 (k / 8) of lane 4 (row % 8) + (k % 8) / 2;
+//   B[k][n] is half k % 2 of register k / 8 of lane 4 n + (k % 8) / 2;
+//   D value v of a lane is D[group + 8 (v / 2)][2 quad + v % 2].
+uint32_t g_mma_a[kMaxWarps][32][4];
+uint32_t g_mma_b[kMaxWarps][32][2];
+
+template <class T>
+float emulated_half(uint32_t reg, int which) {
+  const uint16_t bits = static_cast<uint16_t>(which ? reg >> 16 : reg & 0xFFFFu);
+  T value;
+  std::memcpy(&value, &bits, sizeof(bits));
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(value);
+  } else {
+    return __bfloat162float(value);
+  }
+}
+
+template <class T>
+void emulated_mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  std::memcpy(g_mma_a[warp][lane], a, sizeof(a));
+  std::memcpy(g_mma_b[warp][lane], b, sizeof(b));
+  g_warp_barrier[warp]->arrive_and_wait();
+  for (int v = 0; v < 4; ++v) {
+    const int row = lane / 4 + 8 * (v / 2);
+    const int col = 2 * (lane % 4) + v % 2;
+    float sum = 0.0f;
+    for (int k = 0; k < 16; ++k) {
+      const float x = emulated_half<T>(
+          g_mma_a[warp][4 * (row % 8) + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
+      const float y = emulated_half<T>(g_mma_b[warp][4 * col + (k % 8) / 2][k / 8], k % 2);
+      sum += x * y;
+    }
+    d[v] += sum;
+  }
+  g_warp_barrier[warp]->arrive_and_wait();
+}
+
 namespace aanet_kernels::cuda::detail {
 alignas(128) unsigned char smem[300000];  // the kernels' `extern __shared__` buffer
 }
@@ -70,6 +118,7 @@ alignas(128) unsigned char smem[300000];  // the kernels' `extern __shared__` bu
 #define __launch_bounds__(...)
 #define __shared__
 #define __align__(x)
+#define AANET_KERNELS_HOST_EMULATION
 #include "../attention_2d_bwd.cuh"
 #include "../attention_2d_fwd.cuh"
 
@@ -157,8 +206,14 @@ std::vector<at::Tensor> forward_backward_tiles(
   at::Tensor lse = at::full(rows, NAN, acc);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
-  const EmulatedDim3 fwd_grid{blocks(p.length, detail::FwdSmem<T, D>::BM), blocks(p.heads, 1), blocks(p.batch, 1)};
-  run_grid(detail::attention_2d_fwd_kernel<T, D>, fwd_grid, Tiles::kThreads, p);
+  if constexpr (detail::kTensorCore<T>) {
+    using S = detail::FwdMmaTiles<T, D>;
+    const EmulatedDim3 fwd_grid{blocks(p.length, S::BM), blocks(p.heads, 1), blocks(p.batch, 1)};
+    run_grid(detail::attention_2d_fwd_mma_kernel<T, D>, fwd_grid, S::kThreads, p);
+  } else {
+    const EmulatedDim3 fwd_grid{blocks(p.length, detail::FwdSmem<T, D>::BM), blocks(p.heads, 1), blocks(p.batch, 1)};
+    run_grid(detail::attention_2d_fwd_kernel<T, D>, fwd_grid, Tiles::kThreads, p);
+  }
 
   at::Tensor dq = at::full(q.sizes(), NAN, q.options());
   at::Tensor dk = at::full(k.sizes(), NAN, q.options());

@@ -1,0 +1,118 @@
+// Warp-level tensor-core tiles held in registers: the m16n8k16 MMA of sm_80+ (fp16/bf16 inputs,
+// fp32 accumulators) and the helpers that build its operand fragments.
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"); lane
+// = 4 * group + quad, group = lane / 4 in 0..7, quad = lane % 4 in 0..3:
+//   A (16 x 16, row-major), 4 registers of two elements each:
+//     a[0] = A[group][2q, 2q+1]      a[1] = A[group + 8][2q, 2q+1]
+//     a[2] = A[group][2q+8, 2q+9]    a[3] = A[group + 8][2q+8, 2q+9]
+//   B (16 x 8, "col"), 2 registers:  b[0] = B[2q, 2q+1][group]   b[1] = B[2q+8, 2q+9][group]
+//   C, D (16 x 8, fp32), 4 values:   c[0], c[1] = C[group][2q, 2q+1]  c[2], c[3] = C[group+8][..]
+// So the accumulators of two adjacent n-tiles, rounded and packed pairwise, are the A operand of
+// the next product (how the forward feeds P to P V without shared memory), and a row-major
+// [n][k] shared-memory tile (K for Q K^T, V^T for P V) gives B with one 32-bit load per register.
+//
+// Host emulation (csrc/cuda/emulation/) defines AANET_KERNELS_HOST_EMULATION and supplies
+// emulated_mma_m16n8k16, which exchanges the fragments of a warp through memory and applies the
+// layout above, so the fragment index math here is checked on a machine without a GPU.
+#pragma once
+
+#include "attention_2d_common.cuh"
+
+#include <cstdint>
+#include <cstring>
+
+namespace aanet_kernels::cuda::detail {
+
+// Two adjacent elements of a shared-memory tile (even index) as one register.
+template <typename T>
+__device__ __forceinline__ uint32_t load_pair(const T* ptr) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const uint32_t*>(ptr);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, ptr, sizeof(bits));
+  return bits;
+#endif
+}
+
+// Two fp32 values rounded to T and packed, the lower-indexed element in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  static_assert(sizeof(T) == 2, "tensor-core operands are 16-bit");
+  const T parts[2] = {from_acc<T>(lo), from_acc<T>(hi)};
+  uint32_t bits;
+  std::memcpy(&bits, parts, sizeof(bits));
+  return bits;
+}
+
+// d += A * B for one 16 x 8 x 16 tile; every lane of the warp must call.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(
+    float (&d)[4],
+    const uint32_t (&a)[4],
+    const uint32_t (&b)[2]) {
+#if defined(AANET_KERNELS_HOST_EMULATION)
+  emulated_mma_m16n8k16<T>(d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // the host refuses fp16/bf16 below compute capability 8.0 (attention_2d_cuda.cpp)
+#endif
+}
+
+// A fragment of rows row0 .. row0 + 15, columns k0 .. k0 + 15 of a row-major tile (leading dim ld).
+template <typename T>
+__device__ __forceinline__ void load_a_fragment(
+    uint32_t (&a)[4],
+    const T* tile,
+    int ld,
+    int row0,
+    int k0,
+    int lane) {
+  const T* top = tile + (row0 + lane / 4) * ld + k0 + 2 * (lane % 4);
+  a[0] = load_pair(top);
+  a[1] = load_pair(top + 8 * ld);
+  a[2] = load_pair(top + 8);
+  a[3] = load_pair(top + 8 * ld + 8);
+}
+
+// B fragment for B[k][n] = tile[n0 + n][k0 + k] (a row-major [n][k] tile, leading dim ld).
+template <typename T>
+__device__ __forceinline__ void load_b_fragment(
+    uint32_t (&b)[2],
+    const T* tile,
+    int ld,
+    int n0,
+    int k0,
+    int lane) {
+  const T* row = tile + (n0 + lane / 4) * ld + k0 + 2 * (lane % 4);
+  b[0] = load_pair(row);
+  b[1] = load_pair(row + 8);
+}
+
+// The A fragment of k-step t from the accumulators of n-tiles 2t and 2t + 1, rounded to T.
+template <typename T>
+__device__ __forceinline__ void accumulators_as_a(
+    uint32_t (&a)[4],
+    const float (&left)[4],
+    const float (&right)[4]) {
+  a[0] = pack_pair<T>(left[0], left[1]);
+  a[1] = pack_pair<T>(left[2], left[3]);
+  a[2] = pack_pair<T>(right[0], right[1]);
+  a[3] = pack_pair<T>(right[2], right[3]);
+}
+
+} // namespace aanet_kernels::cuda::detail
