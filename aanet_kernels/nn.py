@@ -11,7 +11,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter, is_lazy
 
 from aanet_kernels.backends import BACKENDS
-from aanet_kernels.functional import aa_conv2d
+from aanet_kernels.functional import aa_conv2d, resize_rel_table
 
 _IntPair = int | tuple[int, int]
 
@@ -105,6 +105,9 @@ class AAConv2d(LazyModuleMixin, nn.Module):
     that call's input (call the layer once, or load a state_dict, before building the optimizer,
     as for ``nn.LazyConv2d``). Inputs of any other size use the tables resized by linear
     interpolation (``functional.resize_rel_table``, the rule of SAM / ViTDet's ``get_rel_pos``).
+    A state dict whose tables cover another grid (a checkpoint trained at another input size) is
+    resized the same way on load, so the layer computes at its own nominal size what the saved
+    layer computed at that size.
 
     Stride: attention runs at the output resolution, on the input average-pooled to the output
     grid (the paper's downsampling); see ``aa_conv2d`` for why.
@@ -170,7 +173,7 @@ class AAConv2d(LazyModuleMixin, nn.Module):
             grid = self._attention_grid(_pair("input_size", input_size, 1))
             self.rel_h = nn.Parameter(torch.empty(2 * grid[0] - 1, self.dkh, **factory))
             self.rel_w = nn.Parameter(torch.empty(2 * grid[1] - 1, self.dkh, **factory))
-            self._reset_tables()
+            self.reset_parameters()
 
     @property
     def dkh(self) -> int:
@@ -187,11 +190,27 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         c = self.conv
         return conv_output_size(size, c.kernel_size, c.stride, c.padding, c.dilation)
 
-    def _reset_tables(self) -> None:
-        # The initialisation of Bello et al.'s code: N(0, dkh ** -0.5).
+    def reset_parameters(self) -> None:
+        """Draw the relative tables anew from N(0, dkh ** -0.5), the initialisation of Bello et
+        al.'s code (lazy tables are drawn when built). As for every ``nn.Module``, only the
+        layer's own parameters: its three convolutions have their own ``reset_parameters``, which
+        is how FSDP and ``to_empty`` after a meta-device build initialise a model."""
+        if self.rel_h is None or is_lazy(self.rel_h):
+            return
         with torch.no_grad():
             self.rel_h.normal_(0.0, self.dkh**-0.5)
             self.rel_w.normal_(0.0, self.dkh**-0.5)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Tables of another length (another nominal grid, same head depth) are resized to this
+        # layer's, as forward would resize them for an input of this size.
+        for name in ("rel_h", "rel_w"):
+            own, saved = self._parameters.get(name), state_dict.get(prefix + name)
+            if own is None or is_lazy(own) or not isinstance(saved, Tensor) or saved.dim() != 2:
+                continue
+            if saved.shape[1] == own.shape[1] and saved.shape[0] != own.shape[0]:
+                state_dict[prefix + name] = resize_rel_table(saved.detach(), own.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def initialize_parameters(self, x: Tensor) -> None:  # type: ignore[override]
         """Build lazy relative tables for the attention grid of ``x`` (first call only)."""
@@ -209,7 +228,7 @@ class AAConv2d(LazyModuleMixin, nn.Module):
             with torch.no_grad():
                 self.rel_h.materialize((2 * grid[0] - 1, self.dkh))
                 self.rel_w.materialize((2 * grid[1] - 1, self.dkh))
-            self._reset_tables()
+            self.reset_parameters()
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # ``Module.to(memory_format=...)`` asks every tensor for ``.dim()``, which a lazy table

@@ -143,8 +143,44 @@ def test_state_dict_round_trip() -> None:
     eager.load_state_dict(state)
     for restored in (lazy, eager):
         torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
+
+
+def test_state_dict_of_another_grid_is_resized_on_load() -> None:
+    # Fine-tuning at another resolution: tables saved for a 5x4 grid, loaded into a layer built
+    # for 9x6, give at 9x6 what the saved layer gives there (it resizes them at each call).
+    kwargs = dict(dk=4, dv=4, num_heads=2)
+    trained = randomize_(AAConv2d(3, 8, 3, input_size=(5, 4), **kwargs), seed=4)
+    larger = AAConv2d(3, 8, 3, input_size=(9, 6), **kwargs)
+    larger.load_state_dict(trained.state_dict())
+    assert larger.nominal_size == (9, 6) and larger.rel_h.shape == (17, 2)
+    x = torch.randn(2, 3, 9, 6)
+    torch.testing.assert_close(larger(x), trained(x), rtol=1e-6, atol=1e-6)
+    # A table of another head depth is a different layer: the usual size-mismatch error.
     with pytest.raises(RuntimeError, match="rel_h"):
-        AAConv2d(3, 8, 3, input_size=(6, 4), **kwargs).load_state_dict(state)
+        AAConv2d(3, 8, 3, input_size=(5, 4), dk=8, dv=4, num_heads=2).load_state_dict(
+            trained.state_dict()
+        )
+
+
+def test_meta_device_build_then_reset_parameters() -> None:
+    # How FSDP and large-model code build a model: on the meta device, then to_empty (garbage
+    # memory) and reset_parameters on every module that has parameters of its own.
+    with torch.device("meta"):
+        model = nn.Sequential(AAConv2d(8, 32, 3, dk=16, dv=8, num_heads=2, input_size=16))
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.reset_parameters()
+    layer = model[0]
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all(), name
+    tables = torch.cat([layer.rel_h.flatten(), layer.rel_w.flatten()])  # 2 x 31 x 8 draws
+    assert abs(tables.std().item() / layer.dkh**-0.5 - 1) < 0.25
+    y = model(torch.randn(2, 8, 16, 16))
+    assert y.shape == (2, 32, 16, 16) and torch.isfinite(y).all()
+    lazy = AAConv2d(8, 32, 3, dk=16, dv=8, num_heads=2)
+    lazy.reset_parameters()  # nothing to draw yet: the tables are built by the first call
+    assert lazy.nominal_size is None
 
 
 def test_lazy_tables_follow_the_first_input() -> None:
