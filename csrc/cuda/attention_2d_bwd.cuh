@@ -5,8 +5,11 @@
 //        dbias_h[i, y] = sum_{j in key row y} dS[i, j],  dbias_w[i, x] = sum_{j in key column x} dS[i, j]
 // with P = exp(S - lse) and dS = P * (dP - delta), dP = dO V^T. Each block owns the rows it writes
 // and visits tiles in a fixed order, so every gradient is deterministic (no atomics).
+// Passes 2 and 3 here stage every tile in shared memory (fp32/fp64); fp16/bf16 take the
+// register-resident kernels of attention_2d_bwd_mma.cuh.
 #pragma once
 
+#include "attention_2d_bwd_mma.cuh"
 #include "attention_2d_common.cuh"
 
 namespace aanet_kernels::cuda::detail {
@@ -336,19 +339,32 @@ void launch_attention_2d_bwd(const Attention2dParams& params, cudaStream_t strea
          stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  using SKV = detail::BwdSmem<T, D, true>;
-  auto dkdv = detail::attention_2d_bwd_dkdv_kernel<T, D>;
-  detail::prepare_smem(dkdv, SKV::kBytes);
-  dkdv<<<detail::tile_grid(params.length, SKV::BN, params), Cfg::kThreads, SKV::kBytes,
+  if constexpr (detail::kTensorCore<T>) {
+    using S = detail::BwdMmaTiles<T, D>;
+    auto dkdv = detail::attention_2d_bwd_dkdv_mma_kernel<T, D>;
+    detail::prepare_smem(dkdv, S::kKvBytes);
+    dkdv<<<dim3(S::dkdv_blocks(params), params.heads, params.batch), S::kThreads, S::kKvBytes,
+           stream>>>(params);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto dq = detail::attention_2d_bwd_dq_mma_kernel<T, D>;
+    detail::prepare_smem(dq, S::kDqBytes);
+    dq<<<dim3(S::dq_blocks(params), params.heads, params.batch), S::kThreads, S::kDqBytes,
          stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  using SQ = detail::BwdSmem<T, D, false>;
-  auto dq = detail::attention_2d_bwd_dq_kernel<T, D>;
-  detail::prepare_smem(dq, SQ::kBytes);
-  dq<<<detail::tile_grid(params.length, SQ::BM, params), Cfg::kThreads, SQ::kBytes, stream>>>(
-      params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    using SKV = detail::BwdSmem<T, D, true>;
+    auto dkdv = detail::attention_2d_bwd_dkdv_kernel<T, D>;
+    detail::prepare_smem(dkdv, SKV::kBytes);
+    dkdv<<<detail::tile_grid(params.length, SKV::BN, params), Cfg::kThreads, SKV::kBytes,
+           stream>>>(params);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    using SQ = detail::BwdSmem<T, D, false>;
+    auto dq = detail::attention_2d_bwd_dq_kernel<T, D>;
+    detail::prepare_smem(dq, SQ::kBytes);
+    dq<<<detail::tile_grid(params.length, SQ::BM, params), Cfg::kThreads, SQ::kBytes,
+         stream>>>(params);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 } // namespace aanet_kernels::cuda

@@ -1,6 +1,6 @@
-// Device building blocks shared by the forward and backward kernels: type traits, tile shapes,
-// shared-memory tile loads, a block-wide tile GEMM (WMMA tensor cores for fp16/bf16, plain FMA
-// loops for fp32/fp64) and row-group reductions.
+// Device building blocks shared by the forward and backward kernels: type traits, tile shapes and
+// a block-wide FMA tile GEMM for the fp32/fp64 kernels (fp16/bf16 run on mma.sync, warp_mma.cuh),
+// shared-memory tile loads, row-group reductions and the key walk.
 //
 // Every tile lives in shared memory, row-major, with a padded leading dimension. Operand tiles
 // (Q, K, V, dO, P, dS) are stored in the input type T; accumulators (S, dP, O, dQ, dK, dV) in the
@@ -17,7 +17,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <cstddef>
 #include <type_traits>
@@ -90,30 +89,27 @@ __host__ __device__ constexpr int round_up(int x, int multiple) {
   return (x + multiple - 1) / multiple * multiple;
 }
 
-// Byte offsets of shared-memory buffers are kept 128-byte aligned (WMMA needs 32).
+// Byte offsets of shared-memory buffers are kept 128-byte aligned.
 __host__ __device__ constexpr size_t smem_align(size_t bytes) {
   return (bytes + 127) / 128 * 128;
 }
 
-// Tile shapes for input type T (device type) and padded head dim D.
-//   kFwdM x kFwdN: query rows per block x keys per step of the fp32/fp64 forward (fp16/bf16 take
-//   the register-resident forward, FwdMmaTiles in attention_2d_fwd.cuh).
+// Tile shapes of the shared-memory (fp32/fp64) kernels for padded head dim D.
+//   kFwdM x kFwdN: query rows per block x keys per step, forward.
 //   kBwdM x kBwdN: query rows x key rows of one step in both backward kernels.
-//   kStep: the granularity head dims and tile sides are padded to (16 for WMMA).
-//   kPadT / kPadA: leading-dimension padding of operand / accumulator tiles (bank conflicts;
-//   WMMA needs ld multiple of 8 halves or 4 floats).
+//   kStep: the granularity head dims and tile sides are padded to.
+//   kPadT / kPadA: leading-dimension padding of operand / accumulator tiles (bank conflicts).
 template <typename T, int D>
 struct Tiles {
-  static constexpr bool kTC = kTensorCore<T>;
   static constexpr bool kF64 = std::is_same_v<T, double>;
   static constexpr int kThreads = 128;
   static constexpr int kFwdM = kF64 ? 16 : 32;
   static constexpr int kFwdN = kF64 ? 16 : 32;
-  static constexpr int kBwdM = kTC ? 32 : 16;
-  static constexpr int kBwdN = kTC ? (D <= 64 ? 64 : 32) : (kF64 ? 16 : 32);
+  static constexpr int kBwdM = 16;
+  static constexpr int kBwdN = kF64 ? 16 : 32;
   static constexpr int kStep = 16;
-  static constexpr int kPadT = kTC ? 8 : 1;
-  static constexpr int kPadA = kTC ? 4 : 1;
+  static constexpr int kPadT = 1;
+  static constexpr int kPadA = 1;
   static_assert(kThreads % kFwdM == 0 && kThreads % kBwdM == 0, "row groups must tile the block");
   static_assert(kThreads / kFwdM <= 32, "a row group must fit in a warp");
 };
@@ -174,52 +170,10 @@ __device__ __forceinline__ void zero_tile(A* dst, int ld) {
   }
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-// Tensor-core body of block_gemm: warps take 16x16 output tiles in turn (fp32 accumulation).
-template <typename T, bool A_ROW, bool B_ROW, int NT>
-__device__ __forceinline__ void wmma_gemm(
-    float* c,
-    int ldc,
-    const T* a,
-    int lda,
-    const T* b,
-    int ldb,
-    int m,
-    int n,
-    int kdim,
-    bool accumulate) {
-  namespace wmma = nvcuda::wmma;
-  using LayoutA = std::conditional_t<A_ROW, wmma::row_major, wmma::col_major>;
-  using LayoutB = std::conditional_t<B_ROW, wmma::row_major, wmma::col_major>;
-  const int warp = threadIdx.x / 32;
-  const int tiles_n = n / 16;
-  const int tiles = (m / 16) * tiles_n;
-  for (int t = warp; t < tiles; t += NT / 32) {
-    const int tm = (t / tiles_n) * 16;
-    const int tn = (t % tiles_n) * 16;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    if (accumulate) {
-      wmma::load_matrix_sync(acc, c + tm * ldc + tn, ldc, wmma::mem_row_major);
-    } else {
-      wmma::fill_fragment(acc, 0.0f);
-    }
-    for (int kk = 0; kk < kdim; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb;
-      wmma::load_matrix_sync(fa, A_ROW ? a + tm * lda + kk : a + kk * lda + tm, lda);
-      wmma::load_matrix_sync(fb, B_ROW ? b + kk * ldb + tn : b + tn * ldb + kk, ldb);
-      wmma::mma_sync(acc, fa, fb, acc);
-    }
-    wmma::store_matrix_sync(c + tm * ldc + tn, acc, ldc, wmma::mem_row_major);
-  }
-}
-#endif
-
 // C (m x n, ld ldc) = [C +] A (m x kdim) * B (kdim x n), all in shared memory.
 // A_ROW: A(i, kk) = a[i * lda + kk], else a[kk * lda + i]  (the transpose of a row-major tile).
 // B_ROW: B(kk, j) = b[kk * ldb + j], else b[j * ldb + kk].
-// m, n and kdim are multiples of 16. Called by all NT threads; no barrier inside. Tensor cores
-// for fp16/bf16 (sm_80+), plain FMA loops otherwise.
+// Called by all NT threads, each computing whole outputs with FMA loops; no barrier inside.
 template <typename T, typename A, bool A_ROW, bool B_ROW, int NT>
 __device__ __forceinline__ void block_gemm(
     A* c,
@@ -232,23 +186,16 @@ __device__ __forceinline__ void block_gemm(
     int n,
     int kdim,
     bool accumulate) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (kTensorCore<T>) {
-    wmma_gemm<T, A_ROW, B_ROW, NT>(c, ldc, a, lda, b, ldb, m, n, kdim, accumulate);
-  } else
-#endif
-  {
-    for (int idx = threadIdx.x; idx < m * n; idx += NT) {
-      const int i = idx / n;
-      const int j = idx % n;
-      A sum = accumulate ? c[i * ldc + j] : A(0);
-      for (int kk = 0; kk < kdim; ++kk) {
-        const A x = to_acc(A_ROW ? a[i * lda + kk] : a[kk * lda + i]);
-        const A y = to_acc(B_ROW ? b[kk * ldb + j] : b[j * ldb + kk]);
-        sum += x * y;
-      }
-      c[i * ldc + j] = sum;
+  for (int idx = threadIdx.x; idx < m * n; idx += NT) {
+    const int i = idx / n;
+    const int j = idx % n;
+    A sum = accumulate ? c[i * ldc + j] : A(0);
+    for (int kk = 0; kk < kdim; ++kk) {
+      const A x = to_acc(A_ROW ? a[i * lda + kk] : a[kk * lda + i]);
+      const A y = to_acc(B_ROW ? b[kk * ldb + j] : b[j * ldb + kk]);
+      sum += x * y;
     }
+    c[i * ldc + j] = sum;
   }
 }
 

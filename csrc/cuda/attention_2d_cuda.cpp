@@ -47,7 +47,7 @@ void check_cuda_inputs(const at::Tensor& q) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
     TORCH_CHECK(
         major >= 8, "q: ", dtype,
-        " on the cuda backend runs on tensor cores (mma.sync, WMMA) and needs compute capability "
+        " on the cuda backend runs on tensor cores (mma.sync) and needs compute capability "
         ">= 8.0; "
         "device ", device, " has ", major, ".", minor, ". Use float32 or another backend.");
   }

@@ -9,7 +9,7 @@
 #pragma once
 
 #include "attention_2d_common.cuh"
-#include "warp_mma.cuh"
+#include "logit_fragments.cuh"
 
 namespace aanet_kernels::cuda::detail {
 
@@ -182,20 +182,10 @@ __global__ void __launch_bounds__(FwdMmaTiles<T, D>::kThreads)
   const int dv_tiles = round_up(p.dvh, 8) / 8;    // n-tiles of P V
 
   const KeyWalk walk = KeyWalk::of(p.height, p.width, BN);
-  const Tensor4 outer_table = walk.transposed ? p.bias_w : p.bias_h;
-  const Tensor4 inner_table = walk.transposed ? p.bias_h : p.bias_w;
-  const T* outer_bias = outer_table.ptr ? head_ptr<T>(outer_table, b, h) : nullptr;
-  const T* inner_bias = inner_table.ptr ? head_ptr<T>(inner_table, b, h) : nullptr;
+  const WalkBias<T> bias(p, walk, b, h);
+  const LaneRows rows(m0, warp, lane, len);
   const T* k = head_ptr<T>(p.k, b, h);
   const T* v = head_ptr<T>(p.v, b, h);
-
-  // This lane's two query rows (accumulator rows lane / 4 and lane / 4 + 8 of its warp's 16).
-  int rows[2];
-  bool row_ok[2];
-  for (int r = 0; r < 2; ++r) {
-    rows[r] = m0 + 16 * warp + lane / 4 + 8 * r;
-    row_ok[r] = rows[r] < len;
-  }
 
   load_tile<T, BM, D, NT>(s_q, S::kLdQK, head_ptr<T>(p.q, b, h), p.q.stride[2], p.q.stride[3],
                           m0, len, p.dkh);
@@ -212,23 +202,8 @@ __global__ void __launch_bounds__(FwdMmaTiles<T, D>::kThreads)
 
   const int run_mask = (1 << walk.inner_log2) - 1;
   for (int inner0 = 0; inner0 < walk.inner_size; inner0 += run_mask + 1) {
-    // Inner bias of this lane's slots, the same for every run of every tile of the chunk;
-    // inner_ok masks the slots past the map's inner size.
-    float inner_value[2][S::kNTiles][2];
-    bool inner_ok[S::kNTiles][2];
-#pragma unroll
-    for (int nt = 0; nt < S::kNTiles; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int inner = inner0 + ((8 * nt + 2 * quad + e) & run_mask);
-        inner_ok[nt][e] = inner < walk.inner_size;
-        for (int r = 0; r < 2; ++r) {
-          inner_value[r][nt][e] = inner_bias != nullptr && row_ok[r] && inner_ok[nt][e]
-              ? to_acc(inner_bias[rows[r] * inner_table.stride[2] + inner * inner_table.stride[3]])
-              : 0.0f;
-        }
-      }
-    }
+    InnerSlots<S::kNTiles> slots;
+    slots.load(bias, walk, rows, inner0, quad);
 
     for (int outer0 = 0; outer0 < walk.outer_size; outer0 += walk.runs_per_tile(BN)) {
       const auto key_of = [&](int c) { return walk.key(outer0, inner0, c); };
@@ -239,39 +214,14 @@ __global__ void __launch_bounds__(FwdMmaTiles<T, D>::kThreads)
       __syncthreads();
 
       float logits[S::kNTiles][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        if (ks < dk_steps) {
-#pragma unroll
-          for (int nt = 0; nt < S::kNTiles; ++nt) {
-            uint32_t k_frag[2];
-            load_b_fragment(k_frag, s_k, S::kLdQK, 8 * nt, 16 * ks, lane);
-            mma_m16n8k16<T>(logits[nt], q_frag[ks], k_frag);
-          }
-        }
-      }
-
-      // Scale, bias and mask: accumulator value v of n-tile nt is row v / 2, slot 8 nt + 2 quad
-      // + v % 2 of the tile.
+      mma_a_by_tile<T>(logits, q_frag, s_k, S::kLdQK, dk_steps, S::kNTiles, lane);
+      bias_and_mask(logits, scale, slots, bias, walk, rows, outer0, quad);
       float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
 #pragma unroll
       for (int nt = 0; nt < S::kNTiles; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int outer = outer0 + ((8 * nt + 2 * quad + e) >> walk.inner_log2);
-          const bool ok = inner_ok[nt][e] && outer < walk.outer_size;
-          for (int r = 0; r < 2; ++r) {
-            float logit = neg_inf<float>();
-            if (ok) {
-              logit = scale * logits[nt][2 * r + e] + inner_value[r][nt][e];
-              if (outer_bias != nullptr && row_ok[r]) {
-                logit += to_acc(
-                    outer_bias[rows[r] * outer_table.stride[2] + outer * outer_table.stride[3]]);
-              }
-            }
-            logits[nt][2 * r + e] = logit;
-            tile_max[r] = fmaxf(tile_max[r], logit);
-          }
+        for (int v4 = 0; v4 < 4; ++v4) {
+          tile_max[v4 / 2] = fmaxf(tile_max[v4 / 2], logits[nt][v4]);
         }
       }
 
@@ -304,28 +254,16 @@ __global__ void __launch_bounds__(FwdMmaTiles<T, D>::kThreads)
       }
 
       // acc += P V, P straight from the logit registers.
-#pragma unroll
-      for (int kt = 0; kt < BN / 16; ++kt) {
-        uint32_t p_frag[4];
-        accumulators_as_a<T>(p_frag, logits[2 * kt], logits[2 * kt + 1]);
-#pragma unroll
-        for (int dt = 0; dt < S::kDTiles; ++dt) {
-          if (dt < dv_tiles) {
-            uint32_t v_frag[2];
-            load_b_fragment(v_frag, s_vt, S::kLdVt, 8 * dt, 16 * kt, lane);
-            mma_m16n8k16<T>(acc[dt], p_frag, v_frag);
-          }
-        }
-      }
+      mma_accumulators_by_tile<T>(acc, logits, s_vt, S::kLdVt, dv_tiles, lane);
     }
   }
 
   for (int r = 0; r < 2; ++r) {
     const float total = group_sum<4>(row_sum[r]);
-    if (!row_ok[r]) {
+    if (!rows.ok[r]) {
       continue;
     }
-    const int64_t row = (static_cast<int64_t>(b) * p.heads + h) * len + rows[r];
+    const int64_t row = (static_cast<int64_t>(b) * p.heads + h) * len + rows.index[r];
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     T* out = static_cast<T*>(p.out) + row * p.dvh;
 #pragma unroll

@@ -115,4 +115,54 @@ __device__ __forceinline__ void accumulators_as_a(
   a[3] = pack_pair<T>(right[2], right[3]);
 }
 
+// c[nt] += A B for the n-tiles nt < n_tiles of B[k][n] = tile[8 nt + n][k] (a row-major [n][k]
+// shared tile) and the k-steps ks < k_steps of the A fragments a[ks] (16 rows x 16 k each).
+template <typename T, int KSTEPS, int NTILES>
+__device__ __forceinline__ void mma_a_by_tile(
+    float (&c)[NTILES][4],
+    const uint32_t (&a)[KSTEPS][4],
+    const T* tile,
+    int ld,
+    int k_steps,
+    int n_tiles,
+    int lane) {
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) {
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt) {
+      if (ks < k_steps && nt < n_tiles) {
+        uint32_t b[2];
+        load_b_fragment(b, tile, ld, 8 * nt, 16 * ks, lane);
+        mma_m16n8k16<T>(c[nt], a[ks], b);
+      }
+    }
+  }
+}
+
+// c[nt] += A B with A the accumulators acc (16 rows x 8 KTILES, rounded to T: k-step t is
+// n-tiles 2t and 2t + 1), B[k][n] = tile[8 nt + n][k], for the n-tiles nt < n_tiles.
+template <typename T, int KTILES, int NTILES>
+__device__ __forceinline__ void mma_accumulators_by_tile(
+    float (&c)[NTILES][4],
+    const float (&acc)[KTILES][4],
+    const T* tile,
+    int ld,
+    int n_tiles,
+    int lane) {
+  static_assert(KTILES % 2 == 0, "k-steps of 16 are pairs of accumulator tiles");
+#pragma unroll
+  for (int kt = 0; kt < KTILES / 2; ++kt) {
+    uint32_t a[4];
+    accumulators_as_a<T>(a, acc[2 * kt], acc[2 * kt + 1]);
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt) {
+      if (nt < n_tiles) {
+        uint32_t b[2];
+        load_b_fragment(b, tile, ld, 8 * nt, 16 * kt, lane);
+        mma_m16n8k16<T>(c[nt], a, b);
+      }
+    }
+  }
+}
+
 } // namespace aanet_kernels::cuda::detail

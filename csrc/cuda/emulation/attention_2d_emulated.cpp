@@ -2,12 +2,11 @@
 // index math, masking, online softmax and reductions on a machine without a GPU
 // (tests/test_cuda_gpu.py builds it with torch.utils.cpp_extension.load). One OS thread per CUDA
 // thread; std::barrier stands in for __syncthreads and for warp shuffles; shared memory is a
-// global buffer filled with 0xFF before each block. The register-resident fp16/bf16 forward runs
-// its mma.sync fragments through emulated_mma_m16n8k16 below, which gathers a warp's fragments
-// and multiplies them by the PTX ISA's fragment layout, so that kernel's fragment index math is
-// checked too. Without __CUDA_ARCH__ the backward's block GEMMs take the plain loop path, so its
-// WMMA code is NOT exercised here; everything else (tile shapes of every dtype included) is. Not
-// part of the built extension (setup.py compiles csrc/cuda/*.{cu,cpp}).
+// global buffer filled with 0xFF before each block. The register-resident fp16/bf16 kernels run
+// their mma.sync fragments through emulated_mma_m16n8k16 below, which gathers a warp's fragments
+// and multiplies them by the PTX ISA's fragment layout, so their fragment index math is checked
+// too; the fp32/fp64 kernels run as they would on a GPU (FMA loops). Not part of the built
+// extension (setup.py compiles csrc/cuda/*.{cu,cpp}).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -231,10 +230,17 @@ std::vector<at::Tensor> forward_backward_tiles(
   p.dbias_w = bias_w.defined() ? dbias_w.data_ptr() : nullptr;
   const int64_t n_rows = static_cast<int64_t>(p.batch) * p.heads * p.length;
   run_grid(detail::attention_2d_delta_kernel<T>, {blocks(n_rows, 256), 1, 1}, 256, p);
-  const EmulatedDim3 dkdv_grid{blocks(p.length, detail::BwdSmem<T, D, true>::BN), blocks(p.heads, 1), blocks(p.batch, 1)};
-  run_grid(detail::attention_2d_bwd_dkdv_kernel<T, D>, dkdv_grid, Tiles::kThreads, p);
-  const EmulatedDim3 dq_grid{blocks(p.length, detail::BwdSmem<T, D, false>::BM), blocks(p.heads, 1), blocks(p.batch, 1)};
-  run_grid(detail::attention_2d_bwd_dq_kernel<T, D>, dq_grid, Tiles::kThreads, p);
+  const unsigned heads = blocks(p.heads, 1), batch = blocks(p.batch, 1);
+  if constexpr (detail::kTensorCore<T>) {
+    using S = detail::BwdMmaTiles<T, D>;
+    run_grid(detail::attention_2d_bwd_dkdv_mma_kernel<T, D>, {static_cast<unsigned>(S::dkdv_blocks(p)), heads, batch}, S::kThreads, p);
+    run_grid(detail::attention_2d_bwd_dq_mma_kernel<T, D>, {static_cast<unsigned>(S::dq_blocks(p)), heads, batch}, S::kThreads, p);
+  } else {
+    const EmulatedDim3 dkdv_grid{blocks(p.length, detail::BwdSmem<T, D, true>::BN), heads, batch};
+    run_grid(detail::attention_2d_bwd_dkdv_kernel<T, D>, dkdv_grid, Tiles::kThreads, p);
+    const EmulatedDim3 dq_grid{blocks(p.length, detail::BwdSmem<T, D, false>::BM), heads, batch};
+    run_grid(detail::attention_2d_bwd_dq_kernel<T, D>, dq_grid, Tiles::kThreads, p);
+  }
   return {out, lse, dq, dk, dv, dbias_h, dbias_w};
 }
 
