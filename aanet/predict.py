@@ -95,9 +95,11 @@ def predict_image(
     The face boxes are ``box`` if given, else the detector's, else the whole image (with a
     warning when detection was asked for and found nothing).
     """
+    if not Path(image_path).is_file():
+        raise FileNotFoundError(f"image: no such file: {image_path}")
     image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
     if image is None:
-        raise FileNotFoundError(f"image: cannot read {image_path}")
+        raise ValueError(f"image: {image_path} is not an image OpenCV can decode")
     if box is not None:
         boxes = [checked_box(box, image.shape[1], image.shape[0])]
     else:

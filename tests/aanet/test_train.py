@@ -214,6 +214,18 @@ def test_predict_refuses_a_bad_box(trained, tmp_path, box, message):
         predict_image(model, image, torch.device("cpu"), box=np.array(box, dtype=np.float64))
 
 
+def test_predict_names_a_missing_or_undecodable_image(trained, tmp_path):
+    from aanet.predict import predict_image
+
+    model = load_model(Path(trained.out) / "last.pt")
+    with pytest.raises(FileNotFoundError, match="image: no such file: .*missing.png"):
+        predict_image(model, tmp_path / "missing.png", torch.device("cpu"))
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match="image: .*notes.png is not an image OpenCV can decode"):
+        predict_image(model, text, torch.device("cpu"))
+
+
 def test_predict_without_a_face_warns_and_uses_the_whole_image(trained, tmp_path, caplog):
     from aanet.predict import predict_image
 
