@@ -76,7 +76,9 @@ struct InnerSlots {
 };
 
 // s = scale * (q . k) + inner bias + outer bias for the tile whose runs start at outer0, in
-// place; -inf at slots past the map. Rows past L get no bias (their values are never used).
+// place; -inf at slots past the map. Rows past L get no bias (their values are never used). A
+// lane's two adjacent slots lie in one run unless runs are one key long, so the outer bias (the
+// only per-slot gather) is loaded once for both.
 template <typename T, int NTILES>
 __device__ __forceinline__ void bias_and_mask(
     float (&s)[NTILES][4],
@@ -87,21 +89,26 @@ __device__ __forceinline__ void bias_and_mask(
     const LaneRows& rows,
     int outer0,
     int quad) {
+  const bool pairs_share_run = walk.inner_log2 >= 1;
 #pragma unroll
   for (int nt = 0; nt < NTILES; ++nt) {
+    const int slot = 8 * nt + 2 * quad;
+    const int outer[2] = {outer0 + (slot >> walk.inner_log2),
+                          outer0 + ((slot + 1) >> walk.inner_log2)};
+    const bool ok[2] = {slots.ok[nt][0] && outer[0] < walk.outer_size,
+                        slots.ok[nt][1] && outer[1] < walk.outer_size};
+    for (int r = 0; r < 2; ++r) {
+      float outer_value[2] = {0.0f, 0.0f};
+      if (bias.outer != nullptr && rows.ok[r]) {
+        outer_value[0] = ok[0] ? bias.outer_at(rows.index[r], outer[0]) : 0.0f;
+        outer_value[1] = pairs_share_run ? outer_value[0]
+            : ok[1]                      ? bias.outer_at(rows.index[r], outer[1])
+                                         : 0.0f;
+      }
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int outer = outer0 + ((8 * nt + 2 * quad + e) >> walk.inner_log2);
-      const bool ok = slots.ok[nt][e] && outer < walk.outer_size;
-      for (int r = 0; r < 2; ++r) {
-        float logit = neg_inf<float>();
-        if (ok) {
-          logit = scale * s[nt][2 * r + e] + slots.value[r][nt][e];
-          if (bias.outer != nullptr && rows.ok[r]) {
-            logit += bias.outer_at(rows.index[r], outer);
-          }
-        }
-        s[nt][2 * r + e] = logit;
+      for (int e = 0; e < 2; ++e) {
+        s[nt][2 * r + e] = ok[e] ? scale * s[nt][2 * r + e] + slots.value[r][nt][e] + outer_value[e]
+                                 : neg_inf<float>();
       }
     }
   }
