@@ -208,7 +208,7 @@ class TestCudaBackend:
         importlib.util.find_spec("triton") is None, reason="triton is not installed"
     )
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-    @pytest.mark.parametrize("case", AWKWARD_CASES[1::2], ids=str)
+    @pytest.mark.parametrize("case", AWKWARD_CASES[1::2] + CUDA_WALK_CASES, ids=str)
     def test_agrees_with_triton(self, case, dtype):
         if "triton" not in ak.available_backends(DEVICE):
             pytest.skip("the triton backend is not available on this device")
