@@ -203,19 +203,8 @@ __global__ void __launch_bounds__(BwdMmaTiles<T, D>::kThreads)
       continue;
     }
     const int64_t row = row0 + key[r];
-#pragma unroll
-    for (int dt = 0; dt < S::kDTiles; ++dt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = 8 * dt + 2 * quad + e;
-        if (d < p.dkh) {
-          dk_out[row * p.dkh + d] = from_acc<T>(scale * dk[dt][2 * r + e]);
-        }
-        if (d < p.dvh) {
-          dv_out[row * p.dvh + d] = from_acc<T>(dv[dt][2 * r + e]);
-        }
-      }
-    }
+    store_accumulator_row(dk_out + row * p.dkh, dk, r, scale, p.dkh, lane);
+    store_accumulator_row(dv_out + row * p.dvh, dv, r, 1.0f, p.dvh, lane);
   }
 }
 
@@ -367,16 +356,7 @@ __global__ void __launch_bounds__(BwdMmaTiles<T, D>::kThreads)
       continue;
     }
     const int64_t row = row0 + rows.index[r];
-#pragma unroll
-    for (int dt = 0; dt < S::kDTiles; ++dt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = 8 * dt + 2 * quad + e;
-        if (d < p.dkh) {
-          dq_out[row * p.dkh + d] = from_acc<T>(scale * dq[dt][2 * r + e]);
-        }
-      }
-    }
+    store_accumulator_row(dq_out + row * p.dkh, dq, r, scale, p.dkh, lane);
   }
 }
 

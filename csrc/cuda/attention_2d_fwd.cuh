@@ -265,17 +265,7 @@ __global__ void __launch_bounds__(FwdMmaTiles<T, D>::kThreads)
     }
     const int64_t row = (static_cast<int64_t>(b) * p.heads + h) * len + rows.index[r];
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-    T* out = static_cast<T*>(p.out) + row * p.dvh;
-#pragma unroll
-    for (int dt = 0; dt < S::kDTiles; ++dt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = 8 * dt + 2 * quad + e;
-        if (d < p.dvh) {
-          out[d] = from_acc<T>(acc[dt][2 * r + e] * inv);
-        }
-      }
-    }
+    store_accumulator_row(static_cast<T*>(p.out) + row * p.dvh, acc, r, inv, p.dvh, lane);
     if (quad == 0) {
       static_cast<float*>(p.lse)[row] =
           total > 0.0f ? row_max[r] + log_acc(total) : neg_inf<float>();

@@ -165,4 +165,26 @@ __device__ __forceinline__ void mma_accumulators_by_tile(
   }
 }
 
+// dst[d] = scale * (accumulator row r of acc) for the columns d < n this lane holds
+// (8 nt + 2 quad + {0, 1}); r = 0 is row lane / 4 of the 16, r = 1 row lane / 4 + 8.
+template <typename T, int NTILES>
+__device__ __forceinline__ void store_accumulator_row(
+    T* dst,
+    const float (&acc)[NTILES][4],
+    int r,
+    float scale,
+    int n,
+    int lane) {
+#pragma unroll
+  for (int nt = 0; nt < NTILES; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int d = 8 * nt + 2 * (lane % 4) + e;
+      if (d < n) {
+        dst[d] = from_acc<T>(scale * acc[nt][2 * r + e]);
+      }
+    }
+  }
+}
+
 } // namespace aanet_kernels::cuda::detail
