@@ -48,10 +48,10 @@ def test_cuda_build_registers_cuda_kernels():
         assert has_kernel(name, "CUDA"), f"aanet_kernels::{name} has no CUDA kernel"
 
 
-# Key walks of the fp16/bf16 forward (csrc/cuda/attention_2d_common.cuh, KeyWalk) that the
+# Key walks of the fp16/bf16 kernels (csrc/cuda/attention_2d_common.cuh, KeyWalk) that the
 # awkward shapes miss: a 5 x 70 map walked by its columns (9 tiles of 64 keys against 10 by rows),
 # a 2 x 100 map whose rows take two chunks of 64 keys, and a 70 x 1 strip in runs of one key with
-# head dims that need the 128-wide tiles (32 keys).
+# head dims that need the 128-wide tiles (the smallest key tiles).
 CUDA_WALK_CASES = [Case(1, 2, 5, 70, 8, 4), Case(1, 1, 2, 100, 16, 8), Case(1, 1, 70, 1, 33, 65)]
 
 

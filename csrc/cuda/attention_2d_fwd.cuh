@@ -200,8 +200,8 @@ __global__ void __launch_bounds__(FwdMmaTiles<T, D>::kThreads)
   float row_max[2] = {neg_inf<float>(), neg_inf<float>()};
   float row_sum[2] = {0.0f, 0.0f};  // this lane's share; the quad's four are summed at the end
 
-  const int run_mask = (1 << walk.inner_log2) - 1;
-  for (int inner0 = 0; inner0 < walk.inner_size; inner0 += run_mask + 1) {
+  const int run = 1 << walk.inner_log2;
+  for (int inner0 = 0; inner0 < walk.inner_size; inner0 += run) {
     InnerSlots<S::kNTiles> slots;
     slots.load(bias, walk, rows, inner0, quad);
 
