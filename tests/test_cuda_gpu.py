@@ -355,7 +355,7 @@ def emulated_kernels():
 @pytest.mark.parametrize("case", EMULATION_CASES, ids=str)
 def test_kernels_in_host_emulation(emulated_kernels, case, dtype):
     """The kernels' tiling, masking, softmax and bias reductions, run on the CPU (the fp16/bf16
-    forward's mma fragments included, the backward's WMMA not)."""
+    kernels' mma and ldmatrix fragments included)."""
     q, k, v, bh, bw = make_inputs(case, dtype, seed=25)
     gen = torch.Generator().manual_seed(26)
     shape = (case.batch, case.heads, case.length, case.dvh)

@@ -6,7 +6,10 @@
 //   dQ: a block owns 64 queries, 16 per warp, and walks KeyWalk tiles as the forward does:
 //     dQ += dS K from registers; dS goes through shared memory only when a bias is present, for
 //     the bias gradients (a run's sum for the outer table, a sum over runs for the inner one).
-// K, V fragments (dK/dV) or Q, dO fragments (dQ) are loaded once per block. Every gradient entry
+// K, V fragments (dK/dV) or Q, dO fragments (dQ) are loaded once per block. Each streamed tile
+// is read from global memory once, into a row-major [row][head dim] tile that serves as B both
+// ways (warp_mma.cuh): [n][k] for S^T, dP^T (dK/dV) and S, dP (dQ), [k][n] for the products
+// that take the logits as A. Every gradient entry
 // has one owning block that visits tiles in a fixed order: deterministic, no atomics.
 #pragma once
 
@@ -24,14 +27,11 @@ struct BwdMmaTiles {
   // dK/dV kernel: kKeys keys per block, query tiles of kQueries.
   static constexpr int kKeys = 16 * kWarps;
   static constexpr int kQueries = D <= 64 ? 32 : 16;
-  static constexpr int kLdQueryT = kQueries + 8;  // [head dim][query] tiles
   static constexpr size_t kKvK = 0;
   static constexpr size_t kKvV = kKvK + smem_align(sizeof(T) * kKeys * kLdRow);
   static constexpr size_t kKvQ = kKvV + smem_align(sizeof(T) * kKeys * kLdRow);
-  static constexpr size_t kKvQt = kKvQ + smem_align(sizeof(T) * kQueries * kLdRow);
-  static constexpr size_t kKvDo = kKvQt + smem_align(sizeof(T) * D * kLdQueryT);
-  static constexpr size_t kKvDot = kKvDo + smem_align(sizeof(T) * kQueries * kLdRow);
-  static constexpr size_t kKvOuter = kKvDot + smem_align(sizeof(T) * D * kLdQueryT);
+  static constexpr size_t kKvDo = kKvQ + smem_align(sizeof(T) * kQueries * kLdRow);
+  static constexpr size_t kKvOuter = kKvDo + smem_align(sizeof(T) * kQueries * kLdRow);
   static constexpr size_t kKvInner = kKvOuter + smem_align(sizeof(float) * kQueries * kKeys);
   static constexpr size_t kKvLse = kKvInner + smem_align(sizeof(float) * kQueries * kKeys);
   static constexpr size_t kKvDelta = kKvLse + smem_align(sizeof(float) * kQueries);
@@ -41,13 +41,17 @@ struct BwdMmaTiles {
   static constexpr int kRows = 16 * kWarps;
   static constexpr int kTile = D <= 64 ? 32 : 16;
   static constexpr int kNTiles = kTile / 8;
-  static constexpr int kLdKeyT = kTile + 8;  // K^T: [head dim][key]
-  static constexpr int kLdDs = kTile + 1;    // fp32 dS, for the bias gradients
+  static constexpr int kLdDs = kTile + 1;  // fp32 dS, for the bias gradients
+  // Blocks per SM the dQ kernel's register budget must allow. Left free, ptxas (sm_90) takes
+  // 141, 143, 180 and 232 registers at head dims 16, 32, 64 and 128 (3, 3, 2, 2 blocks of 128
+  // threads); asked for 4, 4 and 3 blocks it fits 128, 128 and 168 without a spill (3 blocks at
+  // 128 spill). dK/dV takes 116, 125, 214 and 255: 4 blocks at 16 and 32 as it is, and 3 blocks
+  // at 64 or 128 spill.
+  static constexpr int kDqMinBlocks = D <= 32 ? 4 : D == 64 ? 3 : 1;
   static constexpr size_t kDqQ = 0;
   static constexpr size_t kDqDo = kDqQ + smem_align(sizeof(T) * kRows * kLdRow);
   static constexpr size_t kDqK = kDqDo + smem_align(sizeof(T) * kRows * kLdRow);
-  static constexpr size_t kDqKt = kDqK + smem_align(sizeof(T) * kTile * kLdRow);
-  static constexpr size_t kDqV = kDqKt + smem_align(sizeof(T) * D * kLdKeyT);
+  static constexpr size_t kDqV = kDqK + smem_align(sizeof(T) * kTile * kLdRow);
   static constexpr size_t kDqDs = kDqV + smem_align(sizeof(T) * kTile * kLdRow);
   static constexpr size_t kDqInner = kDqDs + smem_align(sizeof(float) * kRows * kLdDs);
   static constexpr size_t kDqBytes = kDqInner + smem_align(sizeof(float) * kRows * kTile);
@@ -86,9 +90,7 @@ __global__ void __launch_bounds__(BwdMmaTiles<T, D>::kThreads)
   T* s_k = reinterpret_cast<T*>(smem + S::kKvK);
   T* s_v = reinterpret_cast<T*>(smem + S::kKvV);
   T* s_q = reinterpret_cast<T*>(smem + S::kKvQ);
-  T* s_qt = reinterpret_cast<T*>(smem + S::kKvQt);
   T* s_do = reinterpret_cast<T*>(smem + S::kKvDo);
-  T* s_dot = reinterpret_cast<T*>(smem + S::kKvDot);
   float* s_outer = reinterpret_cast<float*>(smem + S::kKvOuter);  // [query][run of the tile]
   float* s_inner = reinterpret_cast<float*>(smem + S::kKvInner);  // [query][slot of a run]
   float* s_lse = reinterpret_cast<float*>(smem + S::kKvLse);
@@ -146,12 +148,8 @@ __global__ void __launch_bounds__(BwdMmaTiles<T, D>::kThreads)
     const auto query_of = [=](int r) { return m0 + r < len ? m0 + r : -1; };
     __syncthreads();  // the previous query tile's fragments are read
     load_rows<T, BM, D, NT>(s_q, S::kLdRow, q, p.q.stride[2], p.q.stride[3], p.dkh, query_of);
-    load_rows<T, BM, D, NT, true>(s_qt, S::kLdQueryT, q, p.q.stride[2], p.q.stride[3], p.dkh,
-                                  query_of);
     load_rows<T, BM, D, NT>(s_do, S::kLdRow, d_out, p.grad_out.stride[2], p.grad_out.stride[3],
                             p.dvh, query_of);
-    load_rows<T, BM, D, NT, true>(s_dot, S::kLdQueryT, d_out, p.grad_out.stride[2],
-                                  p.grad_out.stride[3], p.dvh, query_of);
     // The biases of these queries against this tile's runs (outer) and run slots (inner).
     for (int idx = threadIdx.x; idx < BM * BN; idx += NT) {
       const int r = idx / BN;
@@ -192,8 +190,8 @@ __global__ void __launch_bounds__(BwdMmaTiles<T, D>::kThreads)
         dprobs[nt][v4] = prob * (dprobs[nt][v4] - s_delta[c]);
       }
     }
-    mma_accumulators_by_tile<T>(dv, probs, s_dot, S::kLdQueryT, dv_tiles, lane);
-    mma_accumulators_by_tile<T>(dk, dprobs, s_qt, S::kLdQueryT, dk_tiles, lane);
+    mma_accumulators_by_tile<T>(dv, probs, s_do, S::kLdRow, dv_tiles, lane);
+    mma_accumulators_by_tile<T>(dk, dprobs, s_q, S::kLdRow, dk_tiles, lane);
   }
 
   T* dk_out = static_cast<T*>(p.dk);
@@ -209,7 +207,7 @@ __global__ void __launch_bounds__(BwdMmaTiles<T, D>::kThreads)
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(BwdMmaTiles<T, D>::kThreads)
+__global__ void __launch_bounds__(BwdMmaTiles<T, D>::kThreads, BwdMmaTiles<T, D>::kDqMinBlocks)
     attention_2d_bwd_dq_mma_kernel(const Attention2dParams p) {
   using S = BwdMmaTiles<T, D>;
   constexpr int NT = S::kThreads;
@@ -220,7 +218,6 @@ __global__ void __launch_bounds__(BwdMmaTiles<T, D>::kThreads)
   T* s_q = reinterpret_cast<T*>(smem + S::kDqQ);
   T* s_do = reinterpret_cast<T*>(smem + S::kDqDo);
   T* s_k = reinterpret_cast<T*>(smem + S::kDqK);
-  T* s_kt = reinterpret_cast<T*>(smem + S::kDqKt);
   T* s_v = reinterpret_cast<T*>(smem + S::kDqV);
   float* s_ds = reinterpret_cast<float*>(smem + S::kDqDs);
   float* s_inner_grad = reinterpret_cast<float*>(smem + S::kDqInner);
@@ -283,8 +280,6 @@ __global__ void __launch_bounds__(BwdMmaTiles<T, D>::kThreads)
       const auto key_of = [&](int c) { return walk.key(outer0, inner0, c); };
       __syncthreads();  // the previous tile's fragments and dS are read
       load_rows<T, BN, D, NT>(s_k, S::kLdRow, k, p.k.stride[2], p.k.stride[3], p.dkh, key_of);
-      load_rows<T, BN, D, NT, true>(s_kt, S::kLdKeyT, k, p.k.stride[2], p.k.stride[3], p.dkh,
-                                    key_of);
       load_rows<T, BN, D, NT>(s_v, S::kLdRow, v, p.v.stride[2], p.v.stride[3], p.dvh, key_of);
       __syncthreads();
 
@@ -303,7 +298,7 @@ __global__ void __launch_bounds__(BwdMmaTiles<T, D>::kThreads)
           logits[nt][v4] = prob * (dprobs[nt][v4] - delta[r]);
         }
       }
-      mma_accumulators_by_tile<T>(dq, logits, s_kt, S::kLdKeyT, dk_tiles, lane);
+      mma_accumulators_by_tile<T>(dq, logits, s_k, S::kLdRow, dk_tiles, lane);
 
       if (bias_grads) {
 #pragma unroll

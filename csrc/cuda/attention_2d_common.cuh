@@ -121,11 +121,11 @@ __device__ __forceinline__ const T* head_ptr(const Tensor4& t, int b, int h) {
 }
 
 // dst(r, c) = src[row_index(r) * row_stride + c * col_stride] for rows with row_index(r) >= 0
-// and columns c < n_cols, zero elsewhere; ROWS x COLS elements stored at dst[r * ld + c], or at
-// dst[c * ld + r] when TRANSPOSED. Consecutive threads walk the source along its unit stride, so
-// the global reads coalesce for both layouts AAConv2d hands over (q/k/v split out of an NCHW map
-// have unit stride along positions, contiguous ones along the head dim).
-template <typename T, int ROWS, int COLS, int NT, bool TRANSPOSED = false, typename RowIndex>
+// and columns c < n_cols, zero elsewhere, stored at dst[r * ld + c]. Consecutive threads walk
+// the source along its unit stride, so the global reads coalesce for both layouts AAConv2d hands
+// over (q/k/v split out of an NCHW map have unit stride along positions, contiguous ones along
+// the head dim).
+template <typename T, int ROWS, int COLS, int NT, typename RowIndex>
 __device__ __forceinline__ void load_rows(
     T* dst,
     int ld,
@@ -143,7 +143,7 @@ __device__ __forceinline__ void load_rows(
     if (row >= 0 && c < n_cols) {
       value = src[row * row_stride + c * col_stride];
     }
-    dst[TRANSPOSED ? c * ld + r : r * ld + c] = value;
+    dst[r * ld + c] = value;
   }
 }
 

@@ -9,12 +9,15 @@
 //   B (16 x 8, "col"), 2 registers:  b[0] = B[2q, 2q+1][group]   b[1] = B[2q+8, 2q+9][group]
 //   C, D (16 x 8, fp32), 4 values:   c[0], c[1] = C[group][2q, 2q+1]  c[2], c[3] = C[group+8][..]
 // So the accumulators of two adjacent n-tiles, rounded and packed pairwise, are the A operand of
-// the next product (how the forward feeds P to P V without shared memory), and a row-major
-// [n][k] shared-memory tile (K for Q K^T, V^T for P V) gives B with one 32-bit load per register.
+// the next product (how the forward feeds P to P V without shared memory). B comes from shared
+// memory in either layout of the same row-major [row][head dim] tile: as [n][k] (K for Q K^T) with
+// one 32-bit load per register, or as [k][n] (V for P V, K for dS K) through ldmatrix.trans, so
+// no operand is stored twice or read from global memory twice.
 //
 // Host emulation (csrc/cuda/emulation/) defines AANET_KERNELS_HOST_EMULATION and supplies
-// emulated_mma_m16n8k16, which exchanges the fragments of a warp through memory and applies the
-// layout above, so the fragment index math here is checked on a machine without a GPU.
+// emulated_mma_m16n8k16 and emulated_ldmatrix_trans, which exchange a warp's fragments (or row
+// addresses) through memory and apply the PTX ISA's layouts, so the fragment index math here is
+// checked on a machine without a GPU.
 #pragma once
 
 #include "attention_2d_common.cuh"
@@ -103,6 +106,29 @@ __device__ __forceinline__ void load_b_fragment(
   b[1] = load_pair(row + 8);
 }
 
+// ldmatrix.sync.aligned.m8n8.xN.trans.b16: N 8 x 8 matrices of 16-bit elements, matrix m's rows
+// addressed by lanes 8m .. 8m + 7 (16-byte aligned). Transposed on the way, so register m of lane
+// 4 g + q holds rows 2q, 2q + 1 of column g of matrix m: with matrices of 8 k-rows by 8 n-columns
+// of a row-major [k][n] tile, that is the B fragment layout above.
+template <int N>
+__device__ __forceinline__ void ldmatrix_trans(uint32_t (&r)[N], const void* row) {
+  static_assert(N == 2 || N == 4, "ldmatrix .x2 or .x4");
+#if defined(AANET_KERNELS_HOST_EMULATION)
+  emulated_ldmatrix_trans<N>(r, row);
+#elif defined(__CUDA_ARCH__)
+  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if constexpr (N == 2) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+#endif
+}
+
 // The A fragment of k-step t from the accumulators of n-tiles 2t and 2t + 1, rounded to T.
 template <typename T>
 __device__ __forceinline__ void accumulators_as_a(
@@ -140,7 +166,10 @@ __device__ __forceinline__ void mma_a_by_tile(
 }
 
 // c[nt] += A B with A the accumulators acc (16 rows x 8 KTILES, rounded to T: k-step t is
-// n-tiles 2t and 2t + 1), B[k][n] = tile[8 nt + n][k], for the n-tiles nt < n_tiles.
+// n-tiles 2t and 2t + 1), B[k][n] = tile[k][8 nt + n] (a row-major [k][n] shared tile, rows and
+// leading dim 16-byte aligned), for the n-tiles nt < n_tiles. One ldmatrix.x4 gives the B
+// fragments of two n-tiles: lanes 0-15 address rows k0 .. k0 + 15 at column 8 nt, lanes 16-31
+// the same rows at 8 nt + 8 (ignored by the .x2 of an odd last tile).
 template <typename T, int KTILES, int NTILES>
 __device__ __forceinline__ void mma_accumulators_by_tile(
     float (&c)[NTILES][4],
@@ -150,15 +179,22 @@ __device__ __forceinline__ void mma_accumulators_by_tile(
     int n_tiles,
     int lane) {
   static_assert(KTILES % 2 == 0, "k-steps of 16 are pairs of accumulator tiles");
+  static_assert(NTILES % 2 == 0, "B fragments are loaded for pairs of n-tiles");
 #pragma unroll
   for (int kt = 0; kt < KTILES / 2; ++kt) {
     uint32_t a[4];
     accumulators_as_a<T>(a, acc[2 * kt], acc[2 * kt + 1]);
+    const T* rows = tile + (16 * kt + lane % 16) * ld + 8 * (lane / 16);
 #pragma unroll
-    for (int nt = 0; nt < NTILES; ++nt) {
-      if (nt < n_tiles) {
+    for (int nt = 0; nt < NTILES; nt += 2) {
+      if (nt + 1 < n_tiles) {
+        uint32_t b[4];
+        ldmatrix_trans(b, rows + 8 * nt);
+        mma_m16n8k16<T>(c[nt], a, {b[0], b[1]});
+        mma_m16n8k16<T>(c[nt + 1], a, {b[2], b[3]});
+      } else if (nt < n_tiles) {
         uint32_t b[2];
-        load_b_fragment(b, tile, ld, 8 * nt, 16 * kt, lane);
+        ldmatrix_trans(b, rows + 8 * nt);
         mma_m16n8k16<T>(c[nt], a, b);
       }
     }

@@ -4,14 +4,15 @@
 // thread; std::barrier stands in for __syncthreads and for warp shuffles; shared memory is a
 // global buffer filled with 0xFF before each block. The register-resident fp16/bf16 kernels run
 // their mma.sync fragments through emulated_mma_m16n8k16 below, which gathers a warp's fragments
-// and multiplies them by the PTX ISA's fragment layout, so their fragment index math is checked
-// too; the fp32/fp64 kernels run as they would on a GPU (FMA loops). Not part of the built
+// and multiplies them by the PTX ISA's fragment layout, and their ldmatrix.trans loads through
+// emulated_ldmatrix_trans, so their fragment index math is checked too; the fp32/fp64 kernels run as they would on a GPU (FMA loops). Not part of the built
 // extension (setup.py compiles csrc/cuda/*.{cu,cpp}).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -98,6 +99,34 @@ void emulated_mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t
   g_warp_barrier[warp]->arrive_and_wait();
 }
 
+// ldmatrix.sync.aligned.m8n8.xN.trans.b16 for one warp: every lane publishes its row address,
+// the warp meets, each lane reads its registers through the gathered addresses, the warp meets
+// again. Matrix m's row r is at the address of lane 8 m + r; with .trans, register m of lane
+// 4 g + q holds elements (2q, g) and (2q + 1, g) of matrix m, the lower row in the low half.
+// Addresses must be 16-byte aligned, as on the GPU; run_grid fails the launch when one is not.
+const unsigned char* g_ldmatrix_rows[kMaxWarps][32];
+std::atomic<bool> g_ldmatrix_misaligned{false};
+
+template <int N>
+void emulated_ldmatrix_trans(uint32_t (&r)[N], const void* row) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+    g_ldmatrix_misaligned = true;
+  }
+  g_ldmatrix_rows[warp][lane] = static_cast<const unsigned char*>(row);
+  g_warp_barrier[warp]->arrive_and_wait();
+  for (int m = 0; m < N; ++m) {
+    uint16_t halves[2];
+    for (int e = 0; e < 2; ++e) {
+      const unsigned char* matrix_row = g_ldmatrix_rows[warp][8 * m + 2 * (lane % 4) + e];
+      std::memcpy(&halves[e], matrix_row + 2 * (lane / 4), sizeof(uint16_t));
+    }
+    r[m] = static_cast<uint32_t>(halves[0]) | (static_cast<uint32_t>(halves[1]) << 16);
+  }
+  g_warp_barrier[warp]->arrive_and_wait();
+}
+
 namespace aanet_kernels::cuda::detail {
 alignas(128) unsigned char smem[300000];  // the kernels' `extern __shared__` buffer
 }
@@ -156,6 +185,8 @@ void run_grid(Kernel kernel, EmulatedDim3 grid, int threads, const Attention2dPa
         for (auto& thread : pool) {
           thread.join();
         }
+        TORCH_CHECK(!g_ldmatrix_misaligned.exchange(false),
+                    "emulation: an ldmatrix row address is not 16-byte aligned");
       }
     }
   }
