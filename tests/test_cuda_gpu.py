@@ -314,6 +314,27 @@ EMULATION_SOURCE = (
 )
 CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 EMULATION_CASES = AWKWARD_CASES[1:] + CUDA_WALK_CASES + [Case(1, 2, 3, 24, 5, 3)]
+# Memory layouts of q, k, v and dO besides contiguous: unit stride along positions (heads split
+# out of an NCHW map: load_rows' other branch), and rows contiguous inside a wider buffer, the
+# start off by one element (nothing 16-byte aligned but the row stride).
+STRIDED_LAYOUTS = ("positions_fastest", "unaligned_rows")
+EMULATION_PARAMS = [(case, "contiguous") for case in EMULATION_CASES] + [
+    (case, layout)
+    for case in (Case(2, 3, 3, 5, 8, 4), Case(2, 2, 6, 11, 64, 8), CUDA_WALK_CASES[0])
+    for layout in STRIDED_LAYOUTS
+]
+
+
+def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t``'s values in ``layout`` (one of ``STRIDED_LAYOUTS``, or ``"contiguous"``)."""
+    if layout == "positions_fastest":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "unaligned_rows":
+        padded = torch.zeros(*t.shape[:-1], t.shape[-1] + 8, dtype=t.dtype)
+        view = padded[..., 1 : 1 + t.shape[-1]]
+        view.copy_(t)
+        return view
+    return t
 
 
 def kernel_headers_digest() -> str:
@@ -352,8 +373,8 @@ def emulated_kernels():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", EMULATION_CASES, ids=str)
-def test_kernels_in_host_emulation(emulated_kernels, case, dtype):
+@pytest.mark.parametrize(("case", "layout"), EMULATION_PARAMS, ids=str)
+def test_kernels_in_host_emulation(emulated_kernels, case, layout, dtype):
     """The kernels' tiling, masking, softmax and bias reductions, run on the CPU (the fp16/bf16
     kernels' mma and ldmatrix fragments included)."""
     q, k, v, bh, bw = make_inputs(case, dtype, seed=25)
@@ -361,7 +382,13 @@ def test_kernels_in_host_emulation(emulated_kernels, case, dtype):
     shape = (case.batch, case.heads, case.length, case.dvh)
     grad_out = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
     results = emulated_kernels.forward_backward(
-        q, k, v, bh, bw, case.height, case.width, 0.7, grad_out
+        *(in_layout(t, layout) for t in (q, k, v)),
+        bh,
+        bw,
+        case.height,
+        case.width,
+        0.7,
+        in_layout(grad_out, layout),
     )
     exact_in = [None if t is None else t.double().requires_grad_() for t in (q, k, v, bh, bw)]
     kwargs = dict(height=case.height, width=case.width, scale=0.7)
