@@ -12,12 +12,20 @@ import numpy as np
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def save_atomic(state: dict[str, Any], path: Path | str) -> None:
     """Write ``state`` with ``torch.save`` so that ``path`` is never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); give it the mode any other file would get.
+        os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as stream:
             torch.save(state, stream)
             stream.flush()

@@ -74,8 +74,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from aanet.train import pick_device
     from aanet_kernels import use_backend
 
-    saved = checkpoint.load(args.checkpoint)["config"]
-    config = config_from_args(args, base=saved)
+    saved = checkpoint.load(args.checkpoint)
+    checkpoint.require(saved, ("model", "config"), args.checkpoint)
+    config = config_from_args(args, base=saved["config"])
     device = pick_device(config.device)
     model = load_model(args.checkpoint, device)
     test_set = LandmarkDataset(sources.load_split(config, "test"), config.input_size)
@@ -92,18 +93,19 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     import json
 
     from aanet.inference import load_model
-    from aanet.predict import predict_image, write_results
+    from aanet.predict import check_image_output, predict_image, write_results
     from aanet.train import pick_device
     from aanet_kernels import use_backend
 
+    image = Path(args.image)
+    out = Path(args.output or image.with_name(f"{image.stem}_landmarks.png"))
+    check_image_output(out)
     device = pick_device(args.device)
     model = load_model(args.checkpoint, device)
     with use_backend(args.backend):
         annotated, faces = predict_image(
             model, args.image, device, detect=not args.no_detect, box=args.box
         )
-    image = Path(args.image)
-    out = Path(args.output or image.with_name(f"{image.stem}_landmarks.png"))
     json_path = out.with_suffix(".json") if args.json else None
     write_results(annotated, faces, out, json_path)
     print(f"{len(faces)} face(s); wrote {out}" + (f" and {json_path}" if json_path else ""))
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as error:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
         print(f"aanet {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

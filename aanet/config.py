@@ -81,9 +81,15 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"config {path}: not valid YAML: {error}") from error
     else:
-        values = json.loads(path.read_text())
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config {path}: not valid JSON: {error}") from error
     if not isinstance(values, dict):
         raise ValueError(f"config {path}: expected a mapping of option names to values")
     return values
@@ -116,7 +122,7 @@ def make_config(values: dict[str, Any]) -> Config:
 # Options that must be at least 1, and at least 0.
 _POSITIVE = ("num_train", "num_test", "image_size", "input_size", "width", "num_heads",
              "batch_size", "epochs")  # fmt: skip
-_NON_NEGATIVE = ("workers", "weight_decay", "heatmap_reg")
+_NON_NEGATIVE = ("workers", "weight_decay", "heatmap_reg", "seed")
 
 
 def _choices() -> dict[str, tuple[str, ...]]:

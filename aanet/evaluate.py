@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -83,5 +84,15 @@ def format_table(report: dict[str, dict[str, float]]) -> str:
 
 
 def write_json(report: dict[str, dict[str, float]], path: Path | str) -> None:
+    """The report as strict JSON: a metric that is undefined (NaN: a subset with no faces) is
+    written as ``null``."""
+
+    def strict(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    Path(path).write_text(json.dumps(strict(report), indent=2, allow_nan=False) + "\n")

@@ -52,9 +52,13 @@ def confidence_summary(errors: Tensor, confidence: Tensor) -> dict[str, float]:
         return {"median": float("nan"), "rank_correlation": float("nan"),
                 "error_least_sure_quarter": float("nan"),
                 "error_most_sure_quarter": float("nan")}  # fmt: skip
-    low, high = torch.quantile(confidence, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    # quantile interpolates: an even count's median is the mean of the middle two (Tensor.median
+    # gives the lower one).
+    low, median, high = torch.quantile(
+        confidence, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    )
     return {
-        "median": float(confidence.median()),
+        "median": float(median),
         "rank_correlation": rank_correlation(errors, confidence),
         "error_least_sure_quarter": float(errors[confidence <= low].mean()),
         "error_most_sure_quarter": float(errors[confidence >= high].mean()),

@@ -103,6 +103,15 @@ class AANet(nn.Module):
         super().__init__()
         if config.input_size % 16:
             raise ValueError(f"input_size: expected a multiple of 16, got {config.input_size}")
+        coarsest = 4 * 2 ** (len(config.blocks) - 1)
+        if config.input_size < coarsest:
+            raise ValueError(
+                f"input_size: {len(config.blocks)} stages (blocks={list(config.blocks)}) end at "
+                f"stride {coarsest}, so the input must be at least {coarsest} pixels; got "
+                f"{config.input_size}"
+            )
+        if config.width < 2:
+            raise ValueError(f"width: expected at least 2 channels, got {config.width}")
         self.config = config
         w, s = config.width, config.input_size
         self.stem = nn.Sequential(conv_bn_relu(3, w // 2, 3, 2), conv_bn_relu(w // 2, w, 3, 2))
@@ -115,7 +124,13 @@ class AANet(nn.Module):
             # for global attention to be cheap; the first block of a stage downsamples with a conv.
             attend = config.attention and level > 0
             blocks = [Bottleneck(cin, cout, 1 if level == 0 else 2, False, grid, config)]
-            blocks += [Bottleneck(cout, cout, 1, attend, grid, config) for _ in range(count)]
+            try:
+                blocks += [Bottleneck(cout, cout, 1, attend, grid, config) for _ in range(count)]
+            except ValueError as error:  # the attention layer's own check, in its terms
+                raise ValueError(
+                    f"width: {w} is too narrow for num_heads={config.num_heads} at stride "
+                    f"{4 * 2**level} ({error}); use a larger width or fewer heads"
+                ) from error
             stages.append(nn.Sequential(*blocks))
             cin = cout
         self.stages = nn.ModuleList(stages)

@@ -124,6 +124,15 @@ def predict_image(
     return draw(image, faces), faces
 
 
+def check_image_output(out: Path) -> None:
+    """Raise naming ``output`` unless OpenCV can write an image named ``out`` (by its extension)."""
+    if not cv2.haveImageWriter(str(out)):
+        raise ValueError(
+            f"output: expected an image file name OpenCV can write (.png, .jpg, .bmp, .tif, ...), "
+            f"got {str(out)!r}"
+        )
+
+
 def write_results(
     annotated: np.ndarray, faces: list[dict[str, Any]], out: Path, as_json: Path | None
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -69,7 +70,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto``: the local GPU if there is one, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device: {name!r} requested but CUDA is not available")
@@ -98,10 +104,31 @@ def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, D
         train_set, group.world, group.rank, shuffle=True, seed=config.seed, drop_last=True
     )
     per_rank = max(1, config.batch_size // group.world)
+    if len(train_set) // group.world < per_rank:
+        raise ValueError(
+            f"batch_size: {config.batch_size} is more than the {len(train_set)} training images "
+            f"({group.world} rank(s)) hold, so an epoch would take no step (full batches "
+            f"only); lower --batch-size or add images"
+        )
     common = {"num_workers": config.workers, "persistent_workers": config.workers > 0}
     train = DataLoader(train_set, per_rank, sampler=sampler, drop_last=True, **common)
     test = DataLoader(test_set, per_rank, shuffle=False, **common)
     return train, test, sampler
+
+
+def stretch_schedule(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, epochs: int) -> None:
+    """Give a resumed cosine schedule the run's ``epochs`` (``--epochs 60 --resume`` after a
+    30-epoch run continues on one 60-epoch cosine from the current epoch, instead of the loaded
+    30-epoch one climbing back up). The learning rate is set to the new curve's value now; the
+    scheduler's steps then follow that curve."""
+    if scheduler.T_max == epochs:
+        return
+    scheduler.T_max = epochs
+    progress = min(scheduler.last_epoch, epochs) / epochs
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = (
+            scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * progress)) / 2
+        )
 
 
 def loss_is_finite(loss: torch.Tensor, group: Dist) -> bool:
@@ -119,10 +146,14 @@ def handle_nonfinite_loss(
     """``on_nan``: ``stop`` raises an error naming the step, ``skip`` logs and drops the step."""
     where, value = f"epoch {epoch}, step {step}", float(loss.detach())
     if policy == "stop":
+        last = (
+            f"the last completed epoch is in {saved} (resume with --resume)"
+            if saved.is_file()
+            else "no epoch has completed yet"
+        )
         raise FloatingPointError(
-            f"non-finite loss ({value:g}, here or on another rank) at {where}; the last "
-            f"completed epoch is in {saved} (resume with --resume); pass --on-nan skip to drop "
-            f"such steps instead"
+            f"non-finite loss ({value:g}, here or on another rank) at {where}; {last}; pass "
+            f"--on-nan skip to drop such steps instead"
         )
     log.warning("non-finite loss (%g) at %s: step skipped (--on-nan skip)", value, where)
 
@@ -172,8 +203,8 @@ def train(
     if group.main:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
+    model = build_model(config.model_config()).to(device)  # before the data: a bad shape fails fast
     train_loader, test_loader, sampler = make_loaders(config, group)
-    model = build_model(config.model_config()).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
@@ -186,6 +217,7 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        stretch_schedule(scheduler, config.epochs)
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         history, start = state["history"], state["epoch"] + 1

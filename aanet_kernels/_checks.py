@@ -11,6 +11,18 @@ from torch import Tensor
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_map_size(height: int, width: int) -> None:
+    """Raise ``ValueError`` unless ``height`` and ``width`` are positive ints."""
+    # numbers.Integral: NumPy scalars are taken too (the caller converts them); a SymInt is a map
+    # size that torch.compile(dynamic=True) or torch.export traces symbolically.
+    sizes_ok = all(
+        isinstance(n, int | numbers.Integral | torch.SymInt) and not isinstance(n, bool) and n >= 1
+        for n in (height, width)
+    )
+    if not sizes_ok:
+        raise ValueError(f"height, width: expected positive ints, got {height!r}, {width!r}")
+
+
 def check_attention_2d_inputs(
     q: Tensor,
     k: Tensor,
@@ -43,14 +55,8 @@ def check_attention_2d_inputs(
             raise ValueError(
                 f"{name}: expected device {q.device} (the device of q), got {t.device}"
             )
-    # numbers.Integral / Real: NumPy scalars are taken too (the caller converts them); a SymInt
-    # is a map size that torch.compile(dynamic=True) or torch.export traces symbolically.
-    sizes_ok = all(
-        isinstance(n, int | numbers.Integral | torch.SymInt) and not isinstance(n, bool) and n >= 1
-        for n in (height, width)
-    )
-    if not sizes_ok:
-        raise ValueError(f"height, width: expected positive ints, got {height!r}, {width!r}")
+    check_map_size(height, width)
+    # numbers.Real: NumPy scalars are taken too.
     real = isinstance(scale, int | float | numbers.Real) and not isinstance(scale, bool)
     # A comparison, not math.isfinite: Dynamo with dynamic=True cannot trace math.isfinite even on
     # a constant, and NaN fails both comparisons.

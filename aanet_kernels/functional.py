@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aanet_kernels._checks import check_map_size
 from aanet_kernels.ops import attention_2d
 from aanet_kernels.relative import relative_logits
 
@@ -53,6 +54,7 @@ def sam_relative_logits(
     as SAM's ``get_rel_pos`` does. Pass SAM's *unscaled* queries here and its scale to
     ``attention_2d(..., scale=head_dim ** -0.5)``, which multiplies ``q . k`` only.
     """
+    check_map_size(height, width)
     rel_h = resize_rel_table(rel_pos_h, 2 * height - 1).flip(0)
     rel_w = resize_rel_table(rel_pos_w, 2 * width - 1).flip(0)
     return relative_logits(q, rel_h, rel_w, height, width)

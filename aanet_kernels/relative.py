@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from aanet_kernels._checks import check_map_size
+
 
 def _relative_index(size: int, device: torch.device) -> Tensor:
     """``index[i, j] = j - i + size - 1``: the table row for key ``j`` seen from query ``i``."""
@@ -26,6 +28,10 @@ def relative_logits(
         ``bias_h (B, Nh, L, height)``, ``bias_h[..., i, y] = q_i . rel_h[y - iy + height - 1]``, and
         ``bias_w (B, Nh, L, width)`` with ``bias_w[..., i, x] = q_i . rel_w[x - ix + width - 1]``.
     """
+    for name, t in (("q", q), ("rel_h", rel_h), ("rel_w", rel_w)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    check_map_size(height, width)
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-D tensor (B, Nh, L, dkh), got shape {tuple(q.shape)}")
     batch, heads, length, dkh = q.shape

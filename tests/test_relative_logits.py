@@ -50,6 +50,25 @@ def test_bad_table_shape_names_the_argument():
         relative_logits(q, torch.randn(3, 3), torch.randn(4, 3), 2, 3)
 
 
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda q, t: relative_logits(q, t(3), t(5), 2.0, 3),
+            ValueError,
+            "height, width: expected",
+        ),
+        (lambda q, t: relative_logits(q, t(3), t(5), 0, 3), ValueError, "height, width: expected"),
+        (lambda q, t: relative_logits(q, t(3).numpy(), t(5), 2, 3), TypeError, "rel_h: expected a"),
+        (lambda q, t: sam_relative_logits(q, t(3), t(5), 0, 3), ValueError, "height, width: expe"),
+    ],
+)
+def test_bad_map_sizes_and_tables_name_the_argument(call, error, message):
+    q = torch.randn(1, 1, 6, 3)
+    with pytest.raises(error, match=message):
+        call(q, lambda rows: torch.randn(rows, 3))
+
+
 def _sam_attention_literal(q, k, v, rel_pos_h, rel_pos_w, height, width, scale):
     """SAM / ViTDet's attention with decomposed relative positions, position by position: the
     logit of query (iy, ix) for key (y, x) gains q . rel_pos_h[iy - y + H - 1] and

@@ -15,10 +15,14 @@ ON_ERROR_CHOICES = ("skip", "stop")
 
 
 class DataError(ValueError):
-    """A problem with one annotation, named by file and line."""
+    """A problem with one annotation, named by file and line.
 
-    def __init__(self, where: str, message: str) -> None:
-        super().__init__(f"{where}: {message}")
+    ``DataError(where, message)``; a single argument is taken as the whole message, which is how
+    a DataLoader worker re-raises the error in the main process.
+    """
+
+    def __init__(self, where: str, message: str | None = None) -> None:
+        super().__init__(where if message is None else f"{where}: {message}")
         self.where = where
 
 
@@ -70,7 +74,8 @@ class BadDataLog:
 
 
 def validate_record(record: Record, tolerance: float = 0.0) -> None:
-    """Raise :class:`DataError` if the image is missing or unreadable or a point lies outside it.
+    """Raise :class:`DataError` if the image is missing or unreadable, the face box is empty or
+    not finite, or a point lies outside the image.
 
     Only the image header is read (PIL opens lazily), so this is cheap enough to run on every
     record at load time instead of failing later inside a DataLoader worker.
@@ -84,6 +89,13 @@ def validate_record(record: Record, tolerance: float = 0.0) -> None:
         raise DataError(record.where, f"unreadable image {record.image_path}: {exc}") from exc
     if not np.isfinite(record.landmarks).all():
         raise DataError(record.where, "landmarks contain NaN or infinity")
+    x_min, y_min, x_max, y_max = (float(c) for c in record.box)
+    if not (np.isfinite(record.box).all() and x_max > x_min and y_max > y_min):
+        raise DataError(
+            record.where,
+            f"face box: expected finite x_min < x_max and y_min < y_max, got "
+            f"({x_min:g}, {y_min:g}, {x_max:g}, {y_max:g})",
+        )
     xs, ys = record.landmarks[:, 0], record.landmarks[:, 1]
     outside = (
         (xs < -tolerance)

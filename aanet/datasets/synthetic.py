@@ -33,6 +33,12 @@ class SyntheticConfig:
     image_size: int = 160
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name, least in (("num_train", 1), ("num_test", 1), ("image_size", 8), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}: expected an int of at least {least}, got {value!r}")
+
 
 @dataclass
 class FaceParams:
@@ -308,6 +314,8 @@ def generate(root: Path | str, config: SyntheticConfig) -> Path:
     every machine and any face can be regenerated alone.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root}: exists and is not a folder (the synthetic set's root)")
     stamp = root / "synthetic.json"
     wanted = asdict(config)
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:

@@ -37,6 +37,7 @@ def test_presets_are_valid(preset: str):
         ({"compile": "max-autotune"}, "compile: expected one of"),
         ({"compile": True}, "compile: expected a string"),
         ({"device": "gpu"}, "device: expected auto, cpu, cuda or cuda:N"),
+        ({"seed": -1}, "seed: expected at least 0"),
     ],
     ids=lambda v: str(v)[:40] if isinstance(v, dict) else "",
 )
@@ -58,3 +59,32 @@ def test_cli_refuses_a_bad_flag_before_any_work(tmp_path, capsys):
     assert main(["train", "--batch-size", "0", "--out", str(out), "--no-progress"]) == 2
     assert "batch_size: expected at least 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("run.yaml", "lr: [1e-3\n", "not valid YAML"),
+        ("run.json", '{"lr": 1e-3,}', "not valid JSON"),
+    ],
+)
+def test_a_config_file_with_a_syntax_error_is_named(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"config {path}: {message}"):
+        read_config_file(path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"width": 8}, "width: 8 is too narrow for num_heads=4 at stride 8"),
+        ({"width": 1}, "width: expected at least 2"),
+        ({"input_size": 16, "blocks": [1, 1, 1, 1]}, "input_size: 4 stages .* at least 32"),
+    ],
+)
+def test_a_network_that_cannot_be_built_names_the_option(changes, message):
+    from aanet.model import build_model
+
+    with pytest.raises(ValueError, match=message):
+        build_model(make_config(changes).model_config())

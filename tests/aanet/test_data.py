@@ -118,6 +118,37 @@ def test_bad_wflw_entries_skip_with_count_or_stop(tmp_path, caplog):
         wflw.load_wflw(root, "train", on_error="ignore")
 
 
+@pytest.mark.parametrize(
+    "box", [("nan", "10", "50", "50"), ("10", "10", "inf", "50"), ("50", "50", "10", "10")]
+)
+def test_a_wflw_face_box_that_is_empty_or_not_finite_is_a_bad_entry(tmp_path, box):
+    root = synthetic.generate(
+        tmp_path, synthetic.SyntheticConfig(num_train=2, num_test=1, image_size=64)
+    )
+    good = wflw.annotation_file(root, "train").read_text().splitlines()[0].split()
+    number = _append_line(root, " ".join(good[:196] + list(box) + good[200:]))
+    assert len(wflw.load_wflw(root, "train", on_error="skip")) == 2
+    with pytest.raises(DataError, match=f":{number}: face box: expected finite x_min < x_max"):
+        wflw.load_wflw(root, "train", on_error="stop")
+
+
+def test_an_image_whose_data_does_not_decode_is_named_when_read(tmp_path):
+    from aanet.datasets.dataset import LandmarkDataset
+
+    root = synthetic.generate(
+        tmp_path, synthetic.SyntheticConfig(num_train=2, num_test=1, image_size=64)
+    )
+    records = wflw.load_wflw(root, "train")
+    raw = records[1].image_path.read_bytes()
+    records[1].image_path.write_bytes(raw[:200])  # the header reads, the pixels do not
+    data = LandmarkDataset(records, 32)
+    assert data[0]["image"].shape == (3, 32, 32)
+    with pytest.raises(DataError, match=f"{records[1].where}: cannot decode image"):
+        data[1]
+    # A DataLoader worker re-raises with the message alone.
+    assert str(DataError("list.txt:3: cannot decode")) == "list.txt:3: cannot decode"
+
+
 def _write_pts(path, points, count=None, close=True):
     body = "\n".join(f"{x} {y}" for x, y in points)
     text = f"version: 1\nn_points: {count or len(points)}\n{{\n{body}\n" + ("}\n" if close else "")

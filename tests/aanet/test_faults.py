@@ -148,6 +148,14 @@ def test_nan_loss_stops_with_the_step_named_and_the_last_epoch_kept(tmp_path, mo
     assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
 
 
+def test_nan_loss_in_the_first_epoch_says_nothing_is_saved_yet(tmp_path, monkeypatch):
+    _nan_at_calls(monkeypatch, {1})  # epoch 1, step 1
+    with pytest.raises(FloatingPointError, match="no epoch has completed yet") as info:
+        aanet.train.train(_nan_config(tmp_path, "stop"), progress=False)
+    assert "--resume" not in str(info.value)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_nan_loss_skips_the_step_when_asked(tmp_path, monkeypatch, caplog):
     _nan_at_calls(monkeypatch, {2})  # epoch 1, step 2
     result = aanet.train.train(_nan_config(tmp_path, "skip"), progress=False)

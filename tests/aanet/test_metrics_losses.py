@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,4 +192,20 @@ def test_confidence_summary_tells_informative_from_useless_confidences():
     assert informative["rank_correlation"] == pytest.approx(-1.0)
     assert informative["error_least_sure_quarter"] > 3 * informative["error_most_sure_quarter"]
     assert abs(useless["rank_correlation"]) < 0.1
-    assert informative["median"] == pytest.approx(float((1.0 - errors * 5).median()), abs=1e-6)
+    assert informative["median"] == pytest.approx(float(np.median(1.0 - errors.numpy() * 5)))
+
+
+def test_confidence_median_of_an_even_count_is_the_mean_of_the_middle_two():
+    confidence = torch.arange(1.0, 9.0) / 10  # 0.1 .. 0.8
+    summary = confidence_summary(torch.rand(8), confidence)
+    assert summary["median"] == pytest.approx(0.45)
+
+
+def test_evaluation_json_is_strict_with_empty_subsets_as_null(tmp_path):
+    from aanet.evaluate import write_json
+
+    path = tmp_path / "eval.json"
+    write_json({"full": {"nme": 0.05, "count": 3}, "pose": {"nme": float("nan")}}, path)
+    text = path.read_text()
+    assert "NaN" not in text
+    assert json.loads(text) == {"full": {"nme": 0.05, "count": 3}, "pose": {"nme": None}}

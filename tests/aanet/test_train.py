@@ -126,6 +126,23 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert len(rows) == 3 and (Path(interrupted.out) / "curves.png").stat().st_size > 0
 
 
+def test_resume_with_more_epochs_continues_one_longer_cosine(tmp_path):
+    """``--epochs 3 --resume`` after a 1-epoch run: epochs 2 and 3 follow the 3-epoch cosine
+    (the loaded 1-epoch schedule would climb back to the peak)."""
+    first = tiny_config(tmp_path, epochs=1)
+    train(first, progress=False)
+    resumed = train(dataclasses.replace(first, epochs=3), resume="auto", progress=False)
+    lrs = [row["lr"] for row in resumed["history"]]
+    cosine = [first.lr * (1 + np.cos(np.pi * e / 3)) / 2 for e in (2, 3)]
+    assert lrs[0] == pytest.approx(0.0, abs=1e-12)  # the end of the 1-epoch run
+    assert lrs[1:] == pytest.approx(cosine, abs=1e-12)
+
+
+def test_a_batch_larger_than_the_training_set_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="batch_size: 32 is more than the 16 training images"):
+        train(tiny_config(tmp_path, batch_size=32), progress=False)
+
+
 def test_compiled_training_follows_eager_training(tmp_path, monkeypatch):
     # aot_eager traces the step as Inductor would (Dynamo, AOT autograd, the fused op in the
     # graph) without minutes of code generation; tests/test_aaconv.py runs Inductor itself.
@@ -157,6 +174,9 @@ def test_checkpoint_is_written_atomically(tmp_path):
     save_atomic({"x": torch.arange(3)}, tmp_path / "c.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
     assert torch.equal(torch.load(tmp_path / "c.pt")["x"], torch.arange(3))
+    # The mode a plain file gets (the temporary file was private, 0600).
+    (tmp_path / "plain").write_text("")
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
@@ -272,3 +292,29 @@ def test_training_on_the_gpu(tmp_path, amp):
     losses = [row["train_loss"] for row in result["history"]]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert next(result["model"].parameters()).is_cuda
+
+
+def test_cli_names_user_errors_without_a_traceback(trained, tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}}, foreign)
+    image = tmp_path / "face.png"
+    cv2.imwrite(str(image), np.full((64, 64, 3), 128, np.uint8))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    checkpoint = str(Path(trained.out) / "last.pt")
+    cases = [
+        (["evaluate", "--checkpoint", str(foreign)], "checkpoint lacks ['config']"),
+        (["predict", str(image), "--checkpoint", checkpoint, "--output", str(tmp_path / "out")],
+         "output: expected an image file name"),
+        (["predict", str(image), "--checkpoint", checkpoint, "--device", "gpu"],
+         "device: expected auto, cpu, cuda or cuda:N"),
+        (["generate", "--out", str(a_file)], "exists and is not a folder"),
+        (["generate", "--out", str(tmp_path / "g"), "--image-size", "0"],
+         "image_size: expected an int of at least 8"),
+        (["generate", "--out", str(tmp_path / "g"), "--num-train", "-3"],
+         "num_train: expected an int of at least 1"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
