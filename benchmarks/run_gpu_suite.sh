@@ -7,7 +7,11 @@
 #   STEPS="tests attention" benchmarks/run_gpu_suite.sh   # a subset (e.g. to fit a time limit)
 #
 # Steps: build tests attention aaconv train profile sanitize ncu (train: AANet training steps and
-# per-sample gradients). PYTHON picks the interpreter (default: python). sanitize:
+# per-sample gradients). PYTHON picks the interpreter (default: python). STEP_TIMEOUT (seconds)
+# stops a step that runs longer (SIGINT, so pytest still prints its summary; the benchmarks print
+# each case as it is measured, so the log keeps what was done) and counts it as failed.
+# ATTENTION_ARGS are extra arguments for bench_attention.py (e.g. "--families issue3_aaconv").
+# Each step's wall time is appended to times.txt. sanitize:
 # compute-sanitizer (memcheck, racecheck) over the CUDA and Triton kernels at the awkward shapes;
 # ncu: Nsight Compute reports of one forward and one backward per GPU backend at the AA-Conv
 # benchmark shape (clocks left alone), as .ncu-rep and a text summary.
@@ -25,9 +29,15 @@ run_step() {  # run_step NAME CMD...: run CMD, tee its output to NAME.log, remem
   local name="$1"
   shift
   echo "=== $name: $*"
-  if ! "$@" 2>&1 | tee "$OUT_DIR/$name.log"; then
+  local began=$SECONDS
+  local limit=()
+  if [[ -n "${STEP_TIMEOUT:-}" ]]; then
+    limit=(timeout --signal=INT --kill-after=30 "$STEP_TIMEOUT")
+  fi
+  if ! ${limit[@]+"${limit[@]}"} "$@" 2>&1 | tee "$OUT_DIR/$name.log"; then
     failed+=("$name")
   fi
+  echo "$name $((SECONDS - began)) s" | tee -a "$OUT_DIR/times.txt"
 }
 
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -46,7 +56,9 @@ cat "$OUT_DIR/environment.txt"
 # --no-build-isolation: compile against the torch installed here; --no-deps: leave it untouched.
 wants build && run_step build "$PY" -m pip install --no-build-isolation --no-deps -e .
 wants tests && run_step pytest_gpu "$PY" -m pytest -m gpu -rs -q
-wants attention && run_step bench_attention "$PY" benchmarks/bench_attention.py --device cuda --out-dir "$OUT_DIR"
+# shellcheck disable=SC2086  # ATTENTION_ARGS is a list of words
+wants attention && run_step bench_attention "$PY" benchmarks/bench_attention.py --device cuda \
+  --out-dir "$OUT_DIR" ${ATTENTION_ARGS:-}
 if wants aaconv && [[ -f benchmarks/bench_aaconv.py ]]; then
   run_step bench_aaconv "$PY" benchmarks/bench_aaconv.py --device cuda --out-dir "$OUT_DIR"
 fi

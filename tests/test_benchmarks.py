@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,3 +278,25 @@ def test_bench_per_sample_grads_rejects_unknown_method(tmp_path):
 
     with pytest.raises(SystemExit, match="--methods"):
         bench.main(["--device", "cpu", "--methods", "vmap_nope", "--out-dir", str(tmp_path)])
+
+
+def test_gpu_suite_stops_a_step_past_its_time_limit_and_reports_it(tmp_path):
+    """benchmarks/run_gpu_suite.sh with a stand-in interpreter (no GPU needed): a step over
+    STEP_TIMEOUT is stopped and named as failed, the others still run, every step is timed."""
+    stub = tmp_path / "python"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        '[[ "$1" == "-c" ]] && exit 0\n'  # the environment report
+        '[[ "$1 $2" == "-m pytest" ]] && exec sleep 60\n'  # the GPU tests: too slow
+        "exit 0\n"  # pip install: fine
+    )
+    stub.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu_suite.sh"
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"),
+           "STEPS": "build tests", "STEP_TIMEOUT": "1"}  # fmt: skip
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "FAILED steps: pytest_gpu" in run.stdout
+    times = (tmp_path / "out" / "times.txt").read_text().split("\n")
+    assert [line.split()[0] for line in times if line] == ["build", "pytest_gpu"]
+    assert int(times[1].split()[1]) < 30  # stopped at the limit, not after the step's 60 s
