@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from aanet_kernels import attention_2d, attention_2d_reference
+
 
 @dataclass(frozen=True)
 class Case:
@@ -75,3 +77,30 @@ def make_inputs(
 def poison_(t: Tensor) -> Tensor:
     """Fill with NaN (in place) so a kernel that leaves part of its output unwritten is caught."""
     return t.fill_(float("nan"))
+
+
+def check_grid_limit(backend: str, axis: str, dtype: torch.dtype, device: str) -> None:
+    """GPU kernels put heads and batch on grid axes 1 and 2 (at most 65535 each): 65535 slices
+    along ``axis`` run forward and backward, each program on its own (batch, head). Rule: error
+    against fp64 at most twice the reference path's own in ``dtype``, plus a small floor (a
+    program on the wrong slice would be off by the values themselves)."""
+    shape = (65535, 2, 2, 8) if axis == "batch" else (2, 65535, 2, 8)
+    gen = torch.Generator().manual_seed(7)
+    exact = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
+    floor = 1e-5 if dtype == torch.float32 else 2e-2
+
+    def outputs(method: str, precision: torch.dtype) -> list[Tensor]:
+        inputs = [t.to(device, precision).requires_grad_() for t in exact]
+        run = attention_2d_reference if method == "reference" else attention_2d
+        extra = {} if method == "reference" else {"backend": method}
+        out = run(*inputs, None, None, height=1, width=2, **extra)
+        grads = torch.autograd.grad(out.float().square().sum(), inputs)
+        return [t.double().cpu() for t in (out, *grads)]
+
+    want = outputs("reference", torch.float64)
+    own = outputs("reference", dtype)
+    got = outputs(backend, dtype)
+    for name, g, o, w in zip(("out", "dq", "dk", "dv"), got, own, want, strict=True):
+        size = max(1.0, w.abs().max().item())
+        limit = 2 * (o - w).abs().max().item() + floor * size
+        assert (g - w).abs().max().item() <= limit, name

@@ -18,7 +18,7 @@ import torch
 import aanet_kernels as ak
 from aanet_kernels._extension import extension_loaded, has_kernel
 from aanet_kernels.reference import attention_2d_reference_lse
-from tests.attention_cases import AWKWARD_CASES, Case, make_inputs
+from tests.attention_cases import AWKWARD_CASES, Case, check_grid_limit, make_inputs
 from tests.compile_checks import check_compile_dynamic_shapes
 
 DEVICE = "cuda"
@@ -290,6 +290,11 @@ class TestCudaBackend:
         assert self.max_error(out, exact) <= 2 * own + FLOOR[torch.float16]
         grads = torch.autograd.grad(out.float().square().sum(), inputs)
         assert all(torch.isfinite(g).all() for g in grads)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("axis", ["batch", "heads"])
+    def test_batch_and_heads_up_to_the_grid_limit(self, axis, dtype):
+        check_grid_limit(BACKEND, axis, dtype, DEVICE)
 
     def test_head_dim_over_128_is_refused(self):
         case = Case(1, 1, 2, 2, 129, 4)

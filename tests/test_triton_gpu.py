@@ -14,7 +14,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 import aanet_kernels as ak  # noqa: E402
 from aanet_kernels.reference import attention_2d_reference_lse  # noqa: E402
-from tests.attention_cases import AWKWARD_CASES, Case, make_inputs  # noqa: E402
+from tests.attention_cases import AWKWARD_CASES, Case, check_grid_limit, make_inputs  # noqa: E402
 from tests.compile_checks import check_compile_dynamic_shapes  # noqa: E402
 from tests.triton_configs import every_config, pinned_config  # noqa: E402
 
@@ -214,3 +214,9 @@ def test_torch_compile_fullgraph_module():
 def test_torch_compile_dynamic_shapes():
     # The map size and head dims are compile-time constants of the kernels: a new graph per size.
     check_compile_dynamic_shapes("triton", DEVICE, one_graph=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("axis", ["batch", "heads"])
+def test_batch_and_heads_up_to_the_grid_limit(axis, dtype):
+    check_grid_limit("triton", axis, dtype, DEVICE)

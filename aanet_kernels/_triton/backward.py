@@ -31,6 +31,7 @@ from aanet_kernels._triton.tiles import (
     column_bias,
     load_keys,
     load_tile,
+    program_batch_head,
     softmax_weights,
 )
 
@@ -46,9 +47,7 @@ def attention_2d_bwd_preprocess_kernel(
     """``delta[i] = sum_d dO[i, d] * O[i, d]`` in the dtype of ``DELTA`` (that of ``lse``)."""
     ACC = DELTA.dtype.element_ty
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // NH).to(tl.int64)
-    h = (pid_bh % NH).to(tl.int64)
+    b, h, pid_bh = program_batch_head(NH)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < L
     offs_dv = tl.arange(0, DV)
@@ -60,7 +59,7 @@ def attention_2d_bwd_preprocess_kernel(
         DO + b * stride_gb + h * stride_gh, offs_m, offs_dv, stride_gl, stride_gd, row_ok, dv_ok
     )
     delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * L + offs_m, delta, mask=row_ok)
+    tl.store(DELTA + pid_bh * L + offs_m, delta, mask=row_ok)
 
 
 @triton.autotune(configs=configs("dkdv"), key=AUTOTUNE_KEY)
@@ -83,18 +82,16 @@ def attention_2d_bwd_dkdv_kernel(
     """One program owns one key tile (``BLOCK_N`` columns of one row) and walks every query
     tile; writes contiguous ``dk``, ``dv``."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     ACC = LSE.dtype.element_ty  # fp32, or fp64 for fp64 inputs
-    b = (pid_bh // NH).to(tl.int64)
-    h = (pid_bh % NH).to(tl.int64)
+    b, h, pid_bh = program_batch_head(NH)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     RB += b * stride_rbb + h * stride_rbh
     CB += b * stride_cbb + h * stride_cbh
     DO += b * stride_gb + h * stride_gh
-    LSE += pid_bh.to(tl.int64) * L
-    DELTA += pid_bh.to(tl.int64) * L
+    LSE += pid_bh * L
+    DELTA += pid_bh * L
 
     n_chunks = tl.cdiv(COLS, BLOCK_N)
     y = pid_n // n_chunks
@@ -131,8 +128,8 @@ def attention_2d_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
 
-    dk_ptrs = DK_OUT + pid_bh.to(tl.int64) * L * DKH + offs_n[:, None] * DKH + offs_dk[None, :]
-    dv_ptrs = DV_OUT + pid_bh.to(tl.int64) * L * DVH + offs_n[:, None] * DVH + offs_dv[None, :]
+    dk_ptrs = DK_OUT + pid_bh * L * DKH + offs_n[:, None] * DKH + offs_dk[None, :]
+    dv_ptrs = DV_OUT + pid_bh * L * DVH + offs_n[:, None] * DVH + offs_dv[None, :]
     dk_mask = key_ok[:, None] & dk_ok[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK_OUT.dtype.element_ty), mask=dk_mask)
     tl.store(dv_ptrs, dv.to(DV_OUT.dtype.element_ty), mask=key_ok[:, None] & dv_ok[None, :])
@@ -159,19 +156,17 @@ def attention_2d_bwd_dq_kernel(
     full-size ``(B, Nh, L, ROWS|COLS)`` bias gradients, all contiguous; ``DRB_OUT`` is in the
     accumulator dtype (it is read back when a row spans several tiles)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     ACC = LSE.dtype.element_ty  # fp32, or fp64 for fp64 inputs
-    b = (pid_bh // NH).to(tl.int64)
-    h = (pid_bh % NH).to(tl.int64)
+    b, h, pid_bh = program_batch_head(NH)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     RB += b * stride_rbb + h * stride_rbh
     CB += b * stride_cbb + h * stride_cbh
     DO += b * stride_gb + h * stride_gh
-    LSE += pid_bh.to(tl.int64) * L
-    DELTA += pid_bh.to(tl.int64) * L
-    base = pid_bh.to(tl.int64) * L
+    LSE += pid_bh * L
+    DELTA += pid_bh * L
+    base = pid_bh * L
     DRB_OUT += base * ROWS
     DCB_OUT += base * COLS
 

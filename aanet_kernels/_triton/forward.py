@@ -20,6 +20,7 @@ from aanet_kernels._triton.tiles import (
     column_bias,
     load_keys,
     load_tile,
+    program_batch_head,
 )
 
 
@@ -41,19 +42,16 @@ def attention_2d_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     # Accumulators and softmax statistics in the lse dtype: fp32, or fp64 for fp64 inputs.
     ACC = LSE.dtype.element_ty
-    # int64 so that batch/head offsets of large tensors do not overflow.
-    b = (pid_bh // NH).to(tl.int64)
-    h = (pid_bh % NH).to(tl.int64)
+    b, h, pid_bh = program_batch_head(NH)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     RB += b * stride_rbb + h * stride_rbh
     CB += b * stride_cbb + h * stride_cbh
     OUT += b * stride_ob + h * stride_oh
-    LSE += pid_bh.to(tl.int64) * L
+    LSE += pid_bh * L
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < L

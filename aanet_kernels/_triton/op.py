@@ -58,13 +58,23 @@ _BWD_SCHEMA = (
 )
 
 
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (heads, batch)
+
+
 def _check_supported(q: Tensor, v: Tensor) -> None:
-    """Head dims within the compiled range, and no bf16 under the interpreter, whose ``tl.dot``
-    on bf16 operands returns garbage (a wrong answer must not pass for a result)."""
+    """B and Nh within the grid, head dims within the compiled range, and no bf16 under the
+    interpreter, whose ``tl.dot`` on bf16 operands returns garbage (a wrong answer must not pass
+    for a result)."""
     if q.dtype == torch.bfloat16 and triton_interpreted():
         raise TypeError(
             "q: bfloat16 does not run under TRITON_INTERPRET=1 (the Triton interpreter computes "
             "bf16 tl.dot wrongly); use float16/float32 there, or run the triton backend on a GPU"
+        )
+    if q.shape[0] > MAX_GRID_YZ or q.shape[1] > MAX_GRID_YZ:
+        raise ValueError(
+            f"q: the triton backend launches one grid layer per head and per batch element, so "
+            f"B and Nh must be at most {MAX_GRID_YZ}, got B={q.shape[0]}, Nh={q.shape[1]}; "
+            "split the batch"
         )
     for name, size in (("q", q.shape[-1]), ("v", v.shape[-1])):
         if size > MAX_HEAD_DIM:
@@ -159,8 +169,8 @@ def attention_2d_triton_fwd(
     if out.numel() == 0:  # an empty batch: nothing to launch
         return out, lse
 
-    def grid(launch: dict[str, int]) -> tuple[int, int]:
-        return (triton.cdiv(length, launch["BLOCK_M"]), batch * heads)
+    def grid(launch: dict[str, int]) -> tuple[int, int, int]:
+        return (triton.cdiv(length, launch["BLOCK_M"]), heads, batch)
 
     _launcher(attention_2d_fwd_kernel)[grid](
         q, k, v, rb, cb, scale_t, out, lse,
@@ -211,7 +221,7 @@ def attention_2d_triton_bwd(
         return dq, dk, dv, *keys.tables(d_row_bias.to(q.dtype), d_col_bias)
 
     _launcher(attention_2d_bwd_preprocess_kernel)[
-        (triton.cdiv(length, preprocess_block(dv_pad)), batch * heads)
+        (triton.cdiv(length, preprocess_block(dv_pad)), heads, batch)
     ](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, length, dvh,
         DV=dv_pad, BLOCK_M=preprocess_block(dv_pad),
@@ -222,11 +232,11 @@ def attention_2d_triton_bwd(
     )  # fmt: skip
     tiling = {"DK": dk_pad, "DV": dv_pad, **keys.kernel_args(row_bias, col_bias), **meta}
 
-    def key_grid(launch: dict[str, int]) -> tuple[int, int]:
-        return (keys.rows * triton.cdiv(keys.cols, tiling["BLOCK_N"]), batch * heads)
+    def key_grid(launch: dict[str, int]) -> tuple[int, int, int]:
+        return (keys.rows * triton.cdiv(keys.cols, tiling["BLOCK_N"]), heads, batch)
 
-    def query_grid(launch: dict[str, int]) -> tuple[int, int]:
-        return (triton.cdiv(length, launch["BLOCK_M"]), batch * heads)
+    def query_grid(launch: dict[str, int]) -> tuple[int, int, int]:
+        return (triton.cdiv(length, launch["BLOCK_M"]), heads, batch)
 
     _launcher(attention_2d_bwd_dkdv_kernel)[key_grid](
         q, k, v, rb, cb, scale_t, grad_out, lse, delta, dk, dv,

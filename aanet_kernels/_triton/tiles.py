@@ -27,6 +27,16 @@ import triton.language as tl
 
 
 @triton.jit
+def program_batch_head(NH):
+    """``(b, h, b * NH + h)`` of this program, as int64 (offsets of large tensors must not
+    overflow). Grid axes 1 and 2 are heads and batch, each at most 65535 (CUDA's limit on those
+    axes); one axis of ``B * Nh`` would stop at 65535 slices."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    return b, h, b * NH + h
+
+
+@triton.jit
 def chunk_columns(chunk, COLS, BLOCK_N: tl.constexpr):
     """Columns ``x`` of column chunk ``chunk`` of every row, and which exist (``x < COLS``)."""
     offs_x = chunk * BLOCK_N + tl.arange(0, BLOCK_N)

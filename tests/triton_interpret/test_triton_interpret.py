@@ -249,6 +249,15 @@ def test_head_dim_past_the_limit_names_the_argument():
         ak.attention_2d(q, k, v, bh, bw, height=2, width=2, backend="triton")
 
 
+@pytest.mark.parametrize(("batch", "heads"), [(triton_op.MAX_GRID_YZ + 1, 1), (1, 65536)])
+def test_batch_or_heads_past_the_grid_limit_names_the_argument(batch, heads):
+    """Heads and batch are grid axes 1 and 2, which CUDA caps at 65535 (the interpreter would
+    run anything, so the check is the host's)."""
+    q = torch.randn(batch, heads, 1, 1)
+    with pytest.raises(ValueError, match="q: the triton backend launches one grid layer"):
+        ak.attention_2d(q, q, q, None, None, height=1, width=1, backend="triton")
+
+
 @pytest.mark.parametrize("config", every_config(), ids=str)
 def test_every_gpu_config_is_correct(config, poisoned_allocations):
     """Each GPU autotuning configuration (block sizes up to 128 queries, past L here), pinned in
