@@ -158,6 +158,12 @@ def _type_ok(value: Any, kind: str) -> bool:
     return isinstance(value, str)
 
 
+def check_device_name(device: str) -> None:
+    """Raise ``ValueError`` naming ``device`` unless it is auto, cpu, cuda or cuda:N."""
+    if device != "auto" and device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+
+
 def check_config(config: Config) -> None:
     """Raise ``ValueError`` naming the option if a value has the wrong type or is out of range
     (a YAML typo or ``--batch-size 0`` fails here, before any data is read)."""
@@ -180,6 +186,4 @@ def check_config(config: Config) -> None:
     for name, allowed in _choices().items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(config, name)!r}")
-    device = config.device
-    if device != "auto" and device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    check_device_name(config.device)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from aanet import checkpoint
-from aanet.config import Config
+from aanet.config import Config, check_device_name
 from aanet.datasets import sources
 from aanet.datasets.augment import AugmentConfig
 from aanet.datasets.dataset import LandmarkDataset
@@ -70,12 +70,8 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto``: the local GPU if there is one, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from error
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    check_device_name(name)
+    device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device: {name!r} requested but CUDA is not available")
@@ -107,8 +103,8 @@ def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, D
     if len(train_set) // group.world < per_rank:
         raise ValueError(
             f"batch_size: {config.batch_size} is more than the {len(train_set)} training images "
-            f"({group.world} rank(s)) hold, so an epoch would take no step (full batches "
-            f"only); lower --batch-size or add images"
+            f"allow ({group.world} process(es), {per_rank} images each per step, full batches "
+            f"only): an epoch would take no step; lower --batch-size or add images"
         )
     common = {"num_workers": config.workers, "persistent_workers": config.workers > 0}
     train = DataLoader(train_set, per_rank, sampler=sampler, drop_last=True, **common)
