@@ -318,3 +318,18 @@ def test_cli_names_user_errors_without_a_traceback(trained, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
+
+
+def test_the_make_run_job_writes_everything_it_promises(tmp_path, capsys):
+    """``aanet run`` (what ``make run`` does) on a tiny configuration: exit 0 and every artefact."""
+    out = tmp_path / "run"
+    argv = ["run", "--data-root", str(tmp_path / "data"), "--num-train", "16", "--num-test", "8",
+            "--image-size", "64", "--input-size", "32", "--width", "16", "--blocks", "1", "1", "1",
+            "--batch-size", "8", "--epochs", "1", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    names = ("last.pt", "log.csv", "curves.png", "eval.json", "photo.png", "photo_landmarks.png",
+             "photo_landmarks.json", "aanet.pt2")  # fmt: skip
+    assert all((out / name).stat().st_size > 0 for name in names)
+    report = json.loads((out / "eval.json").read_text())
+    assert 0 <= report["full"]["nme"] < 1 and report["full"]["count"] == 8
+    assert "NME" in capsys.readouterr().out
