@@ -5,8 +5,9 @@
 // global buffer filled with 0xFF before each block. The register-resident fp16/bf16 kernels run
 // their mma.sync fragments through emulated_mma_m16n8k16 below, which gathers a warp's fragments
 // and multiplies them by the PTX ISA's fragment layout, and their ldmatrix.trans loads through
-// emulated_ldmatrix_trans, so their fragment index math is checked too; the fp32/fp64 kernels run as they would on a GPU (FMA loops). Not part of the built
-// extension (setup.py compiles csrc/cuda/*.{cu,cpp}).
+// emulated_ldmatrix_trans, so their fragment index math is checked too; the fp32/fp64 kernels
+// run as they would on a GPU (FMA loops). Not part of the built extension (setup.py compiles
+// csrc/cuda/*.{cu,cpp}).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
