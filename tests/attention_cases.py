@@ -104,3 +104,22 @@ def check_grid_limit(backend: str, axis: str, dtype: torch.dtype, device: str) -
         size = max(1.0, w.abs().max().item())
         limit = 2 * (o - w).abs().max().item() + floor * size
         assert (g - w).abs().max().item() <= limit, name
+
+
+def check_on_second_device(backend: str) -> None:
+    """Inputs on ``cuda:1`` while ``cuda:0`` is current (a model moved to a second GPU): the output
+    and gradients are right and stay on ``cuda:1``. Triton launches on the current device unless
+    told otherwise, so a backend without a device guard faults or reads the wrong memory here."""
+    case = Case(2, 3, 5, 7, 16, 8)
+    exact = make_inputs(case, torch.float64, seed=11)
+    torch.cuda.set_device(0)
+    inputs = [t.to("cuda:1", torch.float32).requires_grad_() for t in exact]
+    out = attention_2d(*inputs, height=case.height, width=case.width, backend=backend)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    want_inputs = [t.requires_grad_() for t in exact]
+    want = attention_2d_reference(*want_inputs, height=case.height, width=case.width)
+    want_grads = torch.autograd.grad(want.square().sum(), want_inputs)
+    assert torch.cuda.current_device() == 0
+    for got, expected in zip((out, *grads), (want, *want_grads), strict=True):
+        assert got.device == torch.device("cuda:1")
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)

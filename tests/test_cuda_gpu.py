@@ -18,7 +18,13 @@ import torch
 import aanet_kernels as ak
 from aanet_kernels._extension import extension_loaded, has_kernel
 from aanet_kernels.reference import attention_2d_reference_lse
-from tests.attention_cases import AWKWARD_CASES, Case, check_grid_limit, make_inputs
+from tests.attention_cases import (
+    AWKWARD_CASES,
+    Case,
+    check_grid_limit,
+    check_on_second_device,
+    make_inputs,
+)
 from tests.compile_checks import check_compile_dynamic_shapes
 
 DEVICE = "cuda"
@@ -295,6 +301,10 @@ class TestCudaBackend:
     @pytest.mark.parametrize("axis", ["batch", "heads"])
     def test_batch_and_heads_up_to_the_grid_limit(self, axis, dtype):
         check_grid_limit(BACKEND, axis, dtype, DEVICE)
+
+    @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+    def test_inputs_on_a_device_that_is_not_current(self):
+        check_on_second_device(BACKEND)
 
     def test_head_dim_over_128_is_refused(self):
         case = Case(1, 1, 2, 2, 129, 4)

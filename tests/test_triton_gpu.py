@@ -14,7 +14,13 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 import aanet_kernels as ak  # noqa: E402
 from aanet_kernels.reference import attention_2d_reference_lse  # noqa: E402
-from tests.attention_cases import AWKWARD_CASES, Case, check_grid_limit, make_inputs  # noqa: E402
+from tests.attention_cases import (  # noqa: E402
+    AWKWARD_CASES,
+    Case,
+    check_grid_limit,
+    check_on_second_device,
+    make_inputs,
+)
 from tests.compile_checks import check_compile_dynamic_shapes  # noqa: E402
 from tests.triton_configs import every_config, pinned_config  # noqa: E402
 
@@ -220,3 +226,8 @@ def test_torch_compile_dynamic_shapes():
 @pytest.mark.parametrize("axis", ["batch", "heads"])
 def test_batch_and_heads_up_to_the_grid_limit(axis, dtype):
     check_grid_limit("triton", axis, dtype, DEVICE)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_inputs_on_a_device_that_is_not_current():
+    check_on_second_device("triton")

@@ -11,6 +11,7 @@ then specialised, as every constexpr argument of a traced Triton kernel is).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,13 @@ def _check_supported(q: Tensor, v: Tensor) -> None:
                 f"{name}: the triton backend takes head dims up to {MAX_HEAD_DIM}, got {size}; "
                 "use backend='cuda' or 'reference'"
             )
+
+
+def _on_device_of(q: Tensor) -> contextlib.AbstractContextManager:
+    """Make ``q``'s GPU the current device for the launches: Triton launches on the current device
+    and its current stream, not on the tensors' device as ATen ops do, so a model on ``cuda:1``
+    would otherwise fault (triton-lang/triton#2441)."""
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
 
 
 def _head_dims(q: Tensor, v: Tensor) -> tuple[int, int]:
@@ -172,12 +180,13 @@ def attention_2d_triton_fwd(
     def grid(launch: dict[str, int]) -> tuple[int, int, int]:
         return (triton.cdiv(length, launch["BLOCK_M"]), heads, batch)
 
-    _launcher(attention_2d_fwd_kernel)[grid](
-        q, k, v, rb, cb, scale_t, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *rb_strides, *cb_strides, *out.stride(),
-        heads, length, dkh, dvh, keys.rows, keys.cols,
-        DK=padded_dim(dkh), DV=padded_dim(dvh), **keys.kernel_args(row_bias, col_bias), **meta,
-    )  # fmt: skip
+    with _on_device_of(q):
+        _launcher(attention_2d_fwd_kernel)[grid](
+            q, k, v, rb, cb, scale_t, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *rb_strides, *cb_strides, *out.stride(),
+            heads, length, dkh, dvh, keys.rows, keys.cols,
+            DK=padded_dim(dkh), DV=padded_dim(dvh), **keys.kernel_args(row_bias, col_bias), **meta,
+        )  # fmt: skip
     return out, lse
 
 
@@ -220,13 +229,6 @@ def attention_2d_triton_bwd(
     if q.numel() == 0:  # an empty batch: nothing to launch
         return dq, dk, dv, *keys.tables(d_row_bias.to(q.dtype), d_col_bias)
 
-    _launcher(attention_2d_bwd_preprocess_kernel)[
-        (triton.cdiv(length, preprocess_block(dv_pad)), heads, batch)
-    ](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, length, dvh,
-        DV=dv_pad, BLOCK_M=preprocess_block(dv_pad),
-    )  # fmt: skip
-
     shared = (
         *q.stride(), *k.stride(), *v.stride(), *rb_strides, *cb_strides, *grad_out.stride(),
     )  # fmt: skip
@@ -238,15 +240,22 @@ def attention_2d_triton_bwd(
     def query_grid(launch: dict[str, int]) -> tuple[int, int, int]:
         return (triton.cdiv(length, launch["BLOCK_M"]), heads, batch)
 
-    _launcher(attention_2d_bwd_dkdv_kernel)[key_grid](
-        q, k, v, rb, cb, scale_t, grad_out, lse, delta, dk, dv,
-        *shared, heads, length, dkh, dvh, keys.cols, **tiling,
-    )  # fmt: skip
-    _launcher(attention_2d_bwd_dq_kernel)[query_grid](
-        q, k, v, rb, cb, scale_t, grad_out, lse, delta, dq,
-        d_row_bias if row_bias is not None else dq, d_col_bias if col_bias is not None else dq,
-        *shared, heads, length, dkh, dvh, keys.rows, keys.cols, **tiling,
-    )  # fmt: skip
+    with _on_device_of(q):
+        _launcher(attention_2d_bwd_preprocess_kernel)[
+            (triton.cdiv(length, preprocess_block(dv_pad)), heads, batch)
+        ](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, length, dvh,
+            DV=dv_pad, BLOCK_M=preprocess_block(dv_pad),
+        )  # fmt: skip
+        _launcher(attention_2d_bwd_dkdv_kernel)[key_grid](
+            q, k, v, rb, cb, scale_t, grad_out, lse, delta, dk, dv,
+            *shared, heads, length, dkh, dvh, keys.cols, **tiling,
+        )  # fmt: skip
+        _launcher(attention_2d_bwd_dq_kernel)[query_grid](
+            q, k, v, rb, cb, scale_t, grad_out, lse, delta, dq,
+            d_row_bias if row_bias is not None else dq, d_col_bias if col_bias is not None else dq,
+            *shared, heads, length, dkh, dvh, keys.rows, keys.cols, **tiling,
+        )  # fmt: skip
     dbias_h, dbias_w = keys.tables(d_row_bias.to(q.dtype), d_col_bias)
     return dq, dk, dv, dbias_h, dbias_w
 
