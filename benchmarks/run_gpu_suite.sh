@@ -81,7 +81,7 @@ if wants sanitize; then
   for tool in memcheck racecheck; do
     run_step "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
       "$PY" -m pytest -m gpu -q -x tests/test_cuda_gpu.py tests/test_triton_gpu.py \
-      -k "awkward and (float32 or bfloat16)"
+      -k "(awkward_shapes or forward_within or gradients_within) and (float32 or bfloat16)"
   done
 fi
 if wants ncu; then

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,31 @@ def test_gpu_suite_stops_a_step_past_its_time_limit_and_reports_it(tmp_path):
     times = (tmp_path / "out" / "times.txt").read_text().split("\n")
     assert [line.split()[0] for line in times if line] == ["build", "pytest_gpu"]
     assert int(times[1].split()[1]) < 30  # stopped at the limit, not after the step's 60 s
+
+
+def test_gpu_suite_sanitizes_both_gpu_backends(tmp_path):
+    """The sanitize step's pytest selection (read from what the script hands compute-sanitizer)
+    collects tests of the CUDA kernels and of the Triton kernels, in fp32 and bf16."""
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir()
+    sanitizer = stub_dir / "compute-sanitizer"
+    sanitizer.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "{tmp_path}/args_$2"\n')
+    sanitizer.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{stub_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "OUT": str(tmp_path / "out"), "STEPS": "sanitize"}  # fmt: skip
+    run = subprocess.run(["bash", str(root / "benchmarks" / "run_gpu_suite.sh")], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    for tool in ("memcheck", "racecheck"):
+        args = (tmp_path / f"args_{tool}").read_text().split("\0")[:-1]
+        pytest_args = args[args.index("pytest") + 1 :]
+        collected = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider",
+             *pytest_args],  # the script's own -q lists the test ids
+            cwd=root, capture_output=True, text=True, timeout=300,
+        ).stdout  # fmt: skip
+        ids = [line for line in collected.splitlines() if "::" in line]
+        for file in ("tests/test_cuda_gpu.py", "tests/test_triton_gpu.py"):
+            for dtype in ("float32", "bfloat16"):
+                assert any(i.startswith(file) and dtype in i for i in ids), (tool, file, dtype)
