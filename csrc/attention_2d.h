@@ -15,7 +15,7 @@
 
 namespace aanet_kernels {
 
-// Validates shapes, dtypes and devices; every message names the argument.
+// Validates shapes, dtypes, devices and the scale; every message names the argument.
 void check_attention_2d_inputs(
     const at::Tensor& q,
     const at::Tensor& k,
@@ -23,7 +23,17 @@ void check_attention_2d_inputs(
     const std::optional<at::Tensor>& bias_h,
     const std::optional<at::Tensor>& bias_w,
     int64_t height,
-    int64_t width);
+    int64_t width,
+    double scale);
+
+// The backward's extra inputs: grad_out and out as the forward output (shape, dtype and device),
+// lse as the forward statistics (shape (B, Nh, L), dtype lse_dtype, device of q).
+void check_attention_2d_backward_inputs(
+    const at::Tensor& grad_out,
+    const at::Tensor& q,
+    const at::Tensor& v,
+    const at::Tensor& out,
+    const at::Tensor& lse);
 
 // Returns the bias expanded (as a stride-0 view where broadcast) to (B, Nh, L, size), or an
 // undefined tensor when absent, so kernels can always index it with four strides.

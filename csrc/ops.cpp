@@ -7,6 +7,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 // An empty module: importing aanet_kernels._C runs the static registrations below.
 extern "C" {
 PyObject* PyInit__C(void) {
@@ -52,13 +54,15 @@ void check_attention_2d_inputs(
     const std::optional<at::Tensor>& bias_h,
     const std::optional<at::Tensor>& bias_w,
     int64_t height,
-    int64_t width) {
+    int64_t width,
+    double scale) {
   TORCH_CHECK(q.dim() == 4, "q: expected a 4-D tensor (B, Nh, L, dkh), got shape ", q.sizes());
   TORCH_CHECK(k.dim() == 4, "k: expected a 4-D tensor (B, Nh, L, dkh), got shape ", k.sizes());
   TORCH_CHECK(v.dim() == 4, "v: expected a 4-D tensor (B, Nh, L, dvh), got shape ", v.sizes());
+  const at::ScalarType dtype = q.scalar_type();
   TORCH_CHECK(
-      at::isFloatingType(q.scalar_type()),
-      "q: expected float16, bfloat16, float32 or float64, got ", q.scalar_type());
+      dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+      "q: expected float16, bfloat16, float32 or float64, got ", dtype);
   TORCH_CHECK(
       k.scalar_type() == q.scalar_type(), "k: expected dtype ", q.scalar_type(),
       " (the dtype of q), got ", k.scalar_type());
@@ -82,8 +86,37 @@ void check_attention_2d_inputs(
   TORCH_CHECK(
       q.size(3) >= 1 && v.size(3) >= 1, "q, v: head dims must be at least 1, got dkh=",
       q.size(3), ", dvh=", v.size(3));
+  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
   check_bias(bias_h, "bias_h", "height", q, height);
   check_bias(bias_w, "bias_w", "width", q, width);
+}
+
+void check_attention_2d_backward_inputs(
+    const at::Tensor& grad_out,
+    const at::Tensor& q,
+    const at::Tensor& v,
+    const at::Tensor& out,
+    const at::Tensor& lse) {
+  TORCH_CHECK(
+      grad_out.sizes() == v.sizes() && grad_out.scalar_type() == q.scalar_type() &&
+          grad_out.device() == q.device(),
+      "grad_out: expected shape ", v.sizes(), ", dtype ", q.scalar_type(), " and device ",
+      q.device(), " (those of the output), got ", grad_out.sizes(), ", ",
+      grad_out.scalar_type(), ", ", grad_out.device());
+  TORCH_CHECK(
+      out.sizes() == v.sizes() && out.scalar_type() == q.scalar_type() &&
+          out.device() == q.device(),
+      "out: expected the forward output, shape ", v.sizes(), ", dtype ", q.scalar_type(),
+      ", device ", q.device(), ", got ", out.sizes(), ", ", out.scalar_type(), ", ",
+      out.device());
+  const at::ScalarType stats_dtype = lse_dtype(q.scalar_type());
+  TORCH_CHECK(
+      lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+          lse.size(2) == q.size(2) && lse.scalar_type() == stats_dtype &&
+          lse.device() == q.device(),
+      "lse: expected the forward log-sum-exp, shape (", q.size(0), ", ", q.size(1), ", ",
+      q.size(2), "), dtype ", stats_dtype, ", device ", q.device(), ", got ", lse.sizes(),
+      ", ", lse.scalar_type(), ", ", lse.device());
 }
 
 at::Tensor expand_bias(const std::optional<at::Tensor>& bias, const at::Tensor& q, int64_t size) {

@@ -76,6 +76,58 @@ def test_cpp_op_checks_length():
         torch.ops.aanet_kernels.attention_2d_fwd(*_inputs().values(), 4, 4, 1.0)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_cpp_op_checks_scale(scale: float):
+    args = list(_inputs().values())
+    with pytest.raises(RuntimeError, match="scale: expected a finite number"):
+        torch.ops.aanet_kernels.attention_2d_fwd(*args, 3, 4, scale)
+    out, lse = torch.ops.aanet_kernels.attention_2d_fwd(*args, 3, 4, 1.0)
+    with pytest.raises(RuntimeError, match="scale: expected a finite number"):
+        torch.ops.aanet_kernels.attention_2d_bwd(out, *args, out, lse, 3, 4, scale)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+def test_cpp_op_refuses_float8():
+    """A floating dtype that is not one of the four (isFloatingType would let float8 through)."""
+    args = _inputs(bias_h=None, bias_w=None)
+    f8 = [t.to(torch.float8_e4m3fn) if t is not None else None for t in args.values()]
+    for python in (True, False):
+        with pytest.raises((RuntimeError, TypeError), match="q: expected .*float16, .*bfloat16"):
+            if python:
+                ak.attention_2d(*f8, height=3, width=4, backend="cpu")
+            else:
+                torch.ops.aanet_kernels.attention_2d_fwd(*f8, 3, 4, 1.0)
+
+
+def _backward_args(**overrides):
+    """attention_2d_bwd's inputs from a real forward, with ``overrides`` replacing some."""
+    inputs = _inputs()
+    out, lse = torch.ops.aanet_kernels.attention_2d_fwd(*inputs.values(), 3, 4, 1.0)
+    args = dict(grad_out=torch.randn_like(out), **inputs, out=out, lse=lse)
+    args.update(overrides)
+    return list(args.values())
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(grad_out=torch.randn(2, 2, 12, 4)), "grad_out: expected shape"),
+        (dict(grad_out=torch.randn(2, 2, 12, 3, dtype=torch.float64)), "grad_out: expected"),
+        (dict(out=torch.randn(2, 2, 11, 3)), "out: expected the forward output"),
+        (dict(out=torch.randn(2, 2, 12, 3).half()), "out: expected the forward output"),
+        (dict(lse=torch.randn(2, 2, 12, 1)), "lse: expected the forward log-sum-exp"),
+        (dict(lse=torch.randn(2, 2, 12).half()), "lse: expected the forward log-sum-exp"),
+    ],
+)
+def test_cpp_backward_checks_its_extra_inputs(overrides: dict, message: str):
+    """What the backward takes besides the forward's inputs: the same checks on every device
+    (until 2026-12-01 the CPU kernel checked shapes only, and cast an fp16 lse silently)."""
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.aanet_kernels.attention_2d_bwd(*_backward_args(**overrides), 3, 4, 1.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_numpy_scalars_are_taken_as_the_numbers_they_hold(backend: str):
     inputs = _inputs()

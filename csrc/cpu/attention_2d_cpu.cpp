@@ -347,10 +347,6 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const
   });
 }
 
-at::ScalarType compute_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Contiguous copy in the compute dtype (no copy when it already is one).
 at::Tensor prepare(const at::Tensor& t, at::ScalarType dtype) {
   return t.to(dtype).contiguous();
@@ -410,9 +406,9 @@ std::tuple<at::Tensor, at::Tensor> attention_2d_fwd_cpu(
     int64_t height,
     int64_t width,
     double scale) {
-  check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width);
+  check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale);
   check_cpu(q);
-  const auto dtype = compute_dtype(q);
+  const auto dtype = lse_dtype(q.scalar_type());
   const at::Tensor q_c = prepare(q, dtype), k_c = prepare(k, dtype), v_c = prepare(v, dtype);
   const at::Tensor bh = prepare_bias(bias_h, q, height, dtype);
   const at::Tensor bw = prepare_bias(bias_w, q, width, dtype);
@@ -438,14 +434,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     int64_t height,
     int64_t width,
     double scale) {
-  check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width);
+  check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale);
   check_cpu(q);
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == v.sizes(),
-              "grad_out, out: expected shape ", v.sizes(), " (the shape of v), got ",
-              grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(lse.dim() == 3 && lse.sizes() == q.sizes().slice(0, 3),
-              "lse: expected shape (B, Nh, L) = ", q.sizes().slice(0, 3), ", got ", lse.sizes());
-  const auto dtype = compute_dtype(q);
+  check_attention_2d_backward_inputs(grad_out, q, v, out, lse);
+  const auto dtype = lse_dtype(q.scalar_type());
   const at::Tensor q_c = prepare(q, dtype), k_c = prepare(k, dtype), v_c = prepare(v, dtype);
   const at::Tensor do_c = prepare(grad_out, dtype), out_c = prepare(out, dtype);
   const at::Tensor lse_c = prepare(lse, dtype);

@@ -57,7 +57,7 @@ void check_cuda_inputs(const at::Tensor& q) {
       "most 65535, got B=", q.size(0), ", Nh=", q.size(1));
   TORCH_CHECK(
       q.size(2) <= std::numeric_limits<int>::max() / 2, "q: L = ", q.size(2),
-      " is too large for the cuda backend");
+      " is too large for the cuda backend (at most ", std::numeric_limits<int>::max() / 2, ")");
 }
 
 cuda::Tensor4 view4(const at::Tensor& t) {
@@ -135,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> attention_2d_fwd_cuda(
     int64_t height,
     int64_t width,
     double scale) {
-  check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width);
+  check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale);
   check_cuda_inputs(q);
   const int head_dim = padded_head_dim(q.size(3), v.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
@@ -167,28 +167,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     int64_t height,
     int64_t width,
     double scale) {
-  check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width);
+  check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale);
   check_cuda_inputs(q);
-  TORCH_CHECK(
-      grad_out.sizes() == v.sizes() && grad_out.scalar_type() == q.scalar_type() &&
-          grad_out.device() == q.device(),
-      "grad_out: expected shape ", v.sizes(), ", dtype ", q.scalar_type(), " and device ",
-      q.device(), " (those of the output), got ", grad_out.sizes(), ", ",
-      grad_out.scalar_type(), ", ", grad_out.device());
-  TORCH_CHECK(
-      out.sizes() == v.sizes() && out.scalar_type() == q.scalar_type() &&
-          out.device() == q.device(),
-      "out: expected the forward output, shape ", v.sizes(), ", dtype ", q.scalar_type(),
-      ", device ", q.device(), ", got ", out.sizes(), ", ", out.scalar_type(), ", ",
-      out.device());
+  check_attention_2d_backward_inputs(grad_out, q, v, out, lse);
   const at::ScalarType stats_dtype = lse_dtype(q.scalar_type());
-  TORCH_CHECK(
-      lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
-          lse.size(2) == q.size(2) && lse.scalar_type() == stats_dtype &&
-          lse.device() == q.device(),
-      "lse: expected the forward log-sum-exp, shape (", q.size(0), ", ", q.size(1), ", ",
-      q.size(2), "), dtype ", stats_dtype, ", device ", q.device(), ", got ", lse.sizes(),
-      ", ", lse.scalar_type(), ", ", lse.device());
   const int head_dim = padded_head_dim(q.size(3), v.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
 
