@@ -131,6 +131,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aanet", description=__doc__)
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, the full traceback, not one line"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="write the synthetic WFLW-layout face set")
@@ -174,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--backend", default="reference", help="attention backend recorded in the file")
     ex.set_defaults(func=_cmd_export)
 
-    run = sub.add_parser("run", help="generate, train, evaluate, predict: the `make run` job")
+    run = sub.add_parser(
+        "run", help="generate, train, evaluate, predict, export: the `make run` job"
+    )
     _add_config_flags(run)
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=_cmd_run)
@@ -188,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
-        print(f"aanet {args.command}: error: {error}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"aanet {args.command}: error: {error} (aanet --debug: traceback)", file=sys.stderr)
         return 2
     return 0

@@ -25,8 +25,9 @@ def demo_photo(path: Path, seed: int = 12345, size: int = 320) -> np.ndarray:
     return np.concatenate([points.min(axis=0), points.max(axis=0)])
 
 
-def run_demo(config: Config, progress: bool = True) -> dict:
-    """Generate the synthetic set, train, evaluate (table + JSON), predict on a photo, export."""
+def run_demo(config: Config, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Generate the synthetic set, train, evaluate (table + JSON), predict on a photo, export;
+    returns the evaluation report (``aanet.evaluate.subset_report``)."""
     import cv2
 
     from aanet.export import export

@@ -35,7 +35,7 @@ def predict_errors(
     points, confidences, flags = [], [], []
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
             coords, confidence, _ = model(images)
         points.append(point_errors(coords.float().cpu(), batch["landmarks"]))
         confidences.append(confidence.float().cpu())
@@ -47,7 +47,9 @@ def predict_errors(
     )
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype:
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype of ``--amp`` runs, training and evaluation alike: fp16 on CUDA, bf16
+    on the CPU."""
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 

@@ -30,7 +30,9 @@ class ModelConfig:
     num_points: int = 98
     input_size: int = 128
     width: int = 64  # channels at stride 4; doubled at each lower resolution
-    blocks: tuple[int, int, int] = (1, 1, 2)  # bottlenecks at stride 4, 8, 16
+    # One stage per entry, at strides 4, 8, 16, ...: an entry bottleneck (the downsampling one),
+    # then this many more (attention-augmented from stride 8 on).
+    blocks: tuple[int, ...] = (1, 1, 2)
     attention: bool = True
     num_heads: int = 4
 

@@ -22,7 +22,7 @@ from aanet.config import Config, check_device_name
 from aanet.datasets import sources
 from aanet.datasets.augment import AugmentConfig
 from aanet.datasets.dataset import LandmarkDataset
-from aanet.evaluate import predict_errors, subset_report
+from aanet.evaluate import amp_dtype, predict_errors, subset_report
 from aanet.losses import build_training_loss
 from aanet.metrics import summarize
 from aanet.model import HEATMAP_STRIDE, build_model
@@ -228,7 +228,6 @@ def train(
     # model, other batch sizes and no_grad would each be another graph for little time.
     train_net = net if config.compile == "none" else torch.compile(net, backend=config.compile)
     loss_fn = build_training_loss(config.loss, config.heatmap_reg)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
     with use_backend(config.backend):
         last = config.epochs if stop_after is None else min(config.epochs, start + stop_after)
@@ -244,7 +243,7 @@ def train(
             for step, batch in enumerate(bar, start=1):
                 images = batch["image"].to(device, non_blocking=True)
                 target = batch["landmarks"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
+                with torch.autocast(device.type, dtype=amp_dtype(device), enabled=config.amp):
                     coords, _, logits = train_net(images)
                 loss = loss_fn(coords.float(), logits, target, HEATMAP_STRIDE)
                 optimizer.zero_grad(set_to_none=True)

@@ -74,7 +74,8 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [n for n in BACKENDS if any(_why_unavailable(n, d) is None for d in devices)]
 
 
-# Order in which ``auto`` tries backends per device type; see benchmarks/results for why.
+# Order in which ``auto`` tries backends per device type; on CUDA a guess until a GPU benchmark
+# ranks triton and cuda (README, "GPU").
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 # Largest head dim (max of dkh, dvh) each GPU kernel compiles for; ``auto`` skips past it.
 _MAX_HEAD_DIM = {"triton": 256, "cuda": 128}

@@ -2,8 +2,9 @@
 
 The compiled ops ``torch.ops.aanet_kernels.attention_2d_fwd`` / ``attention_2d_bwd`` are declared in
 ``csrc/ops.cpp``. This module registers, on top of them, the fake (meta) implementations that
-``torch.compile`` and ``torch.export`` trace with, and autograd (``_autograd``). The fakes and the
-autograd serve the Triton ops too, which are declared in Python (``aanet_kernels/_triton``).
+``torch.compile`` and ``torch.export`` trace with, and autograd (``_autograd``). The autograd serves
+the Triton ops too (``aanet_kernels/_triton``), whose fakes ``triton_op`` derives from their Python
+bodies; a test holds those to the shapes and dtypes of the fakes here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 // Declarations shared by the op registration (ops.cpp) and the device kernels (cpu/, cuda/).
 //
-// Contract (see README and DESIGN.md): for queries i and keys j = y * width + x,
+// Contract (README, "The op"): for queries i and keys j = y * width + x,
 //   S[i, j] = scale * q_i . k_j + bias_h[i, y] + bias_w[i, x],   out = softmax_j(S) @ v,
 //   lse[i] = logsumexp_j S[i, j]  (fp32, or fp64 for fp64 inputs; -inf for a fully masked row,
 //   whose output and gradients are zero).

@@ -26,6 +26,14 @@ class DataError(ValueError):
         self.where = where
 
 
+def decode_line(raw: bytes, where: str) -> str:
+    """One annotation line as text; bytes that are not UTF-8 are a ``DataError`` at ``where``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(where, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
 @dataclass
 class Record:
     """One annotated face.

@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aanet.datasets import synthetic, w300, wflw
 from aanet.datasets.records import Record
+
+if TYPE_CHECKING:  # aanet.config imports this module: a run-time import would be a cycle
+    from aanet.config import Config
 
 DATASETS = ("synthetic", "wflw", "300w")
 log = logging.getLogger("aanet.data")
 
 
-def prepare(config) -> None:  # noqa: ANN001 - aanet.config.Config (import cycle otherwise)
+def prepare(config: Config) -> None:
     """Generate the synthetic set if the config asks for it and it is not on disk yet."""
     if config.data == "synthetic":
         began = time.perf_counter()
@@ -25,7 +29,7 @@ def prepare(config) -> None:  # noqa: ANN001 - aanet.config.Config (import cycle
         log.info("synthetic set ready (%.1f s)", time.perf_counter() - began)
 
 
-def load_split(config, split: str) -> list[Record]:  # noqa: ANN001
+def load_split(config: Config, split: str) -> list[Record]:
     """The ``train`` or ``test`` records of the configured data set."""
     if config.data in ("synthetic", "wflw"):
         return wflw.load_wflw(config.data_root, split, on_error=config.on_error)

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from aanet.datasets.records import BadDataLog, DataError, Record, validate_record
+from aanet.datasets.records import (
+    BadDataLog,
+    DataError,
+    Record,
+    decode_line,
+    validate_record,
+)
 
 NUM_POINTS = 68
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -14,12 +20,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 def parse_pts(path: Path) -> np.ndarray:
     """The ``(n_points, 2)`` array of a ``.pts`` file (``version``, ``n_points``, ``{ ... }``)."""
-    lines = []
-    for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
-        try:
-            lines.append(raw.decode("utf-8").strip())
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}:{number}", f"not UTF-8 text ({exc.reason})") from exc
+    raw_lines = Path(path).read_bytes().splitlines()
+    lines = [decode_line(raw, f"{path}:{n}").strip() for n, raw in enumerate(raw_lines, start=1)]
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln]
     header = {}
     body_start = None

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from aanet.datasets.records import BadDataLog, DataError, Record, validate_record
+from aanet.datasets.records import (
+    BadDataLog,
+    DataError,
+    Record,
+    decode_line,
+    validate_record,
+)
 
 NUM_POINTS = 98
 TOKENS_PER_LINE = 2 * NUM_POINTS + 4 + 6 + 1
@@ -52,13 +58,6 @@ def parse_line(line: str, where: str, image_root: Path) -> Record:
     )
 
 
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(where, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-
-
 def load_wflw(root: Path | str, split: str, on_error: str = "skip") -> list[Record]:
     """Read and validate the WFLW ``split``; bad lines are skipped with a count or raise."""
     root = Path(root)
@@ -73,7 +72,7 @@ def load_wflw(root: Path | str, split: str, on_error: str = "skip") -> list[Reco
                 continue
             where = f"{path}:{number}"
             try:
-                record = parse_line(_decode(raw, where), where, root / IMAGE_DIR)
+                record = parse_line(decode_line(raw, where), where, root / IMAGE_DIR)
                 validate_record(record)
             except DataError as error:
                 bad.report(error)

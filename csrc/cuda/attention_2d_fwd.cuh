@@ -3,8 +3,9 @@
 //
 // - fp16/bf16: attention_2d_fwd_mma_kernel, register-resident (FlashAttention-2's structure):
 //   each warp owns 16 query rows; logits, probabilities and the output accumulator stay in mma
-//   fragments (warp_mma.cuh), only K and V^T tiles pass through shared memory. Key tiles follow
-//   KeyWalk, so bias coordinates come from shifts and the inner bias table sits in registers.
+//   fragments (warp_mma.cuh); Q, K and V tiles pass through shared memory, each stored once,
+//   row-major (P V reads V through ldmatrix.trans). Key tiles follow KeyWalk, so bias
+//   coordinates come from shifts and the inner bias table sits in registers.
 // - fp32/fp64: attention_2d_fwd_kernel, every tile in shared memory and FMA loops (no TF32).
 #pragma once
 
@@ -152,7 +153,8 @@ struct FwdMmaTiles {
   static constexpr int kDTiles = D / 8;            // n-tiles of the output per warp
   // Blocks per SM the register budget must allow. Left free, ptxas (sm_90) takes 168, 192, 210
   // and 206 registers at head dims 16, 32, 64 and 128 (3, 2, 2, 2 blocks of 128 threads); asked
-  // for 4 blocks at 16 and 3 above, it fits 128 and 168 without a spill.
+  // for 4 blocks at 16 and 3 above, it fits 128 and 168 without a spill on sm_90 (sm_80 keeps an
+  // 8-byte stack frame at head dims 64 and 128: benchmarks/results/kernel_resources_sm80_sm90.md).
   static constexpr int kMinBlocks = D <= 16 ? 4 : 3;
   static constexpr int kLd = D + 8;                // s_q, s_k, s_v: [row][head dim]
   static constexpr size_t kQ = 0;

@@ -61,6 +61,11 @@ def test_cli_refuses_a_bad_flag_before_any_work(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cli_debug_flag_lets_the_error_through_with_its_traceback(tmp_path):
+    with pytest.raises(ValueError, match="batch_size: expected at least 1"):
+        main(["--debug", "train", "--batch-size", "0", "--out", str(tmp_path), "--no-progress"])
+
+
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
