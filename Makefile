@@ -8,7 +8,6 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda /usr/local/cuda-13.0 /opt/cu
 export CUDA_HOME
 MAX_JOBS ?= 2
 export MAX_JOBS
-TEST_PROCS ?= auto
 
 .PHONY: run test build install bench fuzz sanitize lint format clean
 
@@ -37,7 +36,8 @@ run: build
 
 # `make bench`: the CPU benchmarks in about 8 minutes on 2 cores (dense baselines only up to
 # L = 1024, AAConv2d at 28x28 and 14x14, fewer repeats), into benchmarks/results/quick/.
-# `make bench FULL=1`: the full CPU tables published in benchmarks/results/ (about 40 minutes).
+# `make bench FULL=1`: the full CPU attention and AAConv2d tables published in benchmarks/results/
+# (about 40 minutes); the training and per-sample-gradient tables have their own scripts (README).
 ifdef FULL
 BENCH_OUT := benchmarks/results
 BENCH_ATTENTION_FLAGS :=

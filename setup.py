@@ -88,5 +88,7 @@ setup(
     packages=find_packages(include=["aanet_kernels*", "aanet*"]),
     ext_modules=[] if _flag("AANET_KERNELS_NO_EXTENSION") else [_extension()],
     cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    # The stable ABI of the oldest Python supported: torch compiles a py_limited_api extension
+    # with Py_LIMITED_API=0x030A0000 (3.10), as pyproject's requires-python says.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

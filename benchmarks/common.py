@@ -346,12 +346,6 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV written by ``write_csv``."""
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def markdown_table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> str:
     """A GitHub markdown table; ``None`` cells print as an en dash."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

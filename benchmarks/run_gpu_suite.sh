@@ -59,10 +59,10 @@ wants tests && run_step pytest_gpu "$PY" -m pytest -m gpu -rs -q
 # shellcheck disable=SC2086  # ATTENTION_ARGS is a list of words
 wants attention && run_step bench_attention "$PY" benchmarks/bench_attention.py --device cuda \
   --out-dir "$OUT_DIR" ${ATTENTION_ARGS:-}
-if wants aaconv && [[ -f benchmarks/bench_aaconv.py ]]; then
+if wants aaconv; then
   run_step bench_aaconv "$PY" benchmarks/bench_aaconv.py --device cuda --out-dir "$OUT_DIR"
 fi
-if wants train && [[ -f benchmarks/bench_train.py ]]; then
+if wants train; then
   run_step bench_train "$PY" benchmarks/bench_train.py --device cuda --out-dir "$OUT_DIR"
   run_step bench_per_sample_grads "$PY" benchmarks/bench_per_sample_grads.py --device cuda \
     --out-dir "$OUT_DIR"

@@ -74,11 +74,6 @@ def make_inputs(
     return q, k, v, bias_h, bias_w
 
 
-def poison_(t: Tensor) -> Tensor:
-    """Fill with NaN (in place) so a kernel that leaves part of its output unwritten is caught."""
-    return t.fill_(float("nan"))
-
-
 def check_grid_limit(backend: str, axis: str, dtype: torch.dtype, device: str) -> None:
     """GPU kernels put heads and batch on grid axes 1 and 2 (at most 65535 each): 65535 slices
     along ``axis`` run forward and backward, each program on its own (batch, head). Rule: error
