@@ -13,12 +13,10 @@ import torch
 from torch import Tensor
 
 from aanet_kernels import reference
-from aanet_kernels._autograd import attention_2d_autograd
+from aanet_kernels._autograd import Bias, attention_2d_autograd
 from aanet_kernels._checks import check_attention_2d_inputs
 from aanet_kernels._extension import extension_loaded
 from aanet_kernels.backends import resolve_backend
-
-Bias = Tensor | None
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -19,7 +19,7 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from aanet_kernels._autograd import attention_2d_autograd
+from aanet_kernels._autograd import Bias, attention_2d_autograd
 from aanet_kernels._triton.autotune import (
     MAX_HEAD_DIM,
     key_block,
@@ -36,7 +36,6 @@ from aanet_kernels._triton.forward import attention_2d_fwd_kernel
 from aanet_kernels.backends import triton_interpreted
 from aanet_kernels.ops import lse_dtype
 
-Bias = Tensor | None
 FWD_NAME = "aanet_kernels::attention_2d_triton_fwd"
 BWD_NAME = "aanet_kernels::attention_2d_triton_bwd"
 
