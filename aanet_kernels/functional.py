@@ -90,6 +90,18 @@ def merge_heads(out: Tensor, height: int, width: int, channels_last: bool) -> Te
     return out.transpose(-1, -2).reshape(batch, heads * dvh, height, width)
 
 
+def _channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is ``channels_last`` and not also contiguous (C == 1 or H == W == 1 counts as
+    NCHW), read from the strides: under ``vmap`` ``is_contiguous`` takes no other memory format."""
+    expected = 1
+    for dim in (1, 3, 2, 0):  # the order of channels_last strides, innermost first
+        if x.shape[dim] != 1:
+            if x.stride(dim) != expected:
+                return False
+            expected *= x.shape[dim]
+    return not x.is_contiguous()
+
+
 def _check_weight(name: str, w: Tensor | None, rows: int | None, cols: int | None) -> None:
     if w is None:
         return
@@ -210,7 +222,5 @@ def aa_conv2d(
     out = attention_2d(
         q, k, v, bias_h, bias_w, height=height, width=width, scale=scale, backend=backend
     )
-    # Follow the input's layout; a tensor that is both (C == 1 or H == W == 1) counts as NCHW.
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    attn_out = F.conv2d(merge_heads(out, height, width, channels_last), out_weight, out_bias)
+    attn_out = F.conv2d(merge_heads(out, height, width, _channels_last(x)), out_weight, out_bias)
     return torch.cat([conv_out, attn_out], dim=1)

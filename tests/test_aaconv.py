@@ -248,6 +248,33 @@ def test_channels_last(backend: str) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vmap_over_inputs_and_over_an_ensemble(backend: str) -> None:
+    # vmap refuses is_contiguous(memory_format=channels_last), which the layer used to pick the
+    # output layout; a channels_last batch of inputs goes through it too.
+    models = [
+        randomize_(AAConv2d(4, 10, 3, dk=4, dv=2, num_heads=2, input_size=5, backend=backend), s)
+        for s in range(3)
+    ]
+    xs = torch.randn(3, 2, 4, 5, 5)
+    channels_last = xs.movedim(2, -1).contiguous().movedim(-1, 2)
+    for batch in (xs, channels_last):
+        expected = torch.stack([models[0](x) for x in batch])
+        torch.testing.assert_close(torch.func.vmap(models[0])(batch), expected)
+    params, buffers = torch.func.stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+
+    def ensemble(p: dict, b: dict, x: Tensor) -> Tensor:
+        return torch.func.functional_call(skeleton, (p, b), (x,))
+
+    per_model = torch.func.vmap(ensemble)(params, buffers, xs)
+    torch.testing.assert_close(
+        per_model, torch.stack([m(x) for m, x in zip(models, xs, strict=True)])
+    )
+    shared = torch.func.vmap(ensemble, in_dims=(0, 0, None))(params, buffers, xs[0])
+    torch.testing.assert_close(shared, torch.stack([m(xs[0]) for m in models]))
+
+
 def check_autocast(backend: str, device: str, dtype: torch.dtype) -> None:
     """Under autocast the layer runs in ``dtype`` (channels_last input), its gradients are finite,
     and its error against fp64 is at most twice the reference path's own (DESIGN.md's rule)."""
