@@ -320,6 +320,9 @@ def augment_model(
             or a predicate ``where(name, conv) -> bool``.
         kwargs: passed to ``AAConv2d.from_conv2d`` (``dk``, ``dv``, ``num_heads``, ...).
 
+    Every chosen convolution is converted before any is swapped in: if one is refused (the error
+    names it), the model is left as it was.
+
     Returns:
         ``model``, for chaining.
     """
@@ -341,9 +344,20 @@ def augment_model(
                 raise ValueError(
                     f"where: {name!r} is not an nn.Conv2d of the model; candidates: {list(convs)}"
                 )
+    if "" in targets:
+        raise ValueError("where: the model itself is an nn.Conv2d; use AAConv2d.from_conv2d")
+    # Build every replacement before swapping any in, so that a refused conv leaves the model as
+    # it was.
+    replacements: dict[int, AAConv2d] = {}
     for name in targets:
-        if name == "":
-            raise ValueError("where: the model itself is an nn.Conv2d; use AAConv2d.from_conv2d")
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, AAConv2d.from_conv2d(convs[name], **kwargs))
+        conv = convs[name]
+        if id(conv) not in replacements:
+            try:
+                replacements[id(conv)] = AAConv2d.from_conv2d(conv, **kwargs)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"where: {name!r} cannot be replaced: {error}") from error
+    for name, conv in convs.items():
+        if id(conv) in replacements:
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), leaf, replacements[id(conv)])
     return model

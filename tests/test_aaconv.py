@@ -467,6 +467,24 @@ def test_augment_model() -> None:
         augment_model(model, where=["2.0.conv"])
 
 
+@pytest.mark.parametrize(
+    "refused,match",
+    [
+        (nn.Conv2d(16, 16, 3, padding=1, groups=4), r"where: '1' cannot be replaced: .*groups=1"),
+        (nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"), r"padding_mode='zeros'"),
+        (nn.Conv2d(16, 4, 3, padding=1), r"'1' cannot be replaced: dv: expected fewer than"),
+    ],
+    ids=["groups", "padding_mode", "too_few_channels"],
+)
+def test_augment_model_refusing_a_conv_changes_nothing(refused: nn.Conv2d, match: str) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), refused)
+    before = list(model)
+    for where in (["0", "1"], lambda name, conv: True):
+        with pytest.raises(ValueError, match=match):
+            augment_model(model, where=where, dk=8, dv=4, num_heads=2)
+        assert list(model) == before  # the same modules, the first one not replaced either
+
+
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none"
 )
