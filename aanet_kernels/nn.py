@@ -282,10 +282,17 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         The first ``out_channels - dv`` filters (and biases) of ``conv`` become the k x k part, so
         those output channels keep their position and meaning for the layers downstream; the
         last ``dv`` channels, whose filters are dropped, now come from attention (freshly
-        initialised). Grouped convolutions and non-zero padding modes are not supported.
+        initialised). A frozen weight or bias (``requires_grad=False``) stays frozen; the new
+        attention parameters (``qkv_conv``, ``attn_out``, the relative tables) are trainable.
+        Grouped convolutions and non-zero padding modes are not supported.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+        if is_lazy(conv.weight):
+            raise ValueError(
+                f"conv: an uninitialised {type(conv).__name__} (its in_channels are not known "
+                f"yet); run a forward pass through it first"
+            )
         if conv.groups != 1:
             raise ValueError(
                 f"conv: expected groups=1 (grouped filters cannot be split), "
@@ -300,10 +307,12 @@ class AAConv2d(LazyModuleMixin, nn.Module):
             device=conv.weight.device, dtype=conv.weight.dtype,
         )  # fmt: skip
         keep = conv.out_channels - layer.dv
-        with torch.no_grad():
-            layer.conv.weight.copy_(conv.weight[:keep])
-            if conv.bias is not None:
-                layer.conv.bias.copy_(conv.bias[:keep])
+        for name in ("weight", "bias"):
+            kept, source = getattr(layer.conv, name), getattr(conv, name)
+            if source is not None:
+                with torch.no_grad():
+                    kept.copy_(source[:keep])
+                kept.requires_grad_(source.requires_grad)
         return layer.train(conv.training)
 
 
@@ -316,8 +325,10 @@ def augment_model(
 
     Args:
         model: any module; convolutions already inside an ``AAConv2d`` are never touched.
-        where: qualified names (as in ``model.named_modules()``) of the convolutions to replace,
-            or a predicate ``where(name, conv) -> bool``.
+        where: qualified names (as in ``model.named_modules(remove_duplicate=False)``) of the
+            convolutions to replace, or a predicate ``where(name, conv) -> bool``. A convolution
+            registered under several names is chosen by any of them and replaced by one shared
+            ``AAConv2d`` at all of them.
         kwargs: passed to ``AAConv2d.from_conv2d`` (``dk``, ``dv``, ``num_heads``, ...).
 
     Every chosen convolution is converted before any is swapped in: if one is refused (the error
@@ -328,7 +339,7 @@ def augment_model(
     """
     convs: dict[str, nn.Conv2d] = {}
     inside: list[str] = []  # prefixes of AAConv2d layers, whose own convs are not candidates
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         if any(name.startswith(prefix) for prefix in inside):
             continue
         if isinstance(module, AAConv2d):

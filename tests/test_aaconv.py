@@ -485,6 +485,36 @@ def test_augment_model_refusing_a_conv_changes_nothing(refused: nn.Conv2d, match
         assert list(model) == before  # the same modules, the first one not replaced either
 
 
+def test_from_conv2d_keeps_frozen_filters_frozen() -> None:
+    conv = nn.Conv2d(6, 16, 3, padding=1)
+    conv.weight.requires_grad_(False)
+    aa = AAConv2d.from_conv2d(conv, dk=8, dv=4, num_heads=2, input_size=4)
+    assert not aa.conv.weight.requires_grad and aa.conv.bias.requires_grad
+    conv.bias.requires_grad_(False)
+    model = augment_model(nn.Sequential(conv), where=["0"], dk=8, dv=4, num_heads=2)
+    assert not model[0].conv.weight.requires_grad and not model[0].conv.bias.requires_grad
+    new = [model[0].qkv_conv.weight, model[0].qkv_conv.bias, model[0].attn_out.weight]
+    assert all(p.requires_grad for p in new + [model[0].rel_h, model[0].rel_w])
+
+
+def test_augment_model_replaces_a_shared_conv_by_one_shared_layer() -> None:
+    shared = nn.Conv2d(16, 16, 3, padding=1)
+    for where in (["2"], lambda name, conv: name == "0"):
+        model = nn.Sequential(shared, nn.ReLU(), shared)
+        augment_model(model, where=where, dk=8, dv=4, num_heads=2)
+        assert isinstance(model[0], AAConv2d) and model[0] is model[2]
+
+
+def test_from_conv2d_refuses_an_uninitialised_lazy_conv() -> None:
+    lazy = nn.LazyConv2d(16, 3, padding=1)
+    with pytest.raises(ValueError, match=r"conv: an uninitialised LazyConv2d .* forward pass"):
+        AAConv2d.from_conv2d(lazy, dk=8, dv=4, num_heads=2)
+    with pytest.raises(ValueError, match=r"where: '0' cannot be replaced: conv: an uninitialised"):
+        augment_model(nn.Sequential(lazy), where=["0"], dk=8, dv=4, num_heads=2)
+    lazy(torch.randn(1, 3, 4, 4))
+    assert AAConv2d.from_conv2d(lazy, dk=8, dv=4, num_heads=2).in_channels == 3
+
+
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none"
 )
