@@ -3,6 +3,7 @@ existing (pretrained) CNNs with it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -43,8 +44,11 @@ def resolve_channels(name: str, value: int | float, out_channels: int, num_heads
             f"{name}: expected an int (channels) or a float (fraction of out_channels), "
             f"got {type(value).__name__}"
         )
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive channel count or fraction, got {value!r}")
+    if not 0 < value < math.inf:  # NaN fails too
+        raise ValueError(
+            f"{name}: expected a positive channel count or a finite positive fraction, "
+            f"got {value!r}"
+        )
     if isinstance(value, float):
         count = round(value * out_channels / num_heads) * num_heads
         if count == 0:
@@ -170,7 +174,7 @@ class AAConv2d(LazyModuleMixin, nn.Module):
             self.rel_h = UninitializedParameter(**factory)
             self.rel_w = UninitializedParameter(**factory)
         else:
-            grid = self._attention_grid(_pair("input_size", input_size, 1))
+            grid = self._attention_grid("input_size", _pair("input_size", input_size, 1))
             self.rel_h = nn.Parameter(torch.empty(2 * grid[0] - 1, self.dkh, **factory))
             self.rel_w = nn.Parameter(torch.empty(2 * grid[1] - 1, self.dkh, **factory))
             self.reset_parameters()
@@ -186,9 +190,16 @@ class AAConv2d(LazyModuleMixin, nn.Module):
             return None
         return (self.rel_h.shape[0] + 1) // 2, (self.rel_w.shape[0] + 1) // 2
 
-    def _attention_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+    def _attention_grid(self, name: str, size: tuple[int, int]) -> tuple[int, int]:
+        """The convolution's output grid for an ``(H, W)`` input; ``name`` is blamed if empty."""
         c = self.conv
-        return conv_output_size(size, c.kernel_size, c.stride, c.padding, c.dilation)
+        grid = conv_output_size(size, c.kernel_size, c.stride, c.padding, c.dilation)
+        if min(grid) < 1:
+            raise ValueError(
+                f"{name}: a {size} map gives an empty {grid} output with this layer's kernel "
+                f"{c.kernel_size}, padding {c.padding} and dilation {c.dilation}"
+            )
+        return grid
 
     def reset_parameters(self) -> None:
         """Draw the relative tables anew from N(0, dkh ** -0.5), the initialisation of Bello et
@@ -218,13 +229,7 @@ class AAConv2d(LazyModuleMixin, nn.Module):
             if not isinstance(x, Tensor) or x.dim() != 4:
                 got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {got}")
-            grid = self._attention_grid(tuple(x.shape[-2:]))
-            if min(grid) < 1:
-                raise ValueError(
-                    f"x: a {tuple(x.shape[-2:])} map gives an empty {grid} output with this "
-                    f"layer's kernel {self.conv.kernel_size}, padding {self.conv.padding} and "
-                    f"dilation {self.conv.dilation}"
-                )
+            grid = self._attention_grid("x", tuple(x.shape[-2:]))
             with torch.no_grad():
                 self.rel_h.materialize((2 * grid[0] - 1, self.dkh))
                 self.rel_w.materialize((2 * grid[1] - 1, self.dkh))

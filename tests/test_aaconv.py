@@ -389,6 +389,14 @@ def test_fraction_channels() -> None:
         (dict(backend="fast"), ValueError, r"backend: expected one of"),
         (dict(relative=1), TypeError, r"relative: expected a bool"),
         (dict(input_size=(0, 4)), ValueError, r"input_size: expected an int >= 1"),
+        (
+            dict(kernel_size=5, padding=0, input_size=(3, 6)),
+            ValueError,
+            r"input_size: a \(3, 6\) map gives an empty \(-1, 2\) output",
+        ),
+        (dict(dk=float("nan")), ValueError, r"dk: expected a positive channel count or a finite"),
+        (dict(dv=float("inf")), ValueError, r"dv: expected a positive channel count or a finite"),
+        (dict(dv=-math.inf), ValueError, r"dv: expected a positive channel count"),
         (dict(in_channels=0), ValueError, r"in_channels: expected a positive int"),
     ],
 )
