@@ -6,6 +6,7 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -419,7 +420,7 @@ def test_bad_call_arguments() -> None:
         out_weight=torch.randn(4, 4, 1, 1), out_bias=None,
     )  # fmt: skip
     x = torch.randn(1, 4, 5, 5)
-    with pytest.raises(ValueError, match=r"rel_h: expected dim 1 of size 4"):
+    with pytest.raises(ValueError, match=r"rel_h: expected shape \(n, dkh\) = \(n, 4\)"):
         aa_conv2d(x, **w, rel_h=torch.randn(9, 3), rel_w=torch.randn(9, 4), num_heads=2, padding=1)
     with pytest.raises(ValueError, match=r"rel_h, rel_w: expected both"):
         aa_conv2d(x, **w, rel_h=torch.randn(9, 4), num_heads=2, padding=1)
@@ -429,6 +430,45 @@ def test_bad_call_arguments() -> None:
         aa_conv2d(x, **{**w, "out_weight": torch.randn(4, 2, 1, 1)}, num_heads=2, padding=1)
     with pytest.raises(ValueError, match=r"resize_rel_table|length: expected a positive int"):
         resize_rel_table(torch.randn(3, 2), 0)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        (dict(qkv_weight=torch.randn(20, 4, 3, 3)), ValueError, r"qkv_weight: expected shape"),
+        (dict(qkv_weight=torch.randn(20, 5, 1, 1)), ValueError, r"qkv_weight: .*Cin from x"),
+        (dict(qkv_weight=None), TypeError, r"qkv_weight: expected a torch.Tensor, got NoneType"),
+        (dict(qkv_weight=np.zeros((20, 4, 1, 1))), TypeError, r"qkv_weight: .* got ndarray"),
+        (dict(out_weight=torch.randn(4, 4, 3, 3)), ValueError, r"out_weight: expected shape"),
+        (dict(out_weight=torch.randn(0, 0, 1, 1)), ValueError, r"out_weight: expected shape"),
+        (dict(out_weight=None), TypeError, r"out_weight: expected a torch.Tensor"),
+        (dict(conv_weight=torch.randn(12, 3, 3, 3)), ValueError, r"conv_weight: expected shape"),
+        (dict(conv_bias=torch.randn(11)), ValueError, r"conv_bias: expected shape \(Fout - dv,\)"),
+        (dict(qkv_bias=torch.randn(19)), ValueError, r"qkv_bias: expected shape .* = \(20,\)"),
+        (dict(out_bias=[0.0] * 4), TypeError, r"out_bias: expected a torch.Tensor or None"),
+        (dict(rel_h=torch.randn(0, 4)), ValueError, r"rel_h: expected shape .* with n >= 1"),
+        (dict(rel_w=torch.randn(9)), ValueError, r"rel_w: expected shape \(n, dkh\)"),
+    ],
+)
+def test_aa_conv2d_names_the_bad_weight(overrides: dict, error: type, match: str) -> None:
+    w = dict(
+        conv_weight=torch.randn(12, 4, 3, 3), conv_bias=torch.randn(12),
+        qkv_weight=torch.randn(20, 4, 1, 1), qkv_bias=torch.randn(20),
+        out_weight=torch.randn(4, 4, 1, 1), out_bias=torch.randn(4),
+        rel_h=torch.randn(9, 4), rel_w=torch.randn(9, 4),
+    )  # fmt: skip
+    x = torch.randn(1, 4, 5, 5)
+    assert aa_conv2d(x, **w, num_heads=2, padding=1).shape == (1, 16, 5, 5)
+    with pytest.raises(error, match=match):
+        aa_conv2d(x, **{**w, **overrides}, num_heads=2, padding=1)
+
+
+def test_split_heads_names_the_depth_that_does_not_divide() -> None:
+    qkv = torch.randn(1, 4 + 4 + 3, 2, 2)
+    with pytest.raises(ValueError, match=r"dv = 3 does not divide by num_heads = 2"):
+        split_heads(qkv, dk=4, dv=3, num_heads=2)
+    with pytest.raises(ValueError, match=r"dk = 3 does not divide by num_heads = 2"):
+        split_heads(torch.randn(1, 3 + 3 + 4, 2, 2), dk=3, dv=4, num_heads=2)
 
 
 def test_from_conv2d_keeps_the_first_filters() -> None:
