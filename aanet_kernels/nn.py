@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter, is_lazy
 
-from aanet_kernels.backends import BACKENDS
+from aanet_kernels.backends import check_backend_name
 from aanet_kernels.functional import aa_conv2d, resize_rel_table
 
 _IntPair = int | tuple[int, int]
@@ -149,8 +149,7 @@ class AAConv2d(LazyModuleMixin, nn.Module):
             padding = _pair("padding", padding, 0)
         if not isinstance(relative, bool):
             raise TypeError(f"relative: expected a bool, got {type(relative).__name__}")
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         self.dk = resolve_channels("dk", dk, out_channels, num_heads)
         self.dv = resolve_channels("dv", dv, out_channels, num_heads)
         if self.dv >= out_channels:
