@@ -28,6 +28,8 @@ def resize_rel_table(table: Tensor, length: int) -> Tensor:
     ``-(n - 1) .. n - 1`` resized to ``2 * m - 1`` rows keeps offset 0 at the centre row and the
     extreme offsets near the ends. Returns ``table`` itself when it already has ``length`` rows.
     """
+    if not isinstance(table, Tensor):
+        raise TypeError(f"table: expected a torch.Tensor, got {type(table).__name__}")
     if table.dim() != 2:
         raise ValueError(f"table: expected a 2-D tensor (n, d), got shape {tuple(table.shape)}")
     if not isinstance(length, int | torch.SymInt) or isinstance(length, bool) or length < 1:
@@ -54,7 +56,7 @@ def sam_relative_logits(
     as SAM's ``get_rel_pos`` does. Pass SAM's *unscaled* queries here and its scale to
     ``attention_2d(..., scale=head_dim ** -0.5)``, which multiplies ``q . k`` only.
     """
-    check_map_size(height, width)
+    height, width = check_map_size(height, width)
     rel_h = resize_rel_table(rel_pos_h, 2 * height - 1).flip(0)
     rel_w = resize_rel_table(rel_pos_w, 2 * width - 1).flip(0)
     return relative_logits(q, rel_h, rel_w, height, width)

@@ -51,7 +51,7 @@ def relative_logits(
                 f"{name}: expected dtype {q.dtype} (the dtype of q; another floating dtype only "
                 f"under autocast), got {table.dtype}"
             )
-    check_map_size(height, width)
+    height, width = check_map_size(height, width)
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-D tensor (B, Nh, L, dkh), got shape {tuple(q.shape)}")
     batch, heads, length, dkh = q.shape

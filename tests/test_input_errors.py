@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import aanet_kernels as ak
+from aanet_kernels.functional import resize_rel_table, sam_relative_logits
 
 BACKENDS = ak.available_backends("cpu")
 
@@ -101,3 +102,16 @@ def test_relative_logits_refuses_integer_q_and_tables_of_another_dtype():
         assert bias_h.dtype == bias_w.dtype == torch.bfloat16
         with pytest.raises(TypeError, match="rel_h: expected dtype torch.bfloat16"):
             ak.relative_logits(q.bfloat16(), table.long(), table, 2, 2)
+
+
+def test_sam_relative_logits_takes_numpy_sizes():
+    q, table_h, table_w = torch.randn(1, 2, 15, 4), torch.randn(9, 4), torch.randn(5, 4)
+    plain = sam_relative_logits(q, table_h, table_w, 5, 3)
+    numpy_args = sam_relative_logits(q, table_h, table_w, np.int64(5), np.int32(3))
+    for a, b in zip(plain, numpy_args, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resize_rel_table_names_a_table_that_is_not_a_tensor():
+    with pytest.raises(TypeError, match="table: expected a torch.Tensor, got list"):
+        resize_rel_table([[0.0, 1.0]], 3)
