@@ -11,6 +11,13 @@ from torch import Tensor
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_feature_map(x: object) -> None:
+    """Raise ``ValueError`` unless ``x`` is a 4-D tensor ``(B, Cin, H, W)``."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {got}")
+
+
 def check_map_size(height: int, width: int) -> tuple[int, int]:
     """Raise ``ValueError`` unless ``height`` and ``width`` are positive ints; return them as
     ints (a NumPy integer converted, an int or a SymInt untouched)."""

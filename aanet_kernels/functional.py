@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aanet_kernels._checks import check_map_size
+from aanet_kernels._checks import check_feature_map, check_map_size
 from aanet_kernels.ops import attention_2d
 from aanet_kernels.relative import relative_logits
 
@@ -185,9 +185,7 @@ def aa_conv2d(
     Returns:
         ``(B, Fout, Ho, Wo)``: the convolution's ``Fout - dv`` channels, then attention's ``dv``.
     """
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {shape}")
+    check_feature_map(x)
     cin = x.shape[1]
     _check_tensor(
         "conv_weight", conv_weight, (None, cin, None, None), "(Fout - dv, Cin, kh, kw), Cin from x"

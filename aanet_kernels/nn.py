@@ -11,10 +11,9 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter, is_lazy
 
+from aanet_kernels._checks import check_feature_map
 from aanet_kernels.backends import check_backend_name
-from aanet_kernels.functional import aa_conv2d, resize_rel_table
-
-_IntPair = int | tuple[int, int]
+from aanet_kernels.functional import _IntPair, aa_conv2d, resize_rel_table
 
 
 def _pair(name: str, value: _IntPair, minimum: int) -> tuple[int, int]:
@@ -225,9 +224,7 @@ class AAConv2d(LazyModuleMixin, nn.Module):
     def initialize_parameters(self, x: Tensor) -> None:  # type: ignore[override]
         """Build lazy relative tables for the attention grid of ``x`` (first call only)."""
         if self.rel_h is not None and is_lazy(self.rel_h):
-            if not isinstance(x, Tensor) or x.dim() != 4:
-                got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-                raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {got}")
+            check_feature_map(x)
             grid = self._attention_grid("x", tuple(x.shape[-2:]))
             with torch.no_grad():
                 self.rel_h.materialize((2 * grid[0] - 1, self.dkh))

@@ -420,6 +420,8 @@ def test_bad_call_arguments() -> None:
         out_weight=torch.randn(4, 4, 1, 1), out_bias=None,
     )  # fmt: skip
     x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"x: expected a 4-D tensor"):
+        aa_conv2d(x[0], **w, num_heads=2, padding=1)
     with pytest.raises(ValueError, match=r"rel_h: expected shape \(n, dkh\) = \(n, 4\)"):
         aa_conv2d(x, **w, rel_h=torch.randn(9, 3), rel_w=torch.randn(9, 4), num_heads=2, padding=1)
     with pytest.raises(ValueError, match=r"rel_h, rel_w: expected both"):
