@@ -11,9 +11,17 @@ from torch import Tensor
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_map_size(height: int, width: int) -> None:
-    """Raise ``ValueError`` unless ``height`` and ``width`` are positive ints."""
-    # numbers.Integral: NumPy scalars are taken too (the caller converts them); a SymInt is a map
+def check_feature_map(x: object) -> None:
+    """Raise ``ValueError`` unless ``x`` is a 4-D tensor ``(B, Cin, H, W)``."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {got}")
+
+
+def check_map_size(height: int, width: int) -> tuple[int, int]:
+    """Raise ``ValueError`` unless ``height`` and ``width`` are positive ints; return them as
+    ints (a NumPy integer converted, an int or a SymInt untouched)."""
+    # numbers.Integral: NumPy scalars are taken too (and converted); a SymInt is a map
     # size that torch.compile(dynamic=True) or torch.export traces symbolically.
     sizes_ok = all(
         isinstance(n, int | numbers.Integral | torch.SymInt) and not isinstance(n, bool) and n >= 1
@@ -21,6 +29,8 @@ def check_map_size(height: int, width: int) -> None:
     )
     if not sizes_ok:
         raise ValueError(f"height, width: expected positive ints, got {height!r}, {width!r}")
+    height, width = (n if isinstance(n, int | torch.SymInt) else int(n) for n in (height, width))
+    return height, width
 
 
 def check_attention_2d_inputs(

@@ -81,28 +81,44 @@ _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "referenc
 _MAX_HEAD_DIM = {"triton": 256, "cuda": 128}
 
 
-def resolve_backend(backend: str, device: torch.device, head_dim: int = 0) -> str:
+def check_backend_name(backend: object, source: str = "backend") -> None:
+    """Raise ``ValueError`` unless ``backend`` is ``"auto"`` or one of ``BACKENDS``; ``source``
+    names where the value came from."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(backend: str, device: torch.device | str, head_dim: int = 0) -> str:
     """The concrete backend for a call: argument, then context manager, then env var, then auto.
 
     ``head_dim`` (the larger of dkh and dvh) lets ``auto`` pass over kernels compiled for smaller
     heads; an explicit choice is left to the kernel, which raises a clear error.
     """
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     # Read and compared here, outside the constant function below, so that under torch.compile
     # they become guards: the use_backend in force (a changed one retraces), and the head dim,
     # a SymInt under dynamic shapes. The environment variable is read at trace time.
+    origin = ""
     if backend == "auto":
         traced = torch.compiler.is_compiling()
         context = _traced_context_backend if traced else _context_backend.get()
         # A use_backend, even use_backend("auto"), overrides the environment variable.
-        backend = context or os.environ.get(ENV_VAR, "auto") or "auto"
+        if context:
+            backend, origin = context, " (from use_backend)"
+        else:
+            backend, origin = os.environ.get(ENV_VAR, "auto") or "auto", f" (from {ENV_VAR})"
+            check_backend_name(backend, f"{ENV_VAR} (environment variable)")
     too_small = tuple(name for name, limit in _MAX_HEAD_DIM.items() if head_dim > limit)
-    return _resolve_backend(backend, device, too_small)
+    return _resolve_backend(backend, device, too_small, origin)
 
 
 # The availability checks are a Python-level decision made once per traced call: torch.compile
 # treats their result as a constant rather than tracing them.
 @torch.compiler.assume_constant_result
-def _resolve_backend(backend: str, device: torch.device, too_small: tuple[str, ...]) -> str:
+def _resolve_backend(
+    backend: str, device: torch.device, too_small: tuple[str, ...], origin: str
+) -> str:
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
             if candidate not in too_small and _why_unavailable(candidate, device) is None:
@@ -110,15 +126,14 @@ def _resolve_backend(backend: str, device: torch.device, too_small: tuple[str, .
         return "reference"
     reason = _why_unavailable(backend, device)
     if reason is not None:
-        raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+        raise RuntimeError(f"backend={backend!r}{origin} is not available: {reason}")
     return backend
 
 
 @contextlib.contextmanager
 def use_backend(backend: str) -> Iterator[None]:
     """Run the enclosed ``attention_2d`` calls (and layers built on it) with ``backend``."""
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     global _traced_context_backend
     token = _context_backend.set(backend)
     outer, _traced_context_backend = _traced_context_backend, backend

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aanet_kernels._checks import check_map_size
+from aanet_kernels._checks import check_feature_map, check_map_size
 from aanet_kernels.ops import attention_2d
 from aanet_kernels.relative import relative_logits
 
@@ -28,6 +28,8 @@ def resize_rel_table(table: Tensor, length: int) -> Tensor:
     ``-(n - 1) .. n - 1`` resized to ``2 * m - 1`` rows keeps offset 0 at the centre row and the
     extreme offsets near the ends. Returns ``table`` itself when it already has ``length`` rows.
     """
+    if not isinstance(table, Tensor):
+        raise TypeError(f"table: expected a torch.Tensor, got {type(table).__name__}")
     if table.dim() != 2:
         raise ValueError(f"table: expected a 2-D tensor (n, d), got shape {tuple(table.shape)}")
     if not isinstance(length, int | torch.SymInt) or isinstance(length, bool) or length < 1:
@@ -54,7 +56,7 @@ def sam_relative_logits(
     as SAM's ``get_rel_pos`` does. Pass SAM's *unscaled* queries here and its scale to
     ``attention_2d(..., scale=head_dim ** -0.5)``, which multiplies ``q . k`` only.
     """
-    check_map_size(height, width)
+    height, width = check_map_size(height, width)
     rel_h = resize_rel_table(rel_pos_h, 2 * height - 1).flip(0)
     rel_w = resize_rel_table(rel_pos_w, 2 * width - 1).flip(0)
     return relative_logits(q, rel_h, rel_w, height, width)
@@ -72,6 +74,7 @@ def split_heads(qkv: Tensor, dk: int, dv: int, num_heads: int) -> tuple[Tensor, 
             f"qkv: expected shape (B, 2 * dk + dv, H, W) = (B, {2 * dk + dv}, H, W), "
             f"got {tuple(qkv.shape)}"
         )
+    _check_heads(dk, dv, num_heads)
     flat = qkv.flatten(2)  # (B, C, L): a view in both NCHW and channels_last layouts
     q, k, v = flat.split([dk, dk, dv], dim=1)
 
@@ -90,17 +93,42 @@ def merge_heads(out: Tensor, height: int, width: int, channels_last: bool) -> Te
     return out.transpose(-1, -2).reshape(batch, heads * dvh, height, width)
 
 
-def _check_weight(name: str, w: Tensor | None, rows: int | None, cols: int | None) -> None:
-    if w is None:
+def _channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is ``channels_last`` and not also contiguous (C == 1 or H == W == 1 counts as
+    NCHW), read from the strides: under ``vmap`` ``is_contiguous`` takes no other memory format."""
+    expected = 1
+    for dim in (1, 3, 2, 0):  # the order of channels_last strides, innermost first
+        if x.shape[dim] != 1:
+            if x.stride(dim) != expected:
+                return False
+            expected *= x.shape[dim]
+    return not x.is_contiguous()
+
+
+def _check_heads(dk: int, dv: int, num_heads: int, origin: str = "") -> None:
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+    for name, size in (("dk", dk), ("dv", dv)):
+        if size % num_heads:
+            raise ValueError(f"{name} = {size}{origin} does not divide by num_heads = {num_heads}")
+
+
+def _check_tensor(
+    name: str, t: object, shape: tuple[int | None, ...], expected: str, optional: bool = False
+) -> None:
+    """Raise unless ``t`` is a tensor of ``shape`` (``None``: any size >= 1), or ``None`` where
+    ``optional``; ``expected`` spells the shape out for the message."""
+    if t is None and optional:
         return
-    if not isinstance(w, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
-    expected = ("rows", rows), ("cols", cols)
-    for dim, (_, size) in enumerate(expected):
-        if size is not None and (w.dim() <= dim or w.shape[dim] != size):
-            raise ValueError(
-                f"{name}: expected dim {dim} of size {size}, got shape {tuple(w.shape)}"
-            )
+    if not isinstance(t, Tensor):
+        what = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name}: expected {what}, got {type(t).__name__}")
+    fits = t.dim() == len(shape) and all(
+        size >= 1 if want is None else size == want
+        for size, want in zip(t.shape, shape, strict=True)
+    )
+    if not fits:
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
 
 
 def aa_conv2d(
@@ -157,37 +185,36 @@ def aa_conv2d(
     Returns:
         ``(B, Fout, Ho, Wo)``: the convolution's ``Fout - dv`` channels, then attention's ``dv``.
     """
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {shape}")
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
-        raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
-    if out_weight.dim() != 4 or out_weight.shape[0] != out_weight.shape[1]:
-        raise ValueError(
-            f"out_weight: expected shape (dv, dv, 1, 1), got {tuple(out_weight.shape)}"
-        )
+    check_feature_map(x)
+    cin = x.shape[1]
+    _check_tensor(
+        "conv_weight", conv_weight, (None, cin, None, None), "(Fout - dv, Cin, kh, kw), Cin from x"
+    )
+    _check_tensor("conv_bias", conv_bias, conv_weight.shape[:1], "(Fout - dv,)", optional=True)
+    _check_tensor("out_weight", out_weight, (None, None, 1, 1), "(dv, dv, 1, 1)")
     # int(): plain ints for the head split and the scale, also when TorchScript tracing hands
     # sizes over as tensors (weight shapes are fixed, so nothing dynamic is lost).
     dv = int(out_weight.shape[0])
+    _check_tensor("out_weight", out_weight, (dv, dv, 1, 1), "(dv, dv, 1, 1)")  # square
+    _check_tensor(
+        "qkv_weight", qkv_weight, (None, cin, 1, 1), "(2 * dk + dv, Cin, 1, 1), Cin from x"
+    )
     dk2 = int(qkv_weight.shape[0]) - dv
-    if qkv_weight.dim() != 4 or dk2 < 2 or dk2 % 2:
+    if dk2 < 2 or dk2 % 2:
         raise ValueError(
             f"qkv_weight: expected shape (2 * dk + dv, Cin, 1, 1) with dv = {dv} (from out_weight) "
             f"and dk >= 1, got {tuple(qkv_weight.shape)}"
         )
     dk = dk2 // 2
-    for name, size in (("dk", dk), ("dv", dv)):
-        if size % num_heads:
-            raise ValueError(
-                f"{name} = {size} (from the weights) does not divide by num_heads = {num_heads}"
-            )
+    _check_heads(dk, dv, num_heads, " (from the weights)")
     dkh = dk // num_heads
-    _check_weight("qkv_bias", qkv_bias, 2 * dk + dv, None)
-    _check_weight("out_bias", out_bias, dv, None)
+    rows = 2 * dk + dv
+    _check_tensor("qkv_bias", qkv_bias, (rows,), f"(2 * dk + dv,) = ({rows},)", optional=True)
+    _check_tensor("out_bias", out_bias, (dv,), f"(dv,) = ({dv},)", optional=True)
     if (rel_h is None) != (rel_w is None):
         raise ValueError("rel_h, rel_w: expected both tensors or both None")
-    _check_weight("rel_h", rel_h, None, dkh)
-    _check_weight("rel_w", rel_w, None, dkh)
+    for name, table in (("rel_h", rel_h), ("rel_w", rel_w)):
+        _check_tensor(name, table, (None, dkh), f"(n, dkh) = (n, {dkh}) with n >= 1", True)
 
     conv_out = F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation)
     height, width = conv_out.shape[-2:]
@@ -210,7 +237,5 @@ def aa_conv2d(
     out = attention_2d(
         q, k, v, bias_h, bias_w, height=height, width=width, scale=scale, backend=backend
     )
-    # Follow the input's layout; a tensor that is both (C == 1 or H == W == 1) counts as NCHW.
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    attn_out = F.conv2d(merge_heads(out, height, width, channels_last), out_weight, out_bias)
+    attn_out = F.conv2d(merge_heads(out, height, width, _channels_last(x)), out_weight, out_bias)
     return torch.cat([conv_out, attn_out], dim=1)

@@ -3,6 +3,7 @@ existing (pretrained) CNNs with it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -10,10 +11,9 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter, is_lazy
 
-from aanet_kernels.backends import BACKENDS
-from aanet_kernels.functional import aa_conv2d, resize_rel_table
-
-_IntPair = int | tuple[int, int]
+from aanet_kernels._checks import check_feature_map
+from aanet_kernels.backends import check_backend_name
+from aanet_kernels.functional import _IntPair, aa_conv2d, resize_rel_table
 
 
 def _pair(name: str, value: _IntPair, minimum: int) -> tuple[int, int]:
@@ -43,8 +43,11 @@ def resolve_channels(name: str, value: int | float, out_channels: int, num_heads
             f"{name}: expected an int (channels) or a float (fraction of out_channels), "
             f"got {type(value).__name__}"
         )
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive channel count or fraction, got {value!r}")
+    if not 0 < value < math.inf:  # NaN fails too
+        raise ValueError(
+            f"{name}: expected a positive channel count or a finite positive fraction, "
+            f"got {value!r}"
+        )
     if isinstance(value, float):
         count = round(value * out_channels / num_heads) * num_heads
         if count == 0:
@@ -145,8 +148,7 @@ class AAConv2d(LazyModuleMixin, nn.Module):
             padding = _pair("padding", padding, 0)
         if not isinstance(relative, bool):
             raise TypeError(f"relative: expected a bool, got {type(relative).__name__}")
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         self.dk = resolve_channels("dk", dk, out_channels, num_heads)
         self.dv = resolve_channels("dv", dv, out_channels, num_heads)
         if self.dv >= out_channels:
@@ -170,7 +172,7 @@ class AAConv2d(LazyModuleMixin, nn.Module):
             self.rel_h = UninitializedParameter(**factory)
             self.rel_w = UninitializedParameter(**factory)
         else:
-            grid = self._attention_grid(_pair("input_size", input_size, 1))
+            grid = self._attention_grid("input_size", _pair("input_size", input_size, 1))
             self.rel_h = nn.Parameter(torch.empty(2 * grid[0] - 1, self.dkh, **factory))
             self.rel_w = nn.Parameter(torch.empty(2 * grid[1] - 1, self.dkh, **factory))
             self.reset_parameters()
@@ -186,9 +188,16 @@ class AAConv2d(LazyModuleMixin, nn.Module):
             return None
         return (self.rel_h.shape[0] + 1) // 2, (self.rel_w.shape[0] + 1) // 2
 
-    def _attention_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+    def _attention_grid(self, name: str, size: tuple[int, int]) -> tuple[int, int]:
+        """The convolution's output grid for an ``(H, W)`` input; ``name`` is blamed if empty."""
         c = self.conv
-        return conv_output_size(size, c.kernel_size, c.stride, c.padding, c.dilation)
+        grid = conv_output_size(size, c.kernel_size, c.stride, c.padding, c.dilation)
+        if min(grid) < 1:
+            raise ValueError(
+                f"{name}: a {size} map gives an empty {grid} output with this layer's kernel "
+                f"{c.kernel_size}, padding {c.padding} and dilation {c.dilation}"
+            )
+        return grid
 
     def reset_parameters(self) -> None:
         """Draw the relative tables anew from N(0, dkh ** -0.5), the initialisation of Bello et
@@ -215,16 +224,8 @@ class AAConv2d(LazyModuleMixin, nn.Module):
     def initialize_parameters(self, x: Tensor) -> None:  # type: ignore[override]
         """Build lazy relative tables for the attention grid of ``x`` (first call only)."""
         if self.rel_h is not None and is_lazy(self.rel_h):
-            if not isinstance(x, Tensor) or x.dim() != 4:
-                got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-                raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {got}")
-            grid = self._attention_grid(tuple(x.shape[-2:]))
-            if min(grid) < 1:
-                raise ValueError(
-                    f"x: a {tuple(x.shape[-2:])} map gives an empty {grid} output with this "
-                    f"layer's kernel {self.conv.kernel_size}, padding {self.conv.padding} and "
-                    f"dilation {self.conv.dilation}"
-                )
+            check_feature_map(x)
+            grid = self._attention_grid("x", tuple(x.shape[-2:]))
             with torch.no_grad():
                 self.rel_h.materialize((2 * grid[0] - 1, self.dkh))
                 self.rel_w.materialize((2 * grid[1] - 1, self.dkh))
@@ -282,10 +283,17 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         The first ``out_channels - dv`` filters (and biases) of ``conv`` become the k x k part, so
         those output channels keep their position and meaning for the layers downstream; the
         last ``dv`` channels, whose filters are dropped, now come from attention (freshly
-        initialised). Grouped convolutions and non-zero padding modes are not supported.
+        initialised). A frozen weight or bias (``requires_grad=False``) stays frozen; the new
+        attention parameters (``qkv_conv``, ``attn_out``, the relative tables) are trainable.
+        Grouped convolutions and non-zero padding modes are not supported.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+        if is_lazy(conv.weight):
+            raise ValueError(
+                f"conv: an uninitialised {type(conv).__name__} (its in_channels are not known "
+                f"yet); run a forward pass through it first"
+            )
         if conv.groups != 1:
             raise ValueError(
                 f"conv: expected groups=1 (grouped filters cannot be split), "
@@ -300,10 +308,12 @@ class AAConv2d(LazyModuleMixin, nn.Module):
             device=conv.weight.device, dtype=conv.weight.dtype,
         )  # fmt: skip
         keep = conv.out_channels - layer.dv
-        with torch.no_grad():
-            layer.conv.weight.copy_(conv.weight[:keep])
-            if conv.bias is not None:
-                layer.conv.bias.copy_(conv.bias[:keep])
+        for name in ("weight", "bias"):
+            kept, source = getattr(layer.conv, name), getattr(conv, name)
+            if source is not None:
+                with torch.no_grad():
+                    kept.copy_(source[:keep])
+                kept.requires_grad_(source.requires_grad)
         return layer.train(conv.training)
 
 
@@ -316,16 +326,21 @@ def augment_model(
 
     Args:
         model: any module; convolutions already inside an ``AAConv2d`` are never touched.
-        where: qualified names (as in ``model.named_modules()``) of the convolutions to replace,
-            or a predicate ``where(name, conv) -> bool``.
+        where: qualified names (as in ``model.named_modules(remove_duplicate=False)``) of the
+            convolutions to replace, or a predicate ``where(name, conv) -> bool``. A convolution
+            registered under several names is chosen by any of them and replaced by one shared
+            ``AAConv2d`` at all of them.
         kwargs: passed to ``AAConv2d.from_conv2d`` (``dk``, ``dv``, ``num_heads``, ...).
+
+    Every chosen convolution is converted before any is swapped in: if one is refused (the error
+    names it), the model is left as it was.
 
     Returns:
         ``model``, for chaining.
     """
     convs: dict[str, nn.Conv2d] = {}
     inside: list[str] = []  # prefixes of AAConv2d layers, whose own convs are not candidates
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         if any(name.startswith(prefix) for prefix in inside):
             continue
         if isinstance(module, AAConv2d):
@@ -341,9 +356,20 @@ def augment_model(
                 raise ValueError(
                     f"where: {name!r} is not an nn.Conv2d of the model; candidates: {list(convs)}"
                 )
+    if "" in targets:
+        raise ValueError("where: the model itself is an nn.Conv2d; use AAConv2d.from_conv2d")
+    # Build every replacement before swapping any in, so that a refused conv leaves the model as
+    # it was.
+    replacements: dict[int, AAConv2d] = {}
     for name in targets:
-        if name == "":
-            raise ValueError("where: the model itself is an nn.Conv2d; use AAConv2d.from_conv2d")
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, AAConv2d.from_conv2d(convs[name], **kwargs))
+        conv = convs[name]
+        if id(conv) not in replacements:
+            try:
+                replacements[id(conv)] = AAConv2d.from_conv2d(conv, **kwargs)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"where: {name!r} cannot be replaced: {error}") from error
+    for name, conv in convs.items():
+        if id(conv) in replacements:
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), leaf, replacements[id(conv)])
     return model

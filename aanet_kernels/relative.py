@@ -5,13 +5,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aanet_kernels._checks import check_map_size
+from aanet_kernels._checks import SUPPORTED_DTYPES, check_map_size
 
 
 def _relative_index(size: int, device: torch.device) -> Tensor:
     """``index[i, j] = j - i + size - 1``: the table row for key ``j`` seen from query ``i``."""
     pos = torch.arange(size, device=device)
     return pos[None, :] - pos[:, None] + size - 1
+
+
+def _autocast_mixes(q: Tensor, table: Tensor) -> bool:
+    device = q.device.type
+    return (
+        table.dtype in SUPPORTED_DTYPES
+        and torch.amp.is_autocast_available(device)
+        and torch.is_autocast_enabled(device)
+    )
 
 
 def relative_logits(
@@ -23,6 +32,7 @@ def relative_logits(
         q: queries ``(B, Nh, L, dkh)``, already scaled as the logits need, ``L = height * width``.
         rel_h: ``(2 * height - 1, dkh)`` embeddings of the vertical offsets ``y - iy``.
         rel_w: ``(2 * width - 1, dkh)`` embeddings of the horizontal offsets ``x - ix``.
+            Both of ``q``'s floating dtype, or (under autocast) any floating dtype.
 
     Returns:
         ``bias_h (B, Nh, L, height)``, ``bias_h[..., i, y] = q_i . rel_h[y - iy + height - 1]``, and
@@ -31,7 +41,17 @@ def relative_logits(
     for name, t in (("q", q), ("rel_h", rel_h), ("rel_w", rel_w)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    check_map_size(height, width)
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q: expected a floating dtype in {SUPPORTED_DTYPES}, got {q.dtype}")
+    # Under autocast the tables may keep another floating dtype (fp32 parameters, bf16 q), as
+    # they would in a plain product there; they are cast to q's dtype below.
+    for name, table in (("rel_h", rel_h), ("rel_w", rel_w)):
+        if table.dtype != q.dtype and not _autocast_mixes(q, table):
+            raise TypeError(
+                f"{name}: expected dtype {q.dtype} (the dtype of q; another floating dtype only "
+                f"under autocast), got {table.dtype}"
+            )
+    height, width = check_map_size(height, width)
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-D tensor (B, Nh, L, dkh), got shape {tuple(q.shape)}")
     batch, heads, length, dkh = q.shape

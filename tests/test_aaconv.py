@@ -6,6 +6,7 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,6 +249,33 @@ def test_channels_last(backend: str) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vmap_over_inputs_and_over_an_ensemble(backend: str) -> None:
+    # vmap refuses is_contiguous(memory_format=channels_last), which the layer used to pick the
+    # output layout; a channels_last batch of inputs goes through it too.
+    models = [
+        randomize_(AAConv2d(4, 10, 3, dk=4, dv=2, num_heads=2, input_size=5, backend=backend), s)
+        for s in range(3)
+    ]
+    xs = torch.randn(3, 2, 4, 5, 5)
+    channels_last = xs.movedim(2, -1).contiguous().movedim(-1, 2)
+    for batch in (xs, channels_last):
+        expected = torch.stack([models[0](x) for x in batch])
+        torch.testing.assert_close(torch.func.vmap(models[0])(batch), expected)
+    params, buffers = torch.func.stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+
+    def ensemble(p: dict, b: dict, x: Tensor) -> Tensor:
+        return torch.func.functional_call(skeleton, (p, b), (x,))
+
+    per_model = torch.func.vmap(ensemble)(params, buffers, xs)
+    torch.testing.assert_close(
+        per_model, torch.stack([m(x) for m, x in zip(models, xs, strict=True)])
+    )
+    shared = torch.func.vmap(ensemble, in_dims=(0, 0, None))(params, buffers, xs[0])
+    torch.testing.assert_close(shared, torch.stack([m(xs[0]) for m in models]))
+
+
 def check_autocast(backend: str, device: str, dtype: torch.dtype) -> None:
     """Under autocast the layer runs in ``dtype`` (channels_last input), its gradients are finite,
     and its error against fp64 is at most twice the reference path's own (DESIGN.md's rule)."""
@@ -362,6 +390,14 @@ def test_fraction_channels() -> None:
         (dict(backend="fast"), ValueError, r"backend: expected one of"),
         (dict(relative=1), TypeError, r"relative: expected a bool"),
         (dict(input_size=(0, 4)), ValueError, r"input_size: expected an int >= 1"),
+        (
+            dict(kernel_size=5, padding=0, input_size=(3, 6)),
+            ValueError,
+            r"input_size: a \(3, 6\) map gives an empty \(-1, 2\) output",
+        ),
+        (dict(dk=float("nan")), ValueError, r"dk: expected a positive channel count or a finite"),
+        (dict(dv=float("inf")), ValueError, r"dv: expected a positive channel count or a finite"),
+        (dict(dv=-math.inf), ValueError, r"dv: expected a positive channel count"),
         (dict(in_channels=0), ValueError, r"in_channels: expected a positive int"),
     ],
 )
@@ -384,7 +420,9 @@ def test_bad_call_arguments() -> None:
         out_weight=torch.randn(4, 4, 1, 1), out_bias=None,
     )  # fmt: skip
     x = torch.randn(1, 4, 5, 5)
-    with pytest.raises(ValueError, match=r"rel_h: expected dim 1 of size 4"):
+    with pytest.raises(ValueError, match=r"x: expected a 4-D tensor"):
+        aa_conv2d(x[0], **w, num_heads=2, padding=1)
+    with pytest.raises(ValueError, match=r"rel_h: expected shape \(n, dkh\) = \(n, 4\)"):
         aa_conv2d(x, **w, rel_h=torch.randn(9, 3), rel_w=torch.randn(9, 4), num_heads=2, padding=1)
     with pytest.raises(ValueError, match=r"rel_h, rel_w: expected both"):
         aa_conv2d(x, **w, rel_h=torch.randn(9, 4), num_heads=2, padding=1)
@@ -394,6 +432,45 @@ def test_bad_call_arguments() -> None:
         aa_conv2d(x, **{**w, "out_weight": torch.randn(4, 2, 1, 1)}, num_heads=2, padding=1)
     with pytest.raises(ValueError, match=r"resize_rel_table|length: expected a positive int"):
         resize_rel_table(torch.randn(3, 2), 0)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        (dict(qkv_weight=torch.randn(20, 4, 3, 3)), ValueError, r"qkv_weight: expected shape"),
+        (dict(qkv_weight=torch.randn(20, 5, 1, 1)), ValueError, r"qkv_weight: .*Cin from x"),
+        (dict(qkv_weight=None), TypeError, r"qkv_weight: expected a torch.Tensor, got NoneType"),
+        (dict(qkv_weight=np.zeros((20, 4, 1, 1))), TypeError, r"qkv_weight: .* got ndarray"),
+        (dict(out_weight=torch.randn(4, 4, 3, 3)), ValueError, r"out_weight: expected shape"),
+        (dict(out_weight=torch.randn(0, 0, 1, 1)), ValueError, r"out_weight: expected shape"),
+        (dict(out_weight=None), TypeError, r"out_weight: expected a torch.Tensor"),
+        (dict(conv_weight=torch.randn(12, 3, 3, 3)), ValueError, r"conv_weight: expected shape"),
+        (dict(conv_bias=torch.randn(11)), ValueError, r"conv_bias: expected shape \(Fout - dv,\)"),
+        (dict(qkv_bias=torch.randn(19)), ValueError, r"qkv_bias: expected shape .* = \(20,\)"),
+        (dict(out_bias=[0.0] * 4), TypeError, r"out_bias: expected a torch.Tensor or None"),
+        (dict(rel_h=torch.randn(0, 4)), ValueError, r"rel_h: expected shape .* with n >= 1"),
+        (dict(rel_w=torch.randn(9)), ValueError, r"rel_w: expected shape \(n, dkh\)"),
+    ],
+)
+def test_aa_conv2d_names_the_bad_weight(overrides: dict, error: type, match: str) -> None:
+    w = dict(
+        conv_weight=torch.randn(12, 4, 3, 3), conv_bias=torch.randn(12),
+        qkv_weight=torch.randn(20, 4, 1, 1), qkv_bias=torch.randn(20),
+        out_weight=torch.randn(4, 4, 1, 1), out_bias=torch.randn(4),
+        rel_h=torch.randn(9, 4), rel_w=torch.randn(9, 4),
+    )  # fmt: skip
+    x = torch.randn(1, 4, 5, 5)
+    assert aa_conv2d(x, **w, num_heads=2, padding=1).shape == (1, 16, 5, 5)
+    with pytest.raises(error, match=match):
+        aa_conv2d(x, **{**w, **overrides}, num_heads=2, padding=1)
+
+
+def test_split_heads_names_the_depth_that_does_not_divide() -> None:
+    qkv = torch.randn(1, 4 + 4 + 3, 2, 2)
+    with pytest.raises(ValueError, match=r"dv = 3 does not divide by num_heads = 2"):
+        split_heads(qkv, dk=4, dv=3, num_heads=2)
+    with pytest.raises(ValueError, match=r"dk = 3 does not divide by num_heads = 2"):
+        split_heads(torch.randn(1, 3 + 3 + 4, 2, 2), dk=3, dv=4, num_heads=2)
 
 
 def test_from_conv2d_keeps_the_first_filters() -> None:
@@ -438,6 +515,54 @@ def test_augment_model() -> None:
     assert seen == ["0", "3"] and isinstance(model[0], AAConv2d)
     with pytest.raises(ValueError, match=r"where: '2.0.conv' is not an nn.Conv2d"):
         augment_model(model, where=["2.0.conv"])
+
+
+@pytest.mark.parametrize(
+    "refused,match",
+    [
+        (nn.Conv2d(16, 16, 3, padding=1, groups=4), r"where: '1' cannot be replaced: .*groups=1"),
+        (nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"), r"padding_mode='zeros'"),
+        (nn.Conv2d(16, 4, 3, padding=1), r"'1' cannot be replaced: dv: expected fewer than"),
+    ],
+    ids=["groups", "padding_mode", "too_few_channels"],
+)
+def test_augment_model_refusing_a_conv_changes_nothing(refused: nn.Conv2d, match: str) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), refused)
+    before = list(model)
+    for where in (["0", "1"], lambda name, conv: True):
+        with pytest.raises(ValueError, match=match):
+            augment_model(model, where=where, dk=8, dv=4, num_heads=2)
+        assert list(model) == before  # the same modules, the first one not replaced either
+
+
+def test_from_conv2d_keeps_frozen_filters_frozen() -> None:
+    conv = nn.Conv2d(6, 16, 3, padding=1)
+    conv.weight.requires_grad_(False)
+    aa = AAConv2d.from_conv2d(conv, dk=8, dv=4, num_heads=2, input_size=4)
+    assert not aa.conv.weight.requires_grad and aa.conv.bias.requires_grad
+    conv.bias.requires_grad_(False)
+    model = augment_model(nn.Sequential(conv), where=["0"], dk=8, dv=4, num_heads=2)
+    assert not model[0].conv.weight.requires_grad and not model[0].conv.bias.requires_grad
+    new = [model[0].qkv_conv.weight, model[0].qkv_conv.bias, model[0].attn_out.weight]
+    assert all(p.requires_grad for p in new + [model[0].rel_h, model[0].rel_w])
+
+
+def test_augment_model_replaces_a_shared_conv_by_one_shared_layer() -> None:
+    shared = nn.Conv2d(16, 16, 3, padding=1)
+    for where in (["2"], lambda name, conv: name == "0"):
+        model = nn.Sequential(shared, nn.ReLU(), shared)
+        augment_model(model, where=where, dk=8, dv=4, num_heads=2)
+        assert isinstance(model[0], AAConv2d) and model[0] is model[2]
+
+
+def test_from_conv2d_refuses_an_uninitialised_lazy_conv() -> None:
+    lazy = nn.LazyConv2d(16, 3, padding=1)
+    with pytest.raises(ValueError, match=r"conv: an uninitialised LazyConv2d .* forward pass"):
+        AAConv2d.from_conv2d(lazy, dk=8, dv=4, num_heads=2)
+    with pytest.raises(ValueError, match=r"where: '0' cannot be replaced: conv: an uninitialised"):
+        augment_model(nn.Sequential(lazy), where=["0"], dk=8, dv=4, num_heads=2)
+    lazy(torch.randn(1, 3, 4, 4))
+    assert AAConv2d.from_conv2d(lazy, dk=8, dv=4, num_heads=2).in_channels == 3
 
 
 needs_cuda = pytest.mark.skipif(

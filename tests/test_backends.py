@@ -27,6 +27,24 @@ def test_unavailable_backend_is_an_error_not_a_fallback():
         ak.resolve_backend("cuda", torch.device("cpu"))
 
 
+def test_a_str_device_is_taken():
+    assert ak.resolve_backend("reference", "cpu") == "reference"
+    assert ak.resolve_backend("auto", "cpu") == ak.resolve_backend("auto", torch.device("cpu"))
+
+
+def test_a_bad_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=rf"{ENV_VAR} \(environment variable\): expected one of"):
+        ak.resolve_backend("auto", torch.device("cpu"))
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    with pytest.raises(RuntimeError, match=rf"backend='cuda' \(from {ENV_VAR}\) is not available"):
+        ak.resolve_backend("auto", torch.device("cpu"))
+    with ak.use_backend("reference"):  # a use_backend wins over the variable
+        assert ak.resolve_backend("auto", torch.device("cpu")) == "reference"
+    with ak.use_backend("cuda"), pytest.raises(RuntimeError, match=r"\(from use_backend\)"):
+        ak.resolve_backend("auto", torch.device("cpu"))
+
+
 def test_cuda_device_lists_only_what_can_run_there():
     """A CUDA-built extension on a machine without a GPU does not make the GPU backends
     available; with a GPU, every listed backend actually runs."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import aanet_kernels as ak
+from aanet_kernels.functional import resize_rel_table, sam_relative_logits
 
 BACKENDS = ak.available_backends("cpu")
 
@@ -138,3 +139,31 @@ def test_numpy_scalars_are_taken_as_the_numbers_they_hold(backend: str):
     assert torch.equal(plain, numpy_args)
     with pytest.raises(ValueError, match="height, width: expected positive ints"):
         ak.attention_2d(**inputs, height=np.float64(3.0), width=4, backend=backend)
+
+
+def test_relative_logits_refuses_integer_q_and_tables_of_another_dtype():
+    q, table = torch.randn(1, 1, 4, 2), torch.randn(3, 2)
+    with pytest.raises(TypeError, match="q: expected a floating dtype"):
+        ak.relative_logits(q.long(), table, table, 2, 2)  # used to truncate the tables to 0
+    with pytest.raises(TypeError, match=r"rel_h: expected dtype torch.float32 \(the dtype of q"):
+        ak.relative_logits(q, table.double(), table, 2, 2)  # used to be rounded to fp32
+    with pytest.raises(TypeError, match=r"rel_w: expected dtype torch.float64"):
+        ak.relative_logits(q.double(), table.double(), table.long(), 2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 tables, bf16 q: autocast's mix
+        bias_h, bias_w = ak.relative_logits(q.bfloat16(), table, table, 2, 2)
+        assert bias_h.dtype == bias_w.dtype == torch.bfloat16
+        with pytest.raises(TypeError, match="rel_h: expected dtype torch.bfloat16"):
+            ak.relative_logits(q.bfloat16(), table.long(), table, 2, 2)
+
+
+def test_sam_relative_logits_takes_numpy_sizes():
+    q, table_h, table_w = torch.randn(1, 2, 15, 4), torch.randn(9, 4), torch.randn(5, 4)
+    plain = sam_relative_logits(q, table_h, table_w, 5, 3)
+    numpy_args = sam_relative_logits(q, table_h, table_w, np.int64(5), np.int32(3))
+    for a, b in zip(plain, numpy_args, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resize_rel_table_names_a_table_that_is_not_a_tensor():
+    with pytest.raises(TypeError, match="table: expected a torch.Tensor, got list"):
+        resize_rel_table([[0.0, 1.0]], 3)
