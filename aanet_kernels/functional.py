@@ -1,6 +1,6 @@
 """Functional attention-augmented convolution (Bello et al., 2019), built on ``attention_2d``.
 
-``aa_conv2d`` computes the layer of DESIGN.md section 2 from explicit weights; the module
+``aa_conv2d`` computes the layer (README, "AAConv2d") from explicit weights; the module
 ``aanet_kernels.nn.AAConv2d`` holds those weights and calls it. The helpers here are public
 because users of SAM-style relative positions need them too (``resize_rel_table``,
 ``sam_relative_logits``) or want to feed ``attention_2d`` from their own projections

@@ -86,7 +86,7 @@ class AAConv2d(LazyModuleMixin, nn.Module):
     """Attention-augmented convolution (Bello et al., ICCV 2019), a drop-in for ``nn.Conv2d``.
 
     ``Y = concat([Conv_kxk(X) (out_channels - dv channels), MHA(X) (dv channels)], dim=1)``, the
-    layer of DESIGN.md section 2, computed by ``aanet_kernels.functional.aa_conv2d``.
+    layer of Bello et al. (section 3), computed by ``aanet_kernels.functional.aa_conv2d``.
 
     Args:
         in_channels, out_channels, kernel_size, stride, bias, dilation: as in ``nn.Conv2d``;

@@ -33,7 +33,7 @@ def literal_interpolation(table: Tensor, length: int) -> Tensor:
 
 
 def paper_formula(x: Tensor, m: AAConv2d) -> Tensor:
-    """The layer of DESIGN.md section 2, written out over positions (tiny maps only).
+    """The layer of Bello et al. (section 3), written out over positions (tiny maps only).
 
     Stride s > 1 uses s x s average pooling of the input, so sizes must divide by s.
     """
@@ -278,7 +278,8 @@ def test_vmap_over_inputs_and_over_an_ensemble(backend: str) -> None:
 
 def check_autocast(backend: str, device: str, dtype: torch.dtype) -> None:
     """Under autocast the layer runs in ``dtype`` (channels_last input), its gradients are finite,
-    and its error against fp64 is at most twice the reference path's own (DESIGN.md's rule)."""
+    and its error against fp64 is at most twice the reference path's own (the README's rule for
+    low precision)."""
     m = AAConv2d(8, 16, 3, dk=8, dv=8, num_heads=2, input_size=(6, 5), backend="reference")
     randomize_(m, seed=5).to(device)
     x = torch.randn(2, 8, 6, 5, device=device).contiguous(memory_format=torch.channels_last)
