@@ -289,6 +289,17 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+        kind = type(conv)
+        if (
+            kind.forward is not nn.Conv2d.forward
+            or kind._conv_forward is not nn.Conv2d._conv_forward
+        ):
+            # A weight-standardised or otherwise customised conv: its filters mean something only
+            # with its own forward, which the k x k branch would not run.
+            raise TypeError(
+                f"conv: {kind.__name__} overrides nn.Conv2d's forward, so its filters cannot be "
+                "carried over as plain convolution filters"
+            )
         if is_lazy(conv.weight):
             raise ValueError(
                 f"conv: an uninitialised {type(conv).__name__} (its in_channels are not known "

@@ -566,6 +566,26 @@ def test_from_conv2d_refuses_an_uninitialised_lazy_conv() -> None:
     assert AAConv2d.from_conv2d(lazy, dk=8, dv=4, num_heads=2).in_channels == 3
 
 
+def test_from_conv2d_refuses_a_conv_with_its_own_forward() -> None:
+    """A subclass that changes what its filters compute (here: weight standardisation) would
+    silently become a plain convolution."""
+
+    class StandardizedConv2d(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = self.weight
+            w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / w.std(dim=(1, 2, 3), keepdim=True)
+            return self._conv_forward(x, w, self.bias)
+
+    with pytest.raises(TypeError, match="conv: StandardizedConv2d overrides nn.Conv2d's forward"):
+        AAConv2d.from_conv2d(StandardizedConv2d(3, 16, 3, padding=1), dk=8, dv=4, num_heads=2)
+
+    class TaggedConv2d(nn.Conv2d):  # a subclass that computes the same is fine
+        tag = "backbone"
+
+    layer = AAConv2d.from_conv2d(TaggedConv2d(3, 16, 3, padding=1), dk=8, dv=4, num_heads=2)
+    assert layer.out_channels == 16
+
+
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none"
 )
