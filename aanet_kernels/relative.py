@@ -15,11 +15,12 @@ def _relative_index(size: int, device: torch.device) -> Tensor:
 
 
 def _autocast_mixes(q: Tensor, table: Tensor) -> bool:
+    """Whether autocast is on for ``q``'s device and ``table`` is floating. (Not through
+    ``torch.amp.is_autocast_available``: torch 2.11's Dynamo cannot trace it. Meta tensors have no
+    autocast, and ``is_autocast_enabled`` refuses their device type.)"""
     device = q.device.type
     return (
-        table.dtype in SUPPORTED_DTYPES
-        and torch.amp.is_autocast_available(device)
-        and torch.is_autocast_enabled(device)
+        table.dtype in SUPPORTED_DTYPES and device != "meta" and torch.is_autocast_enabled(device)
     )
 
 

@@ -328,6 +328,22 @@ def test_compile_fullgraph_small_cnn(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compile_fullgraph_under_autocast(backend: str) -> None:
+    """fp32 tables meet bf16 queries under autocast (``aanet train --amp --compile``): the dtype
+    check that allows it must trace with fullgraph (torch 2.11's Dynamo could not trace
+    ``torch.amp.is_autocast_available``)."""
+    torch._dynamo.reset()
+    layer = AAConv2d(8, 16, 3, dk=8, dv=8, num_heads=2, input_size=6, backend=backend)
+    x = torch.randn(2, 8, 6, 6)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = compiled(x)
+        expected = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_export_and_compile_with_dynamic_batch_and_map_size(backend: str) -> None:
     # One traced program for every batch and map size: the tables are resized symbolically and the
     # op takes a symbolic map size. Dim.AUTO: PyTorch cannot prove Min(w, w * w) == w, a guard it
