@@ -13,6 +13,7 @@ import torch
 
 from aanet.datasets.augment import augment_sample
 from aanet.datasets.dataset import to_tensor
+from aanet.datasets.images import read_image
 from aanet.model import AANet
 
 log = logging.getLogger("aanet.predict")
@@ -97,9 +98,10 @@ def predict_image(
     """
     if not Path(image_path).is_file():
         raise FileNotFoundError(f"image: no such file: {image_path}")
-    image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"image: {image_path} is not an image OpenCV can decode")
+    try:
+        image = read_image(image_path)
+    except OSError as exc:
+        raise ValueError(f"image: {image_path} is not an image that decodes ({exc})") from exc
     if box is not None:
         boxes = [checked_box(box, image.shape[1], image.shape[0])]
     else:

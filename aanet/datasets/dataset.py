@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from aanet.datasets.augment import NO_AUGMENT, AugmentConfig, augment_sample
+from aanet.datasets.images import read_image
 from aanet.datasets.records import DataError, Record
 
 MEAN = np.array([0.5, 0.5, 0.5], dtype=np.float32)
@@ -51,13 +51,16 @@ class LandmarkDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
-        image = cv2.imread(str(record.image_path), cv2.IMREAD_COLOR)
-        if image is None:  # the header was checked at load time (validate_record), the data not
+        try:
+            image = read_image(record.image_path)
+        except (
+            OSError
+        ) as exc:  # the header was checked at load time (validate_record), the data not
             raise DataError(
                 record.where,
                 f"cannot decode image {record.image_path} (its header reads, its data does not: "
-                f"a truncated or damaged file; replace it or remove its line)",
-            )
+                f"a truncated or damaged file; replace it or remove its line): {exc}",
+            ) from exc
         rng = None
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])

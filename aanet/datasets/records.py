@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from aanet.datasets.images import upright_size
+
 log = logging.getLogger("aanet.data")
 
 ON_ERROR_CHOICES = ("skip", "stop")
@@ -92,7 +94,7 @@ def validate_record(record: Record, tolerance: float = 0.0) -> None:
         raise DataError(record.where, f"image not found: {record.image_path}")
     try:
         with Image.open(record.image_path) as image:
-            width, height = image.size
+            width, height = upright_size(image)
     except OSError as exc:
         raise DataError(record.where, f"unreadable image {record.image_path}: {exc}") from exc
     if not np.isfinite(record.landmarks).all():

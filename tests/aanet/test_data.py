@@ -149,6 +149,49 @@ def test_an_image_whose_data_does_not_decode_is_named_when_read(tmp_path):
     assert str(DataError("list.txt:3: cannot decode")) == "list.txt:3: cannot decode"
 
 
+def test_a_truncated_jpeg_is_named_not_read_as_grey(tmp_path):
+    """OpenCV decodes a cut-off JPEG without an error, the missing rows grey; the dataset must
+    refuse it as it does a cut-off PNG (WFLW's images are JPEGs)."""
+    from aanet.datasets.dataset import LandmarkDataset
+
+    root = synthetic.generate(
+        tmp_path, synthetic.SyntheticConfig(num_train=2, num_test=1, image_size=64)
+    )
+    records = wflw.load_wflw(root, "train")
+    jpeg = records[1].image_path.with_suffix(".jpg")
+    cv2.imwrite(str(jpeg), cv2.imread(str(records[1].image_path)))
+    raw = jpeg.read_bytes()
+    jpeg.write_bytes(raw[: len(raw) * 2 // 3])
+    assert cv2.imread(str(jpeg)) is not None  # what OpenCV alone would have trained on
+    records[1] = dataclasses.replace(records[1], image_path=jpeg)
+    data = LandmarkDataset(records, 32)
+    with pytest.raises(DataError, match=f"{records[1].where}: cannot decode image .*truncated"):
+        data[1]
+
+
+def test_images_read_as_opencv_would_upright_by_their_exif_orientation(tmp_path):
+    from PIL import Image
+
+    from aanet.datasets.images import read_image, upright_size
+
+    pixels = cv2.GaussianBlur(
+        (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8), (5, 5), 2
+    )
+    plain, turned, grey = tmp_path / "plain.jpg", tmp_path / "turned.jpg", tmp_path / "grey.png"
+    cv2.imwrite(str(plain), pixels)
+    cv2.imwrite(str(grey), pixels[:, :, 0])
+    image = Image.fromarray(pixels[:, :, ::-1])
+    exif = image.getexif()
+    exif[0x0112] = 6  # stored sideways: turn 90 degrees clockwise to view
+    image.save(turned, exif=exif)
+    for path in (plain, turned, grey):
+        got = read_image(path)
+        np.testing.assert_array_equal(got, cv2.imread(str(path), cv2.IMREAD_COLOR))
+        with Image.open(path) as header:
+            assert upright_size(header) == (got.shape[1], got.shape[0])
+    assert read_image(turned).shape == (30, 20, 3)
+
+
 def _write_pts(path, points, count=None, close=True):
     body = "\n".join(f"{x} {y}" for x, y in points)
     text = f"version: 1\nn_points: {count or len(points)}\n{{\n{body}\n" + ("}\n" if close else "")
