@@ -77,6 +77,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     saved = checkpoint.load(args.checkpoint)
     checkpoint.require(saved, ("model", "config"), args.checkpoint)
     config = config_from_args(args, base=saved["config"])
+    config.check_same_model(make_config(saved["config"]), args.checkpoint)
     device = pick_device(config.device)
     model = load_model(args.checkpoint, device)
     test_set = LandmarkDataset(sources.load_split(config, "test"), config.input_size)
@@ -84,7 +85,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     with use_backend(config.backend), torch.no_grad():
         report = subset_report(predict_errors(model, loader, device, config.amp))
     print(format_table(report))
-    out = Path(args.json or Path(config.out) / "eval.json")
+    out = Path(args.json or Path(args.checkpoint).parent / "eval.json")
     write_json(report, out)
     print(f"wrote {out}")
 
@@ -154,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="NME / FR / AUC on the test set and the WFLW subsets")
     ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--json", help="where to write the report (default: <out>/eval.json)")
+    ev.add_argument(
+        "--json",
+        help="where to write the report (default: eval.json beside the checkpoint)",
+    )
     _add_config_flags(ev)
     ev.set_defaults(func=_cmd_evaluate)
 

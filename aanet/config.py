@@ -69,6 +69,23 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check_same_model(self, trained: Config, checkpoint: Path | str) -> None:
+        """Refuse options that describe another network than the one ``checkpoint`` holds
+        (trained with ``trained``): evaluation runs that model as it is, so a crop size it was
+        not trained at, say, would only give a wrong NME."""
+        mine, theirs = self.model_config(), trained.model_config()
+        if mine.num_points != theirs.num_points:
+            raise ValueError(
+                f"data: {checkpoint} predicts {theirs.num_points} landmarks (trained on "
+                f"{trained.data!r}), the {self.data!r} data has {mine.num_points}"
+            )
+        for name, value in asdict(mine).items():
+            if value != getattr(theirs, name):
+                raise ValueError(
+                    f"{name}: {checkpoint} was trained with {name}={getattr(theirs, name)}; "
+                    f"evaluation runs that model as saved, got {name}={value}"
+                )
+
 
 def read_config_file(path: Path | str) -> dict[str, Any]:
     """Keys and values of a ``.yaml``/``.yml`` (needs PyYAML) or ``.json`` file; a bare name such

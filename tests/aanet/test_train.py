@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -282,6 +284,36 @@ def test_evaluate_cli_writes_table_and_json(trained, tmp_path, capsys):
     confidence = report["confidence"]
     assert 0.0 <= confidence["median"] <= 1.0 and -1.0 <= confidence["rank_correlation"] <= 1.0
     assert "NME %" in capsys.readouterr().out
+
+
+def test_evaluate_writes_beside_the_checkpoint_it_was_given(trained, tmp_path):
+    """A checkpoint copied elsewhere: its report goes beside the copy, not over the report of the
+    run that trained it."""
+    copy = tmp_path / "elsewhere" / "model.pt"
+    copy.parent.mkdir()
+    shutil.copy(Path(trained.out) / "last.pt", copy)
+    original = Path(trained.out) / "eval.json"
+    before = original.read_bytes() if original.exists() else None
+    assert main(["evaluate", "--checkpoint", str(copy)]) == 0
+    assert json.loads((copy.parent / "eval.json").read_text())["full"]["count"] == 8
+    assert (original.read_bytes() if original.exists() else None) == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--input-size", "64"], "input_size: .* was trained with input_size=32"),
+        (["--no-attention"], "attention: .* was trained with attention=True"),
+        (["--width", "32"], "width: .* was trained with width=16"),
+        (["--data", "300w", "--test-root", "x"], "data: .* predicts 98 landmarks"),
+    ],
+)
+def test_evaluate_refuses_options_that_describe_another_model(trained, flags, message, capsys):
+    """Until 2026-12-01 ``--input-size 64`` on a model trained at 32 cropped the test set at 64
+    and reported the wrong NME without a word."""
+    checkpoint = str(Path(trained.out) / "last.pt")
+    assert main(["evaluate", "--checkpoint", checkpoint, *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 @pytest.mark.gpu
