@@ -109,7 +109,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         )
     json_path = out.with_suffix(".json") if args.json else None
     write_results(annotated, faces, out, json_path)
-    print(f"{len(faces)} face(s); wrote {out}" + (f" and {json_path}" if json_path else ""))
+    # With --json, stdout is the JSON alone (for a pipe), so the summary goes to stderr.
+    summary = f"{len(faces)} face(s); wrote {out}" + (f" and {json_path}" if json_path else "")
+    print(summary, file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps({"faces": faces}))
 
