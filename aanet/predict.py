@@ -77,10 +77,10 @@ def checked_box(box: Any, width: int, height: int) -> np.ndarray:
     x0, y0, x1, y1 = values if values.size == 4 else (np.nan,) * 4
     if not (np.isfinite(values).all() and x0 < x1 and y0 < y1):
         raise ValueError(
-            f"box: expected finite (x0, y0, x1, y1) with x0 < x1 and y0 < y1, got {list(values)}"
+            f"box: expected finite (x0, y0, x1, y1) with x0 < x1 and y0 < y1, got {values.tolist()}"
         )
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-        raise ValueError(f"box: {list(values)} lies outside the {width}x{height} image")
+        raise ValueError(f"box: {values.tolist()} lies outside the {width}x{height} image")
     return values.astype(np.float32)
 
 

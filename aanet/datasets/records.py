@@ -83,9 +83,10 @@ class BadDataLog:
             )
 
 
-def validate_record(record: Record, tolerance: float = 0.0) -> None:
+def validate_record(record: Record, tolerance: float = 0.5) -> None:
     """Raise :class:`DataError` if the image is missing or unreadable, the face box is empty or
-    not finite, or a point lies outside the image.
+    not finite, or a point lies more than ``tolerance`` outside the pixel centres (pixel centres
+    are at integers, so the default 0.5 is the image's edge: ``[-0.5, width - 0.5]``).
 
     Only the image header is read (PIL opens lazily), so this is cheap enough to run on every
     record at load time instead of failing later inside a DataLoader worker.

@@ -61,7 +61,7 @@ def parse_pts(path: Path) -> np.ndarray:
 
 
 def _image_for(pts: Path) -> Path:
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in (*IMAGE_SUFFIXES, *(s.upper() for s in IMAGE_SUFFIXES)):  # A.png, A.JPG, ...
         candidate = pts.with_suffix(suffix)
         if candidate.is_file():
             return candidate

@@ -243,6 +243,24 @@ def test_wflw_flip_map_matches_a_mirrored_frontal_face():
             assert np.sign(canon[i, 0]) == -np.sign(canon[j, 0])
 
 
+def test_300w_points_on_the_image_edge_and_upper_case_suffixes(tmp_path):
+    """A point within half a pixel of the border lies on the image (pixel centres at integers);
+    until 2026-12-01 1-based x = 0.7 (0-based -0.3) dropped the face. ``A.JPG`` is found too."""
+    points = np.random.default_rng(2).uniform(5, 60, size=(68, 2)).round(3)
+    edge = points.copy()
+    edge[0] = (0.7, 64.4)  # 0-based (-0.3, 63.4): inside the 64 x 64 image's pixel area
+    _write_pts(tmp_path / "edge.pts", edge)
+    cv2.imwrite(str(tmp_path / "edge.JPG"), np.zeros((64, 64, 3), np.uint8))
+    beyond = points.copy()
+    beyond[0] = (0.4, 30.0)  # 0-based -0.6: off the image
+    _write_pts(tmp_path / "off.pts", beyond)
+    cv2.imwrite(str(tmp_path / "off.png"), np.zeros((64, 64, 3), np.uint8))
+    records = w300.load_300w(tmp_path, on_error="skip")
+    assert [r.image_path.name for r in records] == ["edge.JPG"]
+    with pytest.raises(DataError, match="1 points outside the 64x64 image"):
+        w300.load_300w(tmp_path, on_error="stop")
+
+
 def test_300w_flip_map_semantics():
     """Points named by 300W's index meanings: the map pairs them across the face."""
     mapping = W300.flip_map
