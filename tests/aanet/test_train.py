@@ -246,7 +246,7 @@ def test_predict_names_a_missing_or_undecodable_image(trained, tmp_path):
         predict_image(model, tmp_path / "missing.png", torch.device("cpu"))
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(ValueError, match="image: .*notes.png is not an image OpenCV can decode"):
+    with pytest.raises(ValueError, match="image: .*notes.png is not an image that decodes"):
         predict_image(model, text, torch.device("cpu"))
 
 
