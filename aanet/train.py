@@ -258,6 +258,7 @@ def train(
                 total += float(loss.detach())
                 rate = seen / (time.perf_counter() - began)
                 bar.set_postfix(loss=f"{total / (step - skipped):.4g}", img_s=f"{rate:.1f}")
+            trained_lr = optimizer.param_groups[0]["lr"]  # step() sets the next epoch's
             scheduler.step()
             if group.world > 1:
                 # DDP keeps parameters in step but each rank's BatchNorm statistics follow its own
@@ -268,7 +269,7 @@ def train(
             row = {
                 "epoch": epoch + 1, "train_loss": total / max(1, len(train_loader) - skipped),
                 "skipped_steps": skipped,
-                "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
+                "lr": trained_lr, "images_per_s": seen / seconds,
                 "seconds": seconds,
             }  # fmt: skip
             if group.main:

@@ -133,9 +133,19 @@ def test_resume_with_more_epochs_continues_one_longer_cosine(tmp_path):
     train(first, progress=False)
     resumed = train(dataclasses.replace(first, epochs=3), resume="auto", progress=False)
     lrs = [row["lr"] for row in resumed["history"]]
-    cosine = [first.lr * (1 + np.cos(np.pi * e / 3)) / 2 for e in (2, 3)]
-    assert lrs[0] == pytest.approx(0.0, abs=1e-12)  # the end of the 1-epoch run
+    cosine = [first.lr * (1 + np.cos(np.pi * e / 3)) / 2 for e in (1, 2)]
+    assert lrs[0] == first.lr  # the 1-epoch run's only epoch
     assert lrs[1:] == pytest.approx(cosine, abs=1e-12)
+
+
+def test_the_lr_column_is_the_rate_the_epoch_trained_with(trained):
+    """Epoch 1 trains at ``lr`` itself (the rate after ``scheduler.step()`` is the next epoch's:
+    0 after a 1-epoch run's only epoch)."""
+    saved = torch.load(Path(trained.out) / "last.pt", weights_only=False)
+    assert [row["lr"] for row in saved["history"]] == [trained.lr]
+    rows = (Path(trained.out) / "log.csv").read_text().splitlines()
+    column = rows[0].split(",").index("lr")
+    assert float(rows[1].split(",")[column]) == trained.lr
 
 
 def test_a_batch_larger_than_the_training_set_is_refused(tmp_path):
