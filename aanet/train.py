@@ -112,19 +112,24 @@ def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, D
     return train, test, sampler
 
 
-def stretch_schedule(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, epochs: int) -> None:
-    """Give a resumed cosine schedule the run's ``epochs`` (``--epochs 60 --resume`` after a
-    30-epoch run continues on one 60-epoch cosine from the current epoch, instead of the loaded
-    30-epoch one climbing back up). The learning rate is set to the new curve's value now; the
-    scheduler's steps then follow that curve."""
-    if scheduler.T_max == epochs:
-        return
-    scheduler.T_max = epochs
-    progress = min(scheduler.last_epoch, epochs) / epochs
-    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
-        group["lr"] = (
-            scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * progress)) / 2
-        )
+def follow_config(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, config: Config) -> None:
+    """Make a loaded optimizer and cosine schedule train with the run's ``epochs``, ``lr`` and
+    ``weight_decay`` (``load_state_dict`` brings back the checkpoint's). With another ``--epochs``
+    or ``--lr`` the run continues on the new cosine from the current epoch (``--epochs 60`` after
+    a 30-epoch run: one 60-epoch cosine, not the loaded one climbing back up): the learning rate
+    is set to the new curve's value now and the scheduler's steps then follow that curve."""
+    groups = scheduler.optimizer.param_groups
+    for group in groups:
+        group["weight_decay"] = config.weight_decay
+    bases = [config.lr] * len(groups)
+    if scheduler.T_max == config.epochs and scheduler.base_lrs == bases:
+        return  # the loaded rate is already on this curve (re-placing it could move it an ulp)
+    scheduler.T_max, scheduler.base_lrs = config.epochs, bases
+    progress = min(scheduler.last_epoch, config.epochs) / config.epochs
+    eta_min = scheduler.eta_min
+    for group in groups:
+        group["initial_lr"] = config.lr
+        group["lr"] = eta_min + (config.lr - eta_min) * (1 + math.cos(math.pi * progress)) / 2
 
 
 def loss_is_finite(loss: torch.Tensor, group: Dist) -> bool:
@@ -213,7 +218,7 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        stretch_schedule(scheduler, config.epochs)
+        follow_config(scheduler, config)
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         history, start = state["history"], state["epoch"] + 1

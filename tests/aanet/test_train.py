@@ -138,6 +138,26 @@ def test_resume_with_more_epochs_continues_one_longer_cosine(tmp_path):
     assert lrs[1:] == pytest.approx(cosine, abs=1e-12)
 
 
+def test_resume_with_another_lr_and_weight_decay_trains_with_them(tmp_path):
+    """``--resume --lr 2e-3 --weight-decay 1e-4`` after an epoch at 1e-3 and no decay: the
+    optimizer and schedule take the new values (``load_state_dict`` would bring back the old ones
+    while the checkpoint's config recorded the new), the rate on the new base's cosine."""
+    first = tiny_config(tmp_path, epochs=3)
+    train(first, progress=False, stop_after=1)
+    second = dataclasses.replace(first, lr=2e-3, weight_decay=1e-4)
+    resumed = train(second, resume="auto", progress=False, stop_after=1)
+    lrs = [row["lr"] for row in resumed["history"]]
+    assert lrs[0] == first.lr
+    assert lrs[1] == pytest.approx(second.lr * (1 + np.cos(np.pi / 3)) / 2, abs=1e-12)
+    saved = torch.load(Path(first.out) / "last.pt", weights_only=False)
+    assert saved["config"] == second.to_dict()
+    assert saved["scheduler"]["base_lrs"] == [second.lr]
+    for group in saved["optimizer"]["param_groups"]:
+        assert group["weight_decay"] == second.weight_decay and group["initial_lr"] == second.lr
+        # After epoch 2's step: the rate epoch 3 trains with.
+        assert group["lr"] == pytest.approx(second.lr * (1 + np.cos(2 * np.pi / 3)) / 2, abs=1e-12)
+
+
 def test_the_lr_column_is_the_rate_the_epoch_trained_with(trained):
     """Epoch 1 trains at ``lr`` itself (the rate after ``scheduler.step()`` is the next epoch's:
     0 after a 1-epoch run's only epoch)."""
