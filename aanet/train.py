@@ -141,6 +141,16 @@ def loss_is_finite(loss: torch.Tensor, group: Dist) -> bool:
     return bool(finite.item())
 
 
+def mean_over_ranks(total: float, steps: int, device: torch.device) -> float:
+    """``total / steps`` with both summed over the ranks of an initialised group: under DDP the
+    mean over every rank's steps, not over this rank's shard only."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return total / max(1, steps)
+    sums = torch.tensor([total, float(steps)], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return sums[0].item() / max(1.0, sums[1].item())
+
+
 def handle_nonfinite_loss(
     policy: str, loss: torch.Tensor, epoch: int, step: int, saved: Path
 ) -> None:
@@ -271,9 +281,9 @@ def train(
                 for buffer in model.buffers():
                     dist.broadcast(buffer, 0)
             seconds = time.perf_counter() - began
+            train_loss = mean_over_ranks(total, len(train_loader) - skipped, device)
             row = {
-                "epoch": epoch + 1, "train_loss": total / max(1, len(train_loader) - skipped),
-                "skipped_steps": skipped,
+                "epoch": epoch + 1, "train_loss": train_loss, "skipped_steps": skipped,
                 "lr": trained_lr, "images_per_s": seen / seconds,
                 "seconds": seconds,
             }  # fmt: skip

@@ -209,22 +209,40 @@ def test_checkpoint_is_written_atomically(tmp_path):
     assert (tmp_path / "c.pt").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
-def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
-    config = tiny_config(tmp_path, epochs=1, batch_size=8)
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Config:
+    """A 1-epoch run of two CPU processes under ``torch.distributed.run`` (gloo)."""
+    config = tiny_config(tmp_path_factory.mktemp("ddp"), epochs=1, batch_size=8)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_port=0" if False else "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
         str(HERE / "ddp_worker.py"), json.dumps(config.to_dict()),
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    return config
+
+
+def test_ddp_two_cpu_processes_keep_replicas_identical(ddp_run):
+    config = ddp_run
     rank0 = torch.load(Path(config.out) / "rank0.pt")
     rank1 = torch.load(Path(config.out) / "rank1.pt")
     fresh = build_model(config.model_config()).state_dict()
     assert any(not torch.equal(rank0[k], fresh[k]) for k in rank0)  # it did train
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
+
+
+def test_ddp_train_loss_is_the_mean_over_every_ranks_steps(ddp_run):
+    """Not rank 0's shard only: the logged loss averages both ranks' steps."""
+    out = Path(ddp_run.out)
+    losses = [json.loads((out / f"rank{rank}_losses.json").read_text()) for rank in (0, 1)]
+    assert len(losses[0]) == len(losses[1]) == 2  # 16 images, 2 ranks, 4 a step
+    every = losses[0] + losses[1]
+    logged = torch.load(out / "last.pt", weights_only=False)["history"][0]["train_loss"]
+    assert logged == pytest.approx(sum(every) / len(every), rel=1e-12)
+    assert logged != pytest.approx(sum(losses[0]) / len(losses[0]), rel=1e-6)
 
 
 def test_predict_writes_image_and_json(trained, tmp_path, capsys):
