@@ -112,19 +112,24 @@ def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, D
     return train, test, sampler
 
 
-def stretch_schedule(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, epochs: int) -> None:
-    """Give a resumed cosine schedule the run's ``epochs`` (``--epochs 60 --resume`` after a
-    30-epoch run continues on one 60-epoch cosine from the current epoch, instead of the loaded
-    30-epoch one climbing back up). The learning rate is set to the new curve's value now; the
-    scheduler's steps then follow that curve."""
-    if scheduler.T_max == epochs:
-        return
-    scheduler.T_max = epochs
-    progress = min(scheduler.last_epoch, epochs) / epochs
-    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
-        group["lr"] = (
-            scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * progress)) / 2
-        )
+def follow_config(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, config: Config) -> None:
+    """Make a loaded optimizer and cosine schedule train with the run's ``epochs``, ``lr`` and
+    ``weight_decay`` (``load_state_dict`` brings back the checkpoint's). With another ``--epochs``
+    or ``--lr`` the run continues on the new cosine from the current epoch (``--epochs 60`` after
+    a 30-epoch run: one 60-epoch cosine, not the loaded one climbing back up): the learning rate
+    is set to the new curve's value now and the scheduler's steps then follow that curve."""
+    groups = scheduler.optimizer.param_groups
+    for group in groups:
+        group["weight_decay"] = config.weight_decay
+    bases = [config.lr] * len(groups)
+    if scheduler.T_max == config.epochs and scheduler.base_lrs == bases:
+        return  # the loaded rate is already on this curve (re-placing it could move it an ulp)
+    scheduler.T_max, scheduler.base_lrs = config.epochs, bases
+    progress = min(scheduler.last_epoch, config.epochs) / config.epochs
+    eta_min = scheduler.eta_min
+    for group in groups:
+        group["initial_lr"] = config.lr
+        group["lr"] = eta_min + (config.lr - eta_min) * (1 + math.cos(math.pi * progress)) / 2
 
 
 def loss_is_finite(loss: torch.Tensor, group: Dist) -> bool:
@@ -134,6 +139,16 @@ def loss_is_finite(loss: torch.Tensor, group: Dist) -> bool:
     if group.world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
+
+
+def mean_over_ranks(total: float, steps: int, device: torch.device) -> float:
+    """``total / steps`` with both summed over the ranks of an initialised group: under DDP the
+    mean over every rank's steps, not over this rank's shard only."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return total / max(1, steps)
+    sums = torch.tensor([total, float(steps)], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return sums[0].item() / max(1.0, sums[1].item())
 
 
 def handle_nonfinite_loss(
@@ -213,7 +228,7 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        stretch_schedule(scheduler, config.epochs)
+        follow_config(scheduler, config)
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         history, start = state["history"], state["epoch"] + 1
@@ -258,6 +273,7 @@ def train(
                 total += float(loss.detach())
                 rate = seen / (time.perf_counter() - began)
                 bar.set_postfix(loss=f"{total / (step - skipped):.4g}", img_s=f"{rate:.1f}")
+            trained_lr = optimizer.param_groups[0]["lr"]  # step() sets the next epoch's
             scheduler.step()
             if group.world > 1:
                 # DDP keeps parameters in step but each rank's BatchNorm statistics follow its own
@@ -265,10 +281,10 @@ def train(
                 for buffer in model.buffers():
                     dist.broadcast(buffer, 0)
             seconds = time.perf_counter() - began
+            train_loss = mean_over_ranks(total, len(train_loader) - skipped, device)
             row = {
-                "epoch": epoch + 1, "train_loss": total / max(1, len(train_loader) - skipped),
-                "skipped_steps": skipped,
-                "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
+                "epoch": epoch + 1, "train_loss": train_loss, "skipped_steps": skipped,
+                "lr": trained_lr, "images_per_s": seen / seconds,
                 "seconds": seconds,
             }  # fmt: skip
             if group.main:

@@ -1,4 +1,5 @@
-"""Run by ``torch.distributed.run`` in the DDP test: train, then save this rank's weights."""
+"""Run by ``torch.distributed.run`` in the DDP tests: train, then save this rank's weights and
+the loss of each of its steps."""
 
 from __future__ import annotations
 
@@ -8,11 +9,33 @@ import sys
 
 import torch
 
+import aanet.train
 from aanet.config import make_config
-from aanet.train import train
+
+
+def record_losses(losses: list[float]) -> None:
+    """Make ``aanet.train`` append every training step's loss to ``losses``."""
+    build = aanet.train.build_training_loss
+
+    def build_recording(*args):
+        loss_fn = build(*args)
+
+        def recording(*inputs):
+            loss = loss_fn(*inputs)
+            losses.append(float(loss.detach()))
+            return loss
+
+        return recording
+
+    aanet.train.build_training_loss = build_recording
+
 
 if __name__ == "__main__":
     config = make_config(json.loads(sys.argv[1]))
-    result = train(config, progress=False)
+    losses: list[float] = []
+    record_losses(losses)
+    result = aanet.train.train(config, progress=False)
     rank = int(os.environ["RANK"])
     torch.save(result["model"].state_dict(), os.path.join(config.out, f"rank{rank}.pt"))
+    with open(os.path.join(config.out, f"rank{rank}_losses.json"), "w") as handle:
+        json.dump(losses, handle)

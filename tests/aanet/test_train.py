@@ -135,9 +135,39 @@ def test_resume_with_more_epochs_continues_one_longer_cosine(tmp_path):
     train(first, progress=False)
     resumed = train(dataclasses.replace(first, epochs=3), resume="auto", progress=False)
     lrs = [row["lr"] for row in resumed["history"]]
-    cosine = [first.lr * (1 + np.cos(np.pi * e / 3)) / 2 for e in (2, 3)]
-    assert lrs[0] == pytest.approx(0.0, abs=1e-12)  # the end of the 1-epoch run
+    cosine = [first.lr * (1 + np.cos(np.pi * e / 3)) / 2 for e in (1, 2)]
+    assert lrs[0] == first.lr  # the 1-epoch run's only epoch
     assert lrs[1:] == pytest.approx(cosine, abs=1e-12)
+
+
+def test_resume_with_another_lr_and_weight_decay_trains_with_them(tmp_path):
+    """``--resume --lr 2e-3 --weight-decay 1e-4`` after an epoch at 1e-3 and no decay: the
+    optimizer and schedule take the new values (``load_state_dict`` would bring back the old ones
+    while the checkpoint's config recorded the new), the rate on the new base's cosine."""
+    first = tiny_config(tmp_path, epochs=3)
+    train(first, progress=False, stop_after=1)
+    second = dataclasses.replace(first, lr=2e-3, weight_decay=1e-4)
+    resumed = train(second, resume="auto", progress=False, stop_after=1)
+    lrs = [row["lr"] for row in resumed["history"]]
+    assert lrs[0] == first.lr
+    assert lrs[1] == pytest.approx(second.lr * (1 + np.cos(np.pi / 3)) / 2, abs=1e-12)
+    saved = torch.load(Path(first.out) / "last.pt", weights_only=False)
+    assert saved["config"] == second.to_dict()
+    assert saved["scheduler"]["base_lrs"] == [second.lr]
+    for group in saved["optimizer"]["param_groups"]:
+        assert group["weight_decay"] == second.weight_decay and group["initial_lr"] == second.lr
+        # After epoch 2's step: the rate epoch 3 trains with.
+        assert group["lr"] == pytest.approx(second.lr * (1 + np.cos(2 * np.pi / 3)) / 2, abs=1e-12)
+
+
+def test_the_lr_column_is_the_rate_the_epoch_trained_with(trained):
+    """Epoch 1 trains at ``lr`` itself (the rate after ``scheduler.step()`` is the next epoch's:
+    0 after a 1-epoch run's only epoch)."""
+    saved = torch.load(Path(trained.out) / "last.pt", weights_only=False)
+    assert [row["lr"] for row in saved["history"]] == [trained.lr]
+    rows = (Path(trained.out) / "log.csv").read_text().splitlines()
+    column = rows[0].split(",").index("lr")
+    assert float(rows[1].split(",")[column]) == trained.lr
 
 
 def test_a_batch_larger_than_the_training_set_is_refused(tmp_path):
@@ -181,22 +211,40 @@ def test_checkpoint_is_written_atomically(tmp_path):
     assert (tmp_path / "c.pt").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
-def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
-    config = tiny_config(tmp_path, epochs=1, batch_size=8)
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Config:
+    """A 1-epoch run of two CPU processes under ``torch.distributed.run`` (gloo)."""
+    config = tiny_config(tmp_path_factory.mktemp("ddp"), epochs=1, batch_size=8)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_port=0" if False else "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
         str(HERE / "ddp_worker.py"), json.dumps(config.to_dict()),
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    return config
+
+
+def test_ddp_two_cpu_processes_keep_replicas_identical(ddp_run):
+    config = ddp_run
     rank0 = torch.load(Path(config.out) / "rank0.pt")
     rank1 = torch.load(Path(config.out) / "rank1.pt")
     fresh = build_model(config.model_config()).state_dict()
     assert any(not torch.equal(rank0[k], fresh[k]) for k in rank0)  # it did train
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
+
+
+def test_ddp_train_loss_is_the_mean_over_every_ranks_steps(ddp_run):
+    """Not rank 0's shard only: the logged loss averages both ranks' steps."""
+    out = Path(ddp_run.out)
+    losses = [json.loads((out / f"rank{rank}_losses.json").read_text()) for rank in (0, 1)]
+    assert len(losses[0]) == len(losses[1]) == 2  # 16 images, 2 ranks, 4 a step
+    every = losses[0] + losses[1]
+    logged = torch.load(out / "last.pt", weights_only=False)["history"][0]["train_loss"]
+    assert logged == pytest.approx(sum(every) / len(every), rel=1e-12)
+    assert logged != pytest.approx(sum(losses[0]) / len(losses[0]), rel=1e-6)
 
 
 def test_predict_writes_image_and_json(trained, tmp_path, capsys):
