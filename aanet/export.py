@@ -45,6 +45,9 @@ def export(
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
     path = Path(path)
+    if fmt == "export" and path.suffix != ".pt2":
+        # torch.export.save writes a .pt2 archive whatever the name; load then warns on others.
+        raise ValueError(f"output: a torch.export file is a .pt2 archive, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _Landmarks(model.eval())
     size = model.config.input_size

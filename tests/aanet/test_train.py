@@ -313,6 +313,9 @@ def test_predict_without_a_face_warns_and_uses_the_whole_image(trained, tmp_path
 def test_export_matches_eager(trained, tmp_path):
     model = load_model(Path(trained.out) / "last.pt")
     assert export(model, tmp_path / "model.pt2", "export") <= 1e-4
+    with pytest.raises(ValueError, match="output: a torch.export file is a .pt2 archive"):
+        export(model, tmp_path / "model.pt", "export")
+    assert not (tmp_path / "model.pt").exists()
 
 
 @pytest.mark.parametrize("attention", [True, False], ids=["attention", "no-attention"])
