@@ -140,12 +140,11 @@ def forward_ad_active() -> bool:
     return torch.autograd.forward_ad._current_level >= 0
 
 
-def attention_2d_autograd(
-    fwd_op: OpOverload, bwd_op: OpOverload
-) -> Callable[..., tuple[Tensor, Tensor]]:
+def attention_2d_autograd(fwd_op: OpOverload, bwd_op: OpOverload) -> Callable[..., Tensor]:
     """Autograd for a forward op ``(q, k, v, bias_h, bias_w, height, width, scale) -> (out, lse)``
-    whose gradients come from ``bwd_op`` (the ``attention_2d_bwd`` signature); returns the forward
-    that the public :func:`attention_2d` calls.
+    whose gradients come from ``bwd_op`` (the ``attention_2d_bwd`` signature); returns the
+    differentiable forward, ``(q, k, v, bias_h, bias_w, height, width, scale) -> out``, that the
+    public :func:`attention_2d` calls.
 
     The autograd is registered on the op itself (for callers of ``torch.ops`` and for compiled
     graphs) and, for eager calls, is also an ``autograd.Function`` that ``torch.func`` transforms
@@ -229,13 +228,24 @@ def attention_2d_autograd(
         def forward(q, k, v, bias_h, bias_w, height, width, scale):  # type: ignore[no-untyped-def]
             return fwd_op(q, k, v, bias_h, bias_w, height, width, scale)
 
-    def differentiable_fwd(*args: object) -> tuple[Tensor, Tensor]:
+    def differentiable_fwd(*args: object) -> Tensor:
         # The op with its registered autograd where that suffices: in a compiled graph (Dynamo
         # refuses an autograd.Function with a jvp) and in plain eager calls (the Function costs
         # a Python call more); the Function under a torch.func transform or forward-mode AD.
+        if torch.compiler.is_compiling():
+            # Forward mode inside a compiled region (jvp, jacfwd, dual tensors): the registered
+            # autograd has no forward formula, and the tangent would be dropped without a word;
+            # the reference path has one and compiles. (Dynamo tracks the forward-AD level; it
+            # does not report functorch's interpreter stack faithfully.)
+            if forward_ad_active():
+                q, k, v, bias_h, bias_w, height, width, scale = args
+                return reference.attention_2d_reference(
+                    q, k, v, bias_h, bias_w, height=height, width=width, scale=scale
+                )
+            return fwd_op(*args)[0]
         transformed = torch._C._functorch.peek_interpreter_stack() is not None
-        if torch.compiler.is_compiling() or not (transformed or forward_ad_active()):
-            return fwd_op(*args)
-        return Attention2dFunction.apply(*args)
+        if not (transformed or forward_ad_active()):
+            return fwd_op(*args)[0]
+        return Attention2dFunction.apply(*args)[0]
 
     return differentiable_fwd

@@ -110,5 +110,4 @@ def attention_2d(
         from aanet_kernels._triton import attention_2d_triton
 
         return attention_2d_triton(q, k, v, bias_h, bias_w, height, width, scale)
-    out, _ = extension_attention_2d(q, k, v, bias_h, bias_w, height, width, scale)
-    return out
+    return extension_attention_2d(q, k, v, bias_h, bias_w, height, width, scale)

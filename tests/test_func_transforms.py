@@ -143,6 +143,42 @@ def test_torch_compile_of_vmap_matches_eager() -> None:
     )
 
 
+@needs_extension
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "dual"])
+def test_forward_mode_inside_torch_compile_matches_eager(transform: str) -> None:
+    """Forward mode inside a compiled region: until 2026-12-01 the compiled graph took the op's
+    registered autograd, which has no forward formula, and the tangent came out zero (jvp) or
+    absent (dual tensors) without an error. Against the reference path in eager, fp64."""
+    q, k, v, bias_h, bias_w = make_inputs(checks.TINY, torch.float64, seed=61)
+    tangent = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(62))
+
+    def through(backend: str):  # type: ignore[no-untyped-def]
+        attend = checks.attention(backend, checks.TINY)
+
+        def of_q(x: torch.Tensor) -> torch.Tensor:
+            return attend(x, k, v, bias_h, bias_w)
+
+        if transform == "jvp":
+            return lambda x, t: jvp(of_q, (x,), (t,))[1]
+        if transform == "jacfwd":
+            return lambda x, t: torch.func.jacfwd(of_q)(x)
+        return lambda x, t: dual_tangent(of_q, x, t)
+
+    expected = through("reference")(q, tangent)
+    torch._dynamo.reset()
+    got = torch.compile(through("cpu"), fullgraph=True, backend="aot_eager")(q, tangent)
+    assert got is not None and got.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def dual_tangent(f, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The tangent of ``f`` at ``x`` along ``t`` through ``torch.autograd.forward_ad``."""
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        return fwad.unpack_dual(f(fwad.make_dual(x, t))).tangent
+
+
 SHAPE_LIMITS = {"batch": 2, "heads": 2, "height": 4, "width": 5, "dkh": 4, "dvh": 3}
 BROADCASTS = [(False, False), (True, False), (False, True), (True, True)]  # size 1: batch, heads
 

@@ -276,5 +276,4 @@ def attention_2d_triton(
     scale: float,
 ) -> Tensor:
     """``attention_2d`` on the Triton kernels, with autograd (the caller has checked the inputs)."""
-    out, _ = triton_attention_2d(q, k, v, bias_h, bias_w, height, width, scale)
-    return out
+    return triton_attention_2d(q, k, v, bias_h, bias_w, height, width, scale)
