@@ -80,7 +80,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     config.check_same_model(make_config(saved["config"]), args.checkpoint)
     device = pick_device(config.device)
     model = load_model(args.checkpoint, device)
-    test_set = LandmarkDataset(sources.load_split(config, "test"), config.input_size)
+    try:
+        records = sources.load_split(config, "test")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{error} (the data paths come from the checkpoint's config, relative to where it was "
+            "trained; give --data-root / --test-root for this directory)"
+        ) from error
+    test_set = LandmarkDataset(records, config.input_size)
     loader = DataLoader(test_set, batch_size=config.batch_size, num_workers=config.workers)
     with use_backend(config.backend), torch.no_grad():
         report = subset_report(predict_errors(model, loader, device, config.amp))

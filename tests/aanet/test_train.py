@@ -352,6 +352,13 @@ def test_evaluate_writes_beside_the_checkpoint_it_was_given(trained, tmp_path):
     assert (original.read_bytes() if original.exists() else None) == before
 
 
+def test_evaluate_elsewhere_says_which_option_gives_the_data(trained, tmp_path, capsys):
+    checkpoint = str(Path(trained.out) / "last.pt")
+    missing = str(tmp_path / "no-data")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data-root", missing]) == 2
+    assert "give --data-root / --test-root" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
