@@ -70,7 +70,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from aanet.datasets import sources
     from aanet.datasets.dataset import LandmarkDataset
     from aanet.evaluate import format_table, predict_errors, subset_report, write_json
-    from aanet.inference import load_model
+    from aanet.inference import model_from_state
     from aanet.train import pick_device
     from aanet_kernels import use_backend
 
@@ -79,7 +79,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     config = config_from_args(args, base=saved["config"])
     config.check_same_model(make_config(saved["config"]), args.checkpoint)
     device = pick_device(config.device)
-    model = load_model(args.checkpoint, device)
+    model = model_from_state(saved, device)
     try:
         records = sources.load_split(config, "test")
     except FileNotFoundError as error:

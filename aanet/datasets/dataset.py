@@ -51,11 +51,9 @@ class LandmarkDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
-        try:
+        try:  # the header was checked at load time (validate_record), the data not
             image = read_image(record.image_path)
-        except (
-            OSError
-        ) as exc:  # the header was checked at load time (validate_record), the data not
+        except OSError as exc:
             raise DataError(
                 record.where,
                 f"cannot decode image {record.image_path} (its header reads, its data does not: "
