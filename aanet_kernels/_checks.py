@@ -42,8 +42,9 @@ def check_attention_2d_inputs(
     height: int,
     width: int,
     scale: float = 1.0,
-) -> None:
-    """Raise ``ValueError``/``TypeError`` if the inputs break the ``attention_2d`` contract."""
+) -> tuple[int, int]:
+    """Raise ``ValueError``/``TypeError`` if the inputs break the ``attention_2d`` contract;
+    return ``(height, width)`` as ints (see :func:`check_map_size`)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -65,7 +66,7 @@ def check_attention_2d_inputs(
             raise ValueError(
                 f"{name}: expected device {q.device} (the device of q), got {t.device}"
             )
-    check_map_size(height, width)
+    height, width = check_map_size(height, width)
     # numbers.Real: NumPy scalars are taken too.
     real = isinstance(scale, int | float | numbers.Real) and not isinstance(scale, bool)
     # A comparison, not math.isfinite: Dynamo with dynamic=True cannot trace math.isfinite even on
@@ -107,3 +108,4 @@ def check_attention_2d_inputs(
                 f"= (B, Nh, L, {label}), "
                 f"B and Nh may be 1 to broadcast, got {tuple(t.shape)}"
             )
+    return height, width

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from aanet_kernels import reference
 from aanet_kernels._autograd import Bias, attention_2d_autograd
-from aanet_kernels._checks import check_attention_2d_inputs, check_map_size
+from aanet_kernels._checks import check_attention_2d_inputs
 from aanet_kernels._extension import extension_loaded
 from aanet_kernels.backends import resolve_backend
 
@@ -98,8 +98,7 @@ def attention_2d(
     Returns:
         ``(B, Nh, L, dvh)``. A query whose logits are all ``-inf`` gets zeros (and zero gradients).
     """
-    check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale)
-    height, width = check_map_size(height, width)
+    height, width = check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale)
     scale = float(scale)
     name = resolve_backend(backend, q.device, max(q.shape[-1], v.shape[-1]))
     if name == "reference":
