@@ -115,7 +115,7 @@ def unfold_vmap_dim(tensor: Tensor, size: int) -> tuple[Tensor, int | None]:
     return tensor.unflatten(0, (size, tensor.shape[0] // size)), 0
 
 
-def register_batch_folding_vmap(op: OpOverload, num_tensors: int, query_index: int) -> None:
+def batch_folding_vmap(op: OpOverload, num_tensors: int, query_index: int) -> Callable[..., tuple]:
     """``vmap`` of an attention op as one call on a bigger batch, since the kernels are batched
     over ``B`` already (without a rule, PyTorch would call the op once per vmapped element). The
     op's first ``num_tensors`` arguments are the tensors, the query among them at
@@ -132,7 +132,22 @@ def register_batch_folding_vmap(op: OpOverload, num_tensors: int, query_index: i
         outputs = [unfold_vmap_dim(t, info.batch_size) for t in op(*folded, *rest)]
         return tuple(t for t, _ in outputs), tuple(d for _, d in outputs)
 
-    torch.library.register_vmap(op, batched)
+    return batched
+
+
+# The autograd kernels of the forward ops (kept alive here: a Library unregisters when freed).
+# allow_override: the Triton ops are torch.library.triton_op ops, which come with an autograd
+# kernel of their own that has no formula.
+_LIBRARY = torch.library.Library("aanet_kernels", "IMPL")
+
+
+def differentiated(args: tuple[object, ...]) -> bool:
+    """Whether a call of a forward op with ``args`` is being differentiated: in reverse mode (grad
+    mode and an input requiring grad) or in forward mode (a dual level open; an input may be
+    dual)."""
+    if torch._C._is_fwd_grad_enabled() and forward_ad_active():
+        return True
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
 def forward_ad_active() -> bool:
@@ -146,13 +161,17 @@ def attention_2d_autograd(fwd_op: OpOverload, bwd_op: OpOverload) -> Callable[..
     differentiable forward, ``(q, k, v, bias_h, bias_w, height, width, scale) -> out``, that the
     public :func:`attention_2d` calls.
 
-    The autograd is registered on the op itself (for callers of ``torch.ops`` and for compiled
-    graphs) and, for eager calls, is also an ``autograd.Function`` that ``torch.func`` transforms
-    take (they refuse the one ``register_autograd`` generates): ``grad``, ``vjp``, ``jacrev``;
-    ``jvp``, ``jacfwd`` and forward-mode AD through :func:`reference.attention_2d_reference_jvp`;
-    ``vmap`` by folding into the batch (:func:`register_batch_folding_vmap`). The fused gradients
-    are an ``autograd.Function`` too, whose own derivatives (:func:`reference_second_order`,
-    :func:`reference_second_order_jvp`) go through the reference path."""
+    The autograd is an ``autograd.Function`` registered as the op's own kernel, so callers of
+    ``torch.ops``, compiled graphs and ``torch.func`` transforms all get it: reverse mode through
+    ``bwd_op``; ``jvp``, ``jacfwd`` and forward-mode AD through
+    :func:`reference.attention_2d_reference_jvp`; ``vmap`` by folding into the batch
+    (:func:`batch_folding_vmap`). It is registered twice: at the ``Autograd`` key, and at the
+    key where ``torch.func`` transforms enter the dispatcher, because an ``autograd.Function``
+    applied from inside an ``Autograd`` kernel cannot reach the transforms (which is why the
+    function ``torch.library.register_autograd`` generates is refused by them:
+    pytorch/pytorch#168393, #179652). The fused gradients are an ``autograd.Function`` too,
+    whose own derivatives (:func:`reference_second_order`, :func:`reference_second_order_jvp`)
+    go through the reference path."""
 
     def fused_gradients(grad_out, q, k, v, bias_h, bias_w, out, lse, height, width, scale):  # type: ignore[no-untyped-def]
         """``(dq, dk, dv, dbias_h, dbias_w)`` from ``bwd_op``, a broadcast bias's gradient summed
@@ -214,38 +233,42 @@ def attention_2d_autograd(fwd_op: OpOverload, bwd_op: OpOverload) -> Callable[..
         )
         return dout, None
 
-    torch.library.register_autograd(fwd_op, fused_backward, setup_context=save_context)
-    register_batch_folding_vmap(fwd_op, num_tensors=5, query_index=0)
-    register_batch_folding_vmap(bwd_op, num_tensors=8, query_index=1)
-
     class Attention2dFunction(torch.autograd.Function):
-        generate_vmap_rule = True  # vmap of forward, backward and jvp, each op folding as above
+        vmap = staticmethod(batch_folding_vmap(fwd_op, num_tensors=5, query_index=0))
         setup_context = staticmethod(save_context)
         backward = staticmethod(fused_backward)
         jvp = staticmethod(reference_jvp)
 
         @staticmethod
         def forward(q, k, v, bias_h, bias_w, height, width, scale):  # type: ignore[no-untyped-def]
+            # Grad and forward grad are off in here, so the op passes its autograd kernel by.
             return fwd_op(q, k, v, bias_h, bias_w, height, width, scale)
 
+    def autograd_kernel(keyset, *args):  # type: ignore[no-untyped-def]
+        if differentiated(args):
+            return Attention2dFunction.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return fwd_op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    def transform_kernel(*args):  # type: ignore[no-untyped-def]
+        # Reached only while a torch.func transform is active; the Function hands the call to
+        # the innermost transform, which peels one level and calls the op again beneath it.
+        return Attention2dFunction.apply(*args)
+
+    name = fwd_op._schema.name.split("::")[1]
+    _LIBRARY.impl(name, autograd_kernel, "Autograd", with_keyset=True, allow_override=True)
+    _LIBRARY.impl(name, transform_kernel, "FuncTorchDynamicLayerFrontMode", allow_override=True)
+    torch.library.register_vmap(bwd_op, batch_folding_vmap(bwd_op, num_tensors=8, query_index=1))
+
     def differentiable_fwd(*args: object) -> Tensor:
-        # The op with its registered autograd where that suffices: in a compiled graph (Dynamo
-        # refuses an autograd.Function with a jvp) and in plain eager calls (the Function costs
-        # a Python call more); the Function under a torch.func transform or forward-mode AD.
-        if torch.compiler.is_compiling():
-            # Forward mode inside a compiled region (jvp, jacfwd, dual tensors): the registered
-            # autograd has no forward formula, and the tangent would be dropped without a word;
-            # the reference path has one and compiles. (Dynamo tracks the forward-AD level; it
-            # does not report functorch's interpreter stack faithfully.)
-            if forward_ad_active():
-                q, k, v, bias_h, bias_w, height, width, scale = args
-                return reference.attention_2d_reference(
-                    q, k, v, bias_h, bias_w, height=height, width=width, scale=scale
-                )
-            return fwd_op(*args)[0]
-        transformed = torch._C._functorch.peek_interpreter_stack() is not None
-        if not (transformed or forward_ad_active()):
-            return fwd_op(*args)[0]
-        return Attention2dFunction.apply(*args)[0]
+        # Dual tensors inside a compiled region: the op's tangent is dropped without a word
+        # there (as of torch 2.14); the reference path has a forward formula and compiles.
+        # (Dynamo tracks the forward-AD level faithfully.)
+        if torch.compiler.is_compiling() and forward_ad_active():
+            q, k, v, bias_h, bias_w, height, width, scale = args
+            return reference.attention_2d_reference(
+                q, k, v, bias_h, bias_w, height=height, width=width, scale=scale
+            )
+        return fwd_op(*args)[0]
 
     return differentiable_fwd

@@ -5,8 +5,10 @@ inputs: by the same transform, or by plain autograd element by element."""
 
 from __future__ import annotations
 
+import contextlib
+import unittest.mock
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -15,6 +17,7 @@ from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves
 
 import aanet_kernels as ak
+from aanet_kernels import reference
 from tests.attention_cases import Case, make_inputs
 
 CASE = Case(2, 3, 3, 5, 8, 4)  # H != W, dkh != dvh, L = 15 (no block size)
@@ -188,3 +191,67 @@ CHECKS = [
     check_second_order,
     check_gradcheck_every_mode,
 ]
+
+
+@contextlib.contextmanager
+def refusing_the_reference_path() -> Iterator[None]:
+    """The reference path made to fail while inside: for the checks that a first derivative uses
+    the fused backward."""
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the reference path was used for a first derivative")
+
+    with unittest.mock.patch.object(reference, "attention_2d_reference", refuse):
+        yield
+
+
+REVERSE_TRANSFORMS = ("grad", "vjp", "jacrev", "vmap_grad", "hessian")
+
+
+def reverse_transform(transform: str, backend: str, fixed: tuple) -> Callable[..., object]:
+    """``(q, bias_h) -> ...`` under ``transform`` of attention on TINY, with ``fixed = (k, v,
+    bias_w, weight)`` held constant (``weight`` weighs the output in the losses and is the vjp's
+    cotangent)."""
+    k, v, bias_w, weight = fixed
+    attend = attention(backend, TINY)
+
+    def out(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return attend(x, k, v, b, bias_w)
+
+    def loss(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (out(x, b) * weight).square().sum()
+
+    if transform == "grad":
+        return grad(loss, argnums=(0, 1))
+    if transform == "vjp":
+        return lambda x, b: vjp(out, x, b)[1](weight)
+    if transform == "jacrev":
+        return jacrev(out, argnums=(0, 1))
+    if transform == "vmap_grad":  # per-sample gradients: q and bias_h stacked along a new dim
+        per_sample = vmap(grad(loss, argnums=(0, 1)))
+        return lambda x, b: per_sample(torch.stack([x, -0.5 * x]), torch.stack([b, b.flip(-1)]))
+    return lambda x, b: hessian(lambda y: out(y, b).sum())(x)
+
+
+def check_reverse_mode_inside_compile(backend: str, device: str, transform: str) -> None:
+    """grad, vjp, jacrev, vmap(grad) and hessian inside torch.compile(fullgraph=True) over a fused
+    backend: until 2026-12-01 Dynamo refused them (the autograd.Function that
+    torch.library.register_autograd generates has no setup_context for torch.func,
+    pytorch/pytorch#168393). Against the same transform over the reference path in eager, fp64;
+    first derivatives must not touch the reference path (it is made to fail)."""
+    q, k, v, bias_h, bias_w = make_inputs(TINY, torch.float64, device, seed=63)
+    gen = torch.Generator().manual_seed(64)
+    weight = torch.randn(q.shape[:-1] + v.shape[-1:], generator=gen, dtype=torch.float64)
+    fixed = (k, v, bias_w, weight.to(device))
+    expected = reverse_transform(transform, "reference", fixed)(q, bias_h)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        reverse_transform(transform, backend, fixed), fullgraph=True, backend="aot_eager"
+    )
+    with contextlib.ExitStack() as stack:
+        if transform != "hessian":  # a second derivative goes through the reference by design
+            stack.enter_context(refusing_the_reference_path())
+        found = compiled(q, bias_h)
+    for got, want in zip(tree_leaves(found), tree_leaves(expected), strict=True):
+        assert got.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
