@@ -160,15 +160,22 @@ using aanet_kernels::cuda::Tensor4;
 namespace detail = aanet_kernels::cuda::detail;
 
 // Runs `kernel` over the grid, block after block, with one OS thread per CUDA thread.
+// `smem_bytes` is the dynamic shared memory the launcher in ../*.cuh asks for: the buffer past it
+// is filled with a second pattern and checked after each block, since a GPU would fault (or
+// corrupt another block's memory) where the emulation's larger buffer does not.
 template <class Kernel>
-void run_grid(Kernel kernel, EmulatedDim3 grid, int threads, const Attention2dParams& p) {
+void run_grid(
+    Kernel kernel, EmulatedDim3 grid, int threads, const Attention2dParams& p, size_t smem_bytes) {
   TORCH_CHECK(threads <= 32 * kMaxWarps, "emulation: too many threads per block");
+  TORCH_CHECK(smem_bytes <= sizeof(detail::smem), "emulation: shared buffer too small");
+  constexpr unsigned char kBeyond = 0xA5;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = {x, y, z};
         blockDim = {static_cast<unsigned>(threads), 1, 1};
-        std::memset(detail::smem, 0xFF, sizeof(detail::smem));  // garbage, NaN as floats
+        std::memset(detail::smem, 0xFF, smem_bytes);  // garbage, NaN as floats
+        std::memset(detail::smem + smem_bytes, kBeyond, sizeof(detail::smem) - smem_bytes);
         std::barrier<> block_barrier(threads);
         g_block_barrier = &block_barrier;
         std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
@@ -188,6 +195,10 @@ void run_grid(Kernel kernel, EmulatedDim3 grid, int threads, const Attention2dPa
         }
         TORCH_CHECK(!g_ldmatrix_misaligned.exchange(false),
                     "emulation: an ldmatrix row address is not 16-byte aligned");
+        for (size_t o = smem_bytes; o < sizeof(detail::smem); ++o) {
+          TORCH_CHECK(detail::smem[o] == kBeyond, "emulation: a block wrote shared memory at byte ",
+                      o, ", past the ", smem_bytes, " bytes its launch asks for");
+        }
       }
     }
   }
@@ -240,10 +251,11 @@ std::vector<at::Tensor> forward_backward_tiles(
   if constexpr (detail::kTensorCore<T>) {
     using S = detail::FwdMmaTiles<T, D>;
     const EmulatedDim3 fwd_grid{blocks(p.length, S::BM), blocks(p.heads, 1), blocks(p.batch, 1)};
-    run_grid(detail::attention_2d_fwd_mma_kernel<T, D>, fwd_grid, S::kThreads, p);
+    run_grid(detail::attention_2d_fwd_mma_kernel<T, D>, fwd_grid, S::kThreads, p, S::kBytes);
   } else {
     const EmulatedDim3 fwd_grid{blocks(p.length, detail::FwdSmem<T, D>::BM), blocks(p.heads, 1), blocks(p.batch, 1)};
-    run_grid(detail::attention_2d_fwd_kernel<T, D>, fwd_grid, Tiles::kThreads, p);
+    run_grid(detail::attention_2d_fwd_kernel<T, D>, fwd_grid, Tiles::kThreads, p,
+             detail::FwdSmem<T, D>::kBytes);
   }
 
   at::Tensor dq = at::full(q.sizes(), NAN, q.options());
@@ -261,17 +273,19 @@ std::vector<at::Tensor> forward_backward_tiles(
   p.dbias_h = bias_h.defined() ? dbias_h.data_ptr() : nullptr;
   p.dbias_w = bias_w.defined() ? dbias_w.data_ptr() : nullptr;
   const int64_t n_rows = static_cast<int64_t>(p.batch) * p.heads * p.length;
-  run_grid(detail::attention_2d_delta_kernel<T>, {blocks(n_rows, 256), 1, 1}, 256, p);
+  run_grid(detail::attention_2d_delta_kernel<T>, {blocks(n_rows, 256), 1, 1}, 256, p, 0);
   const unsigned heads = blocks(p.heads, 1), batch = blocks(p.batch, 1);
   if constexpr (detail::kTensorCore<T>) {
     using S = detail::BwdMmaTiles<T, D>;
-    run_grid(detail::attention_2d_bwd_dkdv_mma_kernel<T, D>, {static_cast<unsigned>(S::dkdv_blocks(p)), heads, batch}, S::kThreads, p);
-    run_grid(detail::attention_2d_bwd_dq_mma_kernel<T, D>, {static_cast<unsigned>(S::dq_blocks(p)), heads, batch}, S::kThreads, p);
+    run_grid(detail::attention_2d_bwd_dkdv_mma_kernel<T, D>, {static_cast<unsigned>(S::dkdv_blocks(p)), heads, batch}, S::kThreads, p, S::kKvBytes);
+    run_grid(detail::attention_2d_bwd_dq_mma_kernel<T, D>, {static_cast<unsigned>(S::dq_blocks(p)), heads, batch}, S::kThreads, p, S::kDqBytes);
   } else {
     const EmulatedDim3 dkdv_grid{blocks(p.length, detail::BwdSmem<T, D, true>::BN), heads, batch};
-    run_grid(detail::attention_2d_bwd_dkdv_kernel<T, D>, dkdv_grid, Tiles::kThreads, p);
+    run_grid(detail::attention_2d_bwd_dkdv_kernel<T, D>, dkdv_grid, Tiles::kThreads, p,
+             detail::BwdSmem<T, D, true>::kBytes);
     const EmulatedDim3 dq_grid{blocks(p.length, detail::BwdSmem<T, D, false>::BM), heads, batch};
-    run_grid(detail::attention_2d_bwd_dq_kernel<T, D>, dq_grid, Tiles::kThreads, p);
+    run_grid(detail::attention_2d_bwd_dq_kernel<T, D>, dq_grid, Tiles::kThreads, p,
+             detail::BwdSmem<T, D, false>::kBytes);
   }
   return {out, lse, dq, dk, dv, dbias_h, dbias_w};
 }
