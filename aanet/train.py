@@ -26,6 +26,7 @@ from aanet.evaluate import amp_dtype, predict_errors, subset_report
 from aanet.losses import build_training_loss
 from aanet.metrics import summarize
 from aanet.model import HEATMAP_STRIDE, build_model
+from aanet.ranks import is_main_process
 from aanet_kernels import use_backend
 
 log = logging.getLogger("aanet.train")
@@ -50,10 +51,6 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 def init_distributed(device: torch.device) -> Dist:
@@ -88,7 +85,7 @@ def _barrier(group: Dist) -> None:
 
 def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     """Augmented, sharded training loader and plain test loader."""
-    if group.main:
+    if is_main_process():
         sources.prepare(config)
     _barrier(group)
     train_set = LandmarkDataset(
@@ -211,7 +208,7 @@ def train(
     group = init_distributed(torch.device("cuda" if config.device.startswith("cuda") else "cpu"))
     device = pick_device(config.device, group.local_rank)
     out = Path(config.out)
-    if group.main:
+    if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = build_model(config.model_config()).to(device)  # before the data: a bad shape fails fast
@@ -232,7 +229,7 @@ def train(
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         history, start = state["history"], state["epoch"] + 1
-        if group.main:
+        if is_main_process():
             log.info("resumed from %s at epoch %d", path, start)
     net = (
         DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -253,7 +250,7 @@ def train(
             began, seen, total, skipped = time.perf_counter(), 0, 0.0, 0
             bar = tqdm(
                 train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                disable=not (progress and group.main), dynamic_ncols=True,
+                disable=not (progress and is_main_process()), dynamic_ncols=True,
             )  # fmt: skip
             for step, batch in enumerate(bar, start=1):
                 images = batch["image"].to(device, non_blocking=True)
@@ -287,7 +284,7 @@ def train(
                 "lr": trained_lr, "images_per_s": seen / seconds,
                 "seconds": seconds,
             }  # fmt: skip
-            if group.main:
+            if is_main_process():
                 metrics = summarize(
                     predict_errors(model, test_loader, device, config.amp).face_errors
                 )
@@ -310,6 +307,6 @@ def train(
             _barrier(group)
 
     result: dict[str, Any] = {"history": history, "out": str(out), "model": model}
-    if group.main:
+    if is_main_process():
         result["report"] = subset_report(predict_errors(model, test_loader, device, config.amp))
     return result

@@ -18,7 +18,7 @@ import torch
 
 from aanet.cli import main
 from aanet.config import Config
-from aanet.datasets import synthetic
+from aanet.datasets import synthetic, wflw
 from aanet.datasets.augment import AugmentConfig
 from aanet.datasets.dataset import LandmarkDataset
 from aanet.datasets.wflw import load_wflw
@@ -211,19 +211,72 @@ def test_checkpoint_is_written_atomically(tmp_path):
     assert (tmp_path / "c.pt").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
+def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``args`` run by two CPU processes under ``torch.distributed.run`` (gloo)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", *args,
+    ]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Config:
     """A 1-epoch run of two CPU processes under ``torch.distributed.run`` (gloo)."""
     config = tiny_config(tmp_path_factory.mktemp("ddp"), epochs=1, batch_size=8)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
-        str(HERE / "ddp_worker.py"), json.dumps(config.to_dict()),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    done = torchrun(str(HERE / "ddp_worker.py"), json.dumps(config.to_dict()))
     assert done.returncode == 0, done.stderr[-3000:]
     return config
+
+
+def ddp_command(config: Config, *args: str) -> subprocess.CompletedProcess:
+    """``aanet train`` as configured (a JSON config file beside its output), two processes."""
+    path = Path(config.out).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config.to_dict()))
+    return torchrun("-m", "aanet", "train", "--config", str(path), *args)
+
+
+def tiny_data(config: Config) -> Path:
+    """The synthetic set ``config`` asks for, written now (training will reuse it)."""
+    wanted = synthetic.SyntheticConfig(
+        config.num_train, config.num_test, config.image_size, config.seed
+    )
+    return synthetic.generate(config.data_root, wanted)
+
+
+@pytest.fixture(scope="module")
+def ddp_cli_run(tmp_path_factory) -> tuple[Config, subprocess.CompletedProcess]:
+    """``aanet train`` under ``torchrun`` with its progress bar, on data with one bad line."""
+    config = tiny_config(tmp_path_factory.mktemp("ddp_cli"), epochs=1)
+    annotations = wflw.annotation_file(tiny_data(config), "train")
+    good = annotations.read_text().splitlines()[0].split()
+    with annotations.open("a") as handle:
+        handle.write(" ".join([*good[:-1], "synthetic_train/missing.png"]) + "\n")
+    done = ddp_command(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return config, done
+
+
+def test_ddp_warns_about_bad_data_once_not_once_per_rank(ddp_cli_run):
+    _, done = ddp_cli_run
+    assert done.stderr.count("skipped 1 bad entries") == 1, done.stderr[-3000:]
+    assert done.stderr.count("epoch 1: loss") == 1
+
+
+def test_ddp_an_image_that_fails_on_one_rank_ends_every_rank_naming_it(tmp_path):
+    """A truncated image (its header reads: found only when its rank reads it) stops that rank;
+    the other, waiting in the step's all-reduce, ends too instead of waiting for a timeout, and
+    each error line says which rank it comes from."""
+    config = tiny_config(tmp_path, epochs=1)
+    image = wflw.load_wflw(tiny_data(config), "train")[3].image_path
+    jpeg = cv2.imencode(".jpg", cv2.imread(str(image)))[1].tobytes()
+    image.write_bytes(jpeg[: len(jpeg) * 2 // 3])  # a JPEG under a .png name: Pillow reads both
+    done = ddp_command(config, "--no-progress")
+    assert done.returncode != 0
+    failed = r"aanet train: error on rank [01] of 2: .*:4: cannot decode image"
+    assert re.search(failed, done.stderr), done.stderr[-3000:]
 
 
 def test_ddp_two_cpu_processes_keep_replicas_identical(ddp_run):
