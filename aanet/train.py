@@ -129,23 +129,14 @@ def follow_config(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, config:
         group["lr"] = eta_min + (config.lr - eta_min) * (1 + math.cos(math.pi * progress)) / 2
 
 
-def loss_is_finite(loss: torch.Tensor, group: Dist) -> bool:
-    """Whether the loss is finite on every rank (under DDP all ranks must skip a step together,
-    or the gradient all-reduce of the others would wait forever)."""
-    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+def mean_over_ranks(loss: torch.Tensor, group: Dist) -> float:
+    """This step's loss averaged over the ranks, non-finite if any rank's is. It is the one
+    all-reduce (of one number) a step needs anyway: under DDP all ranks must skip or stop at a
+    non-finite loss together, or the gradient all-reduce of the others would wait forever."""
+    value = loss.detach().to(torch.float64).reshape(1)
     if group.world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
-
-
-def mean_over_ranks(total: float, steps: int, device: torch.device) -> float:
-    """``total / steps`` with both summed over the ranks of an initialised group: under DDP the
-    mean over every rank's steps, not over this rank's shard only."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return total / max(1, steps)
-    sums = torch.tensor([total, float(steps)], dtype=torch.float64, device=device)
-    dist.all_reduce(sums)
-    return sums[0].item() / max(1.0, sums[1].item())
+        dist.all_reduce(value)
+    return value.item() / group.world
 
 
 def handle_nonfinite_loss(
@@ -259,7 +250,8 @@ def train(
                     coords, _, logits = train_net(images)
                 loss = loss_fn(coords.float(), logits, target, HEATMAP_STRIDE)
                 optimizer.zero_grad(set_to_none=True)
-                if not loss_is_finite(loss, group):
+                step_loss = mean_over_ranks(loss, group)
+                if not math.isfinite(step_loss):
                     handle_nonfinite_loss(config.on_nan, loss, epoch + 1, step, out / "last.pt")
                     skipped += 1
                     continue
@@ -267,7 +259,7 @@ def train(
                 scaler.step(optimizer)
                 scaler.update()
                 seen += len(images) * group.world
-                total += float(loss.detach())
+                total += step_loss  # so the bar shows what log.csv will: every rank's mean
                 rate = seen / (time.perf_counter() - began)
                 bar.set_postfix(loss=f"{total / (step - skipped):.4g}", img_s=f"{rate:.1f}")
             trained_lr = optimizer.param_groups[0]["lr"]  # step() sets the next epoch's
@@ -278,7 +270,7 @@ def train(
                 for buffer in model.buffers():
                     dist.broadcast(buffer, 0)
             seconds = time.perf_counter() - began
-            train_loss = mean_over_ranks(total, len(train_loader) - skipped, device)
+            train_loss = total / max(1, len(train_loader) - skipped)
             row = {
                 "epoch": epoch + 1, "train_loss": train_loss, "skipped_steps": skipped,
                 "lr": trained_lr, "images_per_s": seen / seconds,

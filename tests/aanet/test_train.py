@@ -265,6 +265,16 @@ def test_ddp_warns_about_bad_data_once_not_once_per_rank(ddp_cli_run):
     assert done.stderr.count("epoch 1: loss") == 1
 
 
+def test_ddp_progress_bar_shows_the_loss_over_every_rank_as_logged(ddp_cli_run):
+    """One bar (rank 0's), its running loss the mean over both ranks' steps: at the epoch's end
+    the value the log line and ``log.csv`` get (until 2026-12-01 rank 0's own running loss)."""
+    _, done = ddp_cli_run
+    shown = re.findall(r"epoch 1/1: 100%.*?loss=([^,\]]+)", done.stderr)
+    logged = re.findall(r"epoch 1: loss ([^,]+),", done.stderr)
+    assert shown and len(logged) == 1, done.stderr[-3000:]
+    assert set(shown) == set(logged)
+
+
 def test_ddp_an_image_that_fails_on_one_rank_ends_every_rank_naming_it(tmp_path):
     """A truncated image (its header reads: found only when its rank reads it) stops that rank;
     the other, waiting in the step's all-reduce, ends too instead of waiting for a timeout, and
