@@ -139,11 +139,22 @@ def mean_over_ranks(loss: torch.Tensor, group: Dist) -> float:
     return value.item() / group.world
 
 
-def handle_nonfinite_loss(
-    policy: str, loss: torch.Tensor, epoch: int, step: int, saved: Path
-) -> None:
-    """``on_nan``: ``stop`` raises an error naming the step, ``skip`` logs and drops the step."""
-    where, value = f"epoch {epoch}, step {step}", float(loss.detach())
+def nonfinite_losses(loss: torch.Tensor, group: Dist) -> str:
+    """The non-finite losses and, under DDP, their ranks (``nan on rank 1``). Every rank calls
+    this at the same step (all see the non-finite mean), so the gather, paid only then, is safe."""
+    value = loss.detach().to(torch.float64).reshape(1)
+    if group.world == 1:
+        return f"{value.item():g}"
+    values = [torch.empty_like(value) for _ in range(group.world)]
+    dist.all_gather(values, value)
+    named = [(rank, v.item()) for rank, v in enumerate(values) if not math.isfinite(v.item())]
+    return ", ".join(f"{v:g} on rank {rank}" for rank, v in named)
+
+
+def handle_nonfinite_loss(policy: str, losses: str, epoch: int, step: int, saved: Path) -> None:
+    """``on_nan``: ``stop`` raises an error naming the step, ``skip`` logs and drops the step;
+    ``losses`` is what :func:`nonfinite_losses` says."""
+    where = f"epoch {epoch}, step {step}"
     if policy == "stop":
         last = (
             f"the last completed epoch is in {saved} (resume with --resume)"
@@ -151,10 +162,10 @@ def handle_nonfinite_loss(
             else "no epoch has completed yet"
         )
         raise FloatingPointError(
-            f"non-finite loss ({value:g}, here or on another rank) at {where}; {last}; pass "
+            f"non-finite loss ({losses}) at {where}; {last}; pass "
             f"--on-nan skip to drop such steps instead"
         )
-    log.warning("non-finite loss (%g) at %s: step skipped (--on-nan skip)", value, where)
+    log.warning("non-finite loss (%s) at %s: step skipped (--on-nan skip)", losses, where)
 
 
 def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
@@ -252,7 +263,8 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = mean_over_ranks(loss, group)
                 if not math.isfinite(step_loss):
-                    handle_nonfinite_loss(config.on_nan, loss, epoch + 1, step, out / "last.pt")
+                    losses = nonfinite_losses(loss, group)
+                    handle_nonfinite_loss(config.on_nan, losses, epoch + 1, step, out / "last.pt")
                     skipped += 1
                     continue
                 scaler.scale(loss).backward()

@@ -230,6 +230,17 @@ def ddp_run(tmp_path_factory) -> Config:
     return config
 
 
+def test_ddp_a_nan_loss_on_one_rank_stops_every_rank_naming_it(tmp_path):
+    """Rank 1's loss is NaN at its second step: both ranks stop there (neither waits in the
+    gradient all-reduce), and the error says whose loss it was (until 2026-12-01 each rank
+    printed its own loss, rank 0 a finite one, "here or on another rank")."""
+    config = tiny_config(tmp_path, epochs=1)
+    done = torchrun(str(HERE / "ddp_worker.py"), json.dumps(config.to_dict()), "1:2", timeout=120)
+    assert done.returncode != 0
+    message = "non-finite loss (nan on rank 1) at epoch 1, step 2; no epoch has completed yet"
+    assert done.stderr.count(message) == 2, done.stderr[-3000:]  # one per rank
+
+
 def ddp_command(config: Config, *args: str) -> subprocess.CompletedProcess:
     """``aanet train`` as configured (a JSON config file beside its output), two processes."""
     path = Path(config.out).with_suffix(".json")
