@@ -286,6 +286,33 @@ def test_ddp_progress_bar_shows_the_loss_over_every_rank_as_logged(ddp_cli_run):
     assert set(shown) == set(logged)
 
 
+def test_ddp_evaluate_runs_once_on_rank_0(ddp_cli_run, tmp_path):
+    """``aanet evaluate`` under ``torchrun``: one table and one report (until 2026-12-01 every
+    rank evaluated, printed the table and wrote the same file at once)."""
+    config, _ = ddp_cli_run
+    out = tmp_path / "eval.json"
+    checkpoint = str(Path(config.out) / "last.pt")
+    done = torchrun("-m", "aanet", "evaluate", "--checkpoint", checkpoint, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("NME %") == 1 and done.stdout.count(f"wrote {out}") == 1
+    assert json.loads(out.read_text())["full"]["count"] == 8
+
+
+def test_aanet_run_on_another_rank_than_0_stops_after_training(tmp_path, monkeypatch):
+    """Under ``torchrun`` rank 1's ``train`` returns no report; ``aanet run`` there has nothing
+    more to do (until 2026-12-01 it failed with ``KeyError: 'report'``, and ``torchrun`` then
+    stopped rank 0 in the middle of its evaluation)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    trained = []
+    monkeypatch.setattr(
+        "aanet.train.train", lambda config, progress: trained.append(config) or {"history": []}
+    )
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    assert len(trained) == 1 and not out.exists()
+
+
 def test_ddp_an_image_that_fails_on_one_rank_ends_every_rank_naming_it(tmp_path):
     """A truncated image (its header reads: found only when its rank reads it) stops that rank;
     the other, waiting in the step's all-reduce, ends too instead of waiting for a timeout, and
