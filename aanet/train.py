@@ -83,8 +83,21 @@ def _barrier(group: Dist) -> None:
         dist.barrier()
 
 
+def per_rank_batch(batch_size: int, world: int) -> int:
+    """The images each of ``world`` ranks takes a step: ``batch_size`` is the step's total, so it
+    must split evenly (7 over 2 ranks would silently train with steps of 6)."""
+    if batch_size % world:
+        nearest = max(world, round(batch_size / world) * world)
+        raise ValueError(
+            f"batch_size: {batch_size} images a step do not split evenly over {world} processes "
+            f"(each takes an equal share); give a multiple of {world}, e.g. {nearest}"
+        )
+    return batch_size // world
+
+
 def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     """Augmented, sharded training loader and plain test loader."""
+    per_rank = per_rank_batch(config.batch_size, group.world)  # before any data is made
     if is_main_process():
         sources.prepare(config)
     _barrier(group)
@@ -96,7 +109,6 @@ def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, D
     sampler = DistributedSampler(
         train_set, group.world, group.rank, shuffle=True, seed=config.seed, drop_last=True
     )
-    per_rank = max(1, config.batch_size // group.world)
     if len(train_set) // group.world < per_rank:
         raise ValueError(
             f"batch_size: {config.batch_size} is more than the {len(train_set)} training images "

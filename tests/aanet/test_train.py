@@ -175,6 +175,15 @@ def test_a_batch_larger_than_the_training_set_is_refused(tmp_path):
         train(tiny_config(tmp_path, batch_size=32), progress=False)
 
 
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
+    """Until 2026-12-01 ``--batch-size 7`` on 2 processes trained with steps of 6, unsaid."""
+    from aanet.train import Dist, make_loaders
+
+    with pytest.raises(ValueError, match="batch_size: 7 images a step do not split evenly over 2"):
+        make_loaders(tiny_config(tmp_path, batch_size=7), Dist(rank=0, world=2))
+    assert not (tmp_path / "data").exists()  # refused before the data was generated
+
+
 def test_compiled_training_follows_eager_training(tmp_path, monkeypatch):
     # aot_eager traces the step as Inductor would (Dynamo, AOT autograd, the fused op in the
     # graph) without minutes of code generation; tests/test_aaconv.py runs Inductor itself.
