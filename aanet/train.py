@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,13 +182,23 @@ def handle_nonfinite_loss(policy: str, losses: str, epoch: int, step: int, saved
     log.warning("non-finite loss (%s) at %s: step skipped (--on-nan skip)", losses, where)
 
 
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; it replaces ``path`` when the block ends
+    without an error (else it is removed), so ``path`` is never half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
+    with _replacing(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, CSV_FIELDS)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
@@ -205,7 +217,8 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     for axis in (left, right):
         axis.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with _replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 

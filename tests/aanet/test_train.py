@@ -230,6 +230,29 @@ def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def test_curves_are_replaced_atomically(tmp_path, monkeypatch):
+    """A plot cut short (a kill, a full disk) leaves the last complete ``curves.png``, as the CSV
+    and the checkpoint do (until 2026-12-01 it was written in place)."""
+    from matplotlib.figure import Figure
+
+    from aanet.train import plot_curves
+
+    history = [{"epoch": 1, "train_loss": 2.0, "test_nme": 0.5}]
+    path = tmp_path / "curves.png"
+    plot_curves(history, path)
+    complete = path.read_bytes()
+
+    def cut_short(self, fname, **options):
+        Path(fname).write_bytes(complete[:100])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        plot_curves(history * 2, path)
+    assert path.read_bytes() == complete
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]  # no temporary left
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Config:
     """A 1-epoch run of two CPU processes under ``torch.distributed.run`` (gloo)."""
