@@ -232,8 +232,10 @@ def train(
     ``resume`` (a path, or ``"auto"`` for ``<out>/last.pt``) continues exactly. ``stop_after``
     ends this call after that many epochs, as an interruption would (the tests use it).
     """
-    group = init_distributed(torch.device("cuda" if config.device.startswith("cuda") else "cpu"))
-    device = pick_device(config.device, group.local_rank)
+    # The device first (torchrun's LOCAL_RANK picks the GPU): it decides the backend, and
+    # `auto` on a GPU machine is NCCL's.
+    device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    group = init_distributed(device)
     out = Path(config.out)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)

@@ -230,6 +230,25 @@ def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def test_ddp_on_gpus_with_device_auto_joins_with_nccl(tmp_path, monkeypatch):
+    """``--device auto`` (the default) on a GPU machine trains on the GPUs, so the group must be
+    NCCL's and each rank on its LOCAL_RANK's GPU (until 2026-12-01 ``auto`` gave gloo)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(str(device)))
+
+    def init_process_group(backend):
+        calls.append(backend)
+        raise InterruptedError  # stop there
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    with pytest.raises(InterruptedError):
+        train(tiny_config(tmp_path, device="auto"), progress=False)
+    assert calls == ["cuda:1", "nccl"]
+
+
 def test_curves_are_replaced_atomically(tmp_path, monkeypatch):
     """A plot cut short (a kill, a full disk) leaves the last complete ``curves.png``, as the CSV
     and the checkpoint do (until 2026-12-01 it was written in place)."""
