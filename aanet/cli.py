@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from aanet.config import Config, make_config, preset_names, read_config_file
+from aanet.ranks import is_main_process, rank_and_world
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -200,14 +201,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``aanet`` console script."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Entry point of the ``aanet`` console script. Under ``torchrun`` only rank 0 logs below
+    the error level (every rank reads the same data: its warnings would repeat once per rank),
+    an error names the rank that raised it, and commands other than ``train`` and ``run`` run on
+    rank 0 alone."""
+    level = logging.INFO if is_main_process() else logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    rank, world = rank_and_world()
+    if world > 1 and args.command not in ("train", "run"):
+        # One process's work (two would print twice and write the same files at once).
+        if rank > 0:
+            return 0
+        logging.getLogger("aanet").info(
+            "aanet %s runs in one process: rank 0 does it, the other ranks exit", args.command
+        )
     try:
         args.func(args)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
         if args.debug:
             raise
-        print(f"aanet {args.command}: error: {error} (aanet --debug: traceback)", file=sys.stderr)
+        where = f" on rank {rank} of {world}" if world > 1 else ""
+        print(
+            f"aanet {args.command}: error{where}: {error} (aanet --debug: traceback)",
+            file=sys.stderr,
+        )
         return 2
     return 0

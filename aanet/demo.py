@@ -9,6 +9,7 @@ import numpy as np
 
 from aanet.config import Config
 from aanet.evaluate import format_table, write_json
+from aanet.ranks import is_main_process
 
 log = logging.getLogger("aanet.run")
 
@@ -27,7 +28,8 @@ def demo_photo(path: Path, seed: int = 12345, size: int = 320) -> np.ndarray:
 
 def run_demo(config: Config, progress: bool = True) -> dict[str, dict[str, float]]:
     """Generate the synthetic set, train, evaluate (table + JSON), predict on a photo, export;
-    returns the evaluation report (``aanet.evaluate.subset_report``)."""
+    returns the evaluation report (``aanet.evaluate.subset_report``). Under ``torchrun`` every
+    rank trains and rank 0 alone does the rest (the other ranks return ``{}``)."""
     import cv2
 
     from aanet.export import export
@@ -38,6 +40,8 @@ def run_demo(config: Config, progress: bool = True) -> dict[str, dict[str, float
 
     out = Path(config.out)
     result = train(config, progress=progress)
+    if not is_main_process():
+        return {}
     report = result["report"]
     write_json(report, out / "eval.json")
     device = pick_device(config.device)

@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from aanet.evaluate import amp_dtype, predict_errors, subset_report
 from aanet.losses import build_training_loss
 from aanet.metrics import summarize
 from aanet.model import HEATMAP_STRIDE, build_model
+from aanet.ranks import is_main_process
 from aanet_kernels import use_backend
 
 log = logging.getLogger("aanet.train")
@@ -50,10 +53,6 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 def init_distributed(device: torch.device) -> Dist:
@@ -86,9 +85,22 @@ def _barrier(group: Dist) -> None:
         dist.barrier()
 
 
+def per_rank_batch(batch_size: int, world: int) -> int:
+    """The images each of ``world`` ranks takes a step: ``batch_size`` is the step's total, so it
+    must split evenly (7 over 2 ranks would silently train with steps of 6)."""
+    if batch_size % world:
+        nearest = max(world, round(batch_size / world) * world)
+        raise ValueError(
+            f"batch_size: {batch_size} images a step do not split evenly over {world} processes "
+            f"(each takes an equal share); give a multiple of {world}, e.g. {nearest}"
+        )
+    return batch_size // world
+
+
 def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     """Augmented, sharded training loader and plain test loader."""
-    if group.main:
+    per_rank = per_rank_batch(config.batch_size, group.world)  # before any data is made
+    if is_main_process():
         sources.prepare(config)
     _barrier(group)
     train_set = LandmarkDataset(
@@ -99,7 +111,6 @@ def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, D
     sampler = DistributedSampler(
         train_set, group.world, group.rank, shuffle=True, seed=config.seed, drop_last=True
     )
-    per_rank = max(1, config.batch_size // group.world)
     if len(train_set) // group.world < per_rank:
         raise ValueError(
             f"batch_size: {config.batch_size} is more than the {len(train_set)} training images "
@@ -132,30 +143,32 @@ def follow_config(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, config:
         group["lr"] = eta_min + (config.lr - eta_min) * (1 + math.cos(math.pi * progress)) / 2
 
 
-def loss_is_finite(loss: torch.Tensor, group: Dist) -> bool:
-    """Whether the loss is finite on every rank (under DDP all ranks must skip a step together,
-    or the gradient all-reduce of the others would wait forever)."""
-    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+def mean_over_ranks(loss: torch.Tensor, group: Dist) -> float:
+    """This step's loss averaged over the ranks, non-finite if any rank's is. It is the one
+    all-reduce (of one number) a step needs anyway: under DDP all ranks must skip or stop at a
+    non-finite loss together, or the gradient all-reduce of the others would wait forever."""
+    value = loss.detach().to(torch.float64).reshape(1)
     if group.world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+        dist.all_reduce(value)
+    return value.item() / group.world
 
 
-def mean_over_ranks(total: float, steps: int, device: torch.device) -> float:
-    """``total / steps`` with both summed over the ranks of an initialised group: under DDP the
-    mean over every rank's steps, not over this rank's shard only."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return total / max(1, steps)
-    sums = torch.tensor([total, float(steps)], dtype=torch.float64, device=device)
-    dist.all_reduce(sums)
-    return sums[0].item() / max(1.0, sums[1].item())
+def nonfinite_losses(loss: torch.Tensor, group: Dist) -> str:
+    """The non-finite losses and, under DDP, their ranks (``nan on rank 1``). Every rank calls
+    this at the same step (all see the non-finite mean), so the gather, paid only then, is safe."""
+    value = loss.detach().to(torch.float64).reshape(1)
+    if group.world == 1:
+        return f"{value.item():g}"
+    values = [torch.empty_like(value) for _ in range(group.world)]
+    dist.all_gather(values, value)
+    named = [(rank, v.item()) for rank, v in enumerate(values) if not math.isfinite(v.item())]
+    return ", ".join(f"{v:g} on rank {rank}" for rank, v in named)
 
 
-def handle_nonfinite_loss(
-    policy: str, loss: torch.Tensor, epoch: int, step: int, saved: Path
-) -> None:
-    """``on_nan``: ``stop`` raises an error naming the step, ``skip`` logs and drops the step."""
-    where, value = f"epoch {epoch}, step {step}", float(loss.detach())
+def handle_nonfinite_loss(policy: str, losses: str, epoch: int, step: int, saved: Path) -> None:
+    """``on_nan``: ``stop`` raises an error naming the step, ``skip`` logs and drops the step;
+    ``losses`` is what :func:`nonfinite_losses` says."""
+    where = f"epoch {epoch}, step {step}"
     if policy == "stop":
         last = (
             f"the last completed epoch is in {saved} (resume with --resume)"
@@ -163,19 +176,29 @@ def handle_nonfinite_loss(
             else "no epoch has completed yet"
         )
         raise FloatingPointError(
-            f"non-finite loss ({value:g}, here or on another rank) at {where}; {last}; pass "
+            f"non-finite loss ({losses}) at {where}; {last}; pass "
             f"--on-nan skip to drop such steps instead"
         )
-    log.warning("non-finite loss (%g) at %s: step skipped (--on-nan skip)", value, where)
+    log.warning("non-finite loss (%s) at %s: step skipped (--on-nan skip)", losses, where)
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; it replaces ``path`` when the block ends
+    without an error (else it is removed), so ``path`` is never half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
+    with _replacing(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, CSV_FIELDS)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
@@ -194,7 +217,8 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     for axis in (left, right):
         axis.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with _replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -208,10 +232,12 @@ def train(
     ``resume`` (a path, or ``"auto"`` for ``<out>/last.pt``) continues exactly. ``stop_after``
     ends this call after that many epochs, as an interruption would (the tests use it).
     """
-    group = init_distributed(torch.device("cuda" if config.device.startswith("cuda") else "cpu"))
-    device = pick_device(config.device, group.local_rank)
+    # The device first (torchrun's LOCAL_RANK picks the GPU): it decides the backend, and
+    # `auto` on a GPU machine is NCCL's.
+    device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    group = init_distributed(device)
     out = Path(config.out)
-    if group.main:
+    if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = build_model(config.model_config()).to(device)  # before the data: a bad shape fails fast
@@ -232,7 +258,7 @@ def train(
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         history, start = state["history"], state["epoch"] + 1
-        if group.main:
+        if is_main_process():
             log.info("resumed from %s at epoch %d", path, start)
     net = (
         DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -253,7 +279,7 @@ def train(
             began, seen, total, skipped = time.perf_counter(), 0, 0.0, 0
             bar = tqdm(
                 train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                disable=not (progress and group.main), dynamic_ncols=True,
+                disable=not (progress and is_main_process()), dynamic_ncols=True,
             )  # fmt: skip
             for step, batch in enumerate(bar, start=1):
                 images = batch["image"].to(device, non_blocking=True)
@@ -262,15 +288,17 @@ def train(
                     coords, _, logits = train_net(images)
                 loss = loss_fn(coords.float(), logits, target, HEATMAP_STRIDE)
                 optimizer.zero_grad(set_to_none=True)
-                if not loss_is_finite(loss, group):
-                    handle_nonfinite_loss(config.on_nan, loss, epoch + 1, step, out / "last.pt")
+                step_loss = mean_over_ranks(loss, group)
+                if not math.isfinite(step_loss):
+                    losses = nonfinite_losses(loss, group)
+                    handle_nonfinite_loss(config.on_nan, losses, epoch + 1, step, out / "last.pt")
                     skipped += 1
                     continue
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 seen += len(images) * group.world
-                total += float(loss.detach())
+                total += step_loss  # so the bar shows what log.csv will: every rank's mean
                 rate = seen / (time.perf_counter() - began)
                 bar.set_postfix(loss=f"{total / (step - skipped):.4g}", img_s=f"{rate:.1f}")
             trained_lr = optimizer.param_groups[0]["lr"]  # step() sets the next epoch's
@@ -281,13 +309,13 @@ def train(
                 for buffer in model.buffers():
                     dist.broadcast(buffer, 0)
             seconds = time.perf_counter() - began
-            train_loss = mean_over_ranks(total, len(train_loader) - skipped, device)
+            train_loss = total / max(1, len(train_loader) - skipped)
             row = {
                 "epoch": epoch + 1, "train_loss": train_loss, "skipped_steps": skipped,
                 "lr": trained_lr, "images_per_s": seen / seconds,
                 "seconds": seconds,
             }  # fmt: skip
-            if group.main:
+            if is_main_process():
                 metrics = summarize(
                     predict_errors(model, test_loader, device, config.amp).face_errors
                 )
@@ -310,6 +338,6 @@ def train(
             _barrier(group)
 
     result: dict[str, Any] = {"history": history, "out": str(out), "model": model}
-    if group.main:
+    if is_main_process():
         result["report"] = subset_report(predict_errors(model, test_loader, device, config.amp))
     return result

@@ -1,5 +1,6 @@
 """Run by ``torch.distributed.run`` in the DDP tests: train, then save this rank's weights and
-the loss of each of its steps."""
+the loss of each of its steps. A second argument ``RANK:STEP`` makes that rank's loss NaN at that
+(1-based) step."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import aanet.train
 from aanet.config import make_config
 
 
-def record_losses(losses: list[float]) -> None:
-    """Make ``aanet.train`` append every training step's loss to ``losses``."""
+def record_losses(losses: list[float], nan_at: int | None = None) -> None:
+    """Make ``aanet.train`` append every training step's loss to ``losses`` (NaN at step
+    ``nan_at``)."""
     build = aanet.train.build_training_loss
 
     def build_recording(*args):
@@ -22,6 +24,8 @@ def record_losses(losses: list[float]) -> None:
 
         def recording(*inputs):
             loss = loss_fn(*inputs)
+            if len(losses) + 1 == nan_at:
+                loss = loss * float("nan")
             losses.append(float(loss.detach()))
             return loss
 
@@ -32,10 +36,11 @@ def record_losses(losses: list[float]) -> None:
 
 if __name__ == "__main__":
     config = make_config(json.loads(sys.argv[1]))
-    losses: list[float] = []
-    record_losses(losses)
-    result = aanet.train.train(config, progress=False)
     rank = int(os.environ["RANK"])
+    poisoned, _, at = sys.argv[2].partition(":") if len(sys.argv) > 2 else ("", "", "")
+    losses: list[float] = []
+    record_losses(losses, int(at) if poisoned == str(rank) else None)
+    result = aanet.train.train(config, progress=False)
     torch.save(result["model"].state_dict(), os.path.join(config.out, f"rank{rank}.pt"))
     with open(os.path.join(config.out, f"rank{rank}_losses.json"), "w") as handle:
         json.dump(losses, handle)

@@ -18,7 +18,7 @@ import torch
 
 from aanet.cli import main
 from aanet.config import Config
-from aanet.datasets import synthetic
+from aanet.datasets import synthetic, wflw
 from aanet.datasets.augment import AugmentConfig
 from aanet.datasets.dataset import LandmarkDataset
 from aanet.datasets.wflw import load_wflw
@@ -175,6 +175,15 @@ def test_a_batch_larger_than_the_training_set_is_refused(tmp_path):
         train(tiny_config(tmp_path, batch_size=32), progress=False)
 
 
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
+    """Until 2026-12-01 ``--batch-size 7`` on 2 processes trained with steps of 6, unsaid."""
+    from aanet.train import Dist, make_loaders
+
+    with pytest.raises(ValueError, match="batch_size: 7 images a step do not split evenly over 2"):
+        make_loaders(tiny_config(tmp_path, batch_size=7), Dist(rank=0, world=2))
+    assert not (tmp_path / "data").exists()  # refused before the data was generated
+
+
 def test_compiled_training_follows_eager_training(tmp_path, monkeypatch):
     # aot_eager traces the step as Inductor would (Dynamo, AOT autograd, the fused op in the
     # graph) without minutes of code generation; tests/test_aaconv.py runs Inductor itself.
@@ -211,19 +220,162 @@ def test_checkpoint_is_written_atomically(tmp_path):
     assert (tmp_path / "c.pt").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
+def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``args`` run by two CPU processes under ``torch.distributed.run`` (gloo)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", *args,
+    ]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ddp_on_gpus_with_device_auto_joins_with_nccl(tmp_path, monkeypatch):
+    """``--device auto`` (the default) on a GPU machine trains on the GPUs, so the group must be
+    NCCL's and each rank on its LOCAL_RANK's GPU (until 2026-12-01 ``auto`` gave gloo)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(str(device)))
+
+    def init_process_group(backend):
+        calls.append(backend)
+        raise InterruptedError  # stop there
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    with pytest.raises(InterruptedError):
+        train(tiny_config(tmp_path, device="auto"), progress=False)
+    assert calls == ["cuda:1", "nccl"]
+
+
+def test_curves_are_replaced_atomically(tmp_path, monkeypatch):
+    """A plot cut short (a kill, a full disk) leaves the last complete ``curves.png``, as the CSV
+    and the checkpoint do (until 2026-12-01 it was written in place)."""
+    from matplotlib.figure import Figure
+
+    from aanet.train import plot_curves
+
+    history = [{"epoch": 1, "train_loss": 2.0, "test_nme": 0.5}]
+    path = tmp_path / "curves.png"
+    plot_curves(history, path)
+    complete = path.read_bytes()
+
+    def cut_short(self, fname, **options):
+        Path(fname).write_bytes(complete[:100])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        plot_curves(history * 2, path)
+    assert path.read_bytes() == complete
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]  # no temporary left
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Config:
     """A 1-epoch run of two CPU processes under ``torch.distributed.run`` (gloo)."""
     config = tiny_config(tmp_path_factory.mktemp("ddp"), epochs=1, batch_size=8)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
-        str(HERE / "ddp_worker.py"), json.dumps(config.to_dict()),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    done = torchrun(str(HERE / "ddp_worker.py"), json.dumps(config.to_dict()))
     assert done.returncode == 0, done.stderr[-3000:]
     return config
+
+
+def test_ddp_a_nan_loss_on_one_rank_stops_every_rank_naming_it(tmp_path):
+    """Rank 1's loss is NaN at its second step: both ranks stop there (neither waits in the
+    gradient all-reduce), and the error says whose loss it was (until 2026-12-01 each rank
+    printed its own loss, rank 0 a finite one, "here or on another rank")."""
+    config = tiny_config(tmp_path, epochs=1)
+    done = torchrun(str(HERE / "ddp_worker.py"), json.dumps(config.to_dict()), "1:2", timeout=120)
+    assert done.returncode != 0
+    message = "non-finite loss (nan on rank 1) at epoch 1, step 2; no epoch has completed yet"
+    assert done.stderr.count(message) == 2, done.stderr[-3000:]  # one per rank
+
+
+def ddp_command(config: Config, *args: str) -> subprocess.CompletedProcess:
+    """``aanet train`` as configured (a JSON config file beside its output), two processes."""
+    path = Path(config.out).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config.to_dict()))
+    return torchrun("-m", "aanet", "train", "--config", str(path), *args)
+
+
+def tiny_data(config: Config) -> Path:
+    """The synthetic set ``config`` asks for, written now (training will reuse it)."""
+    wanted = synthetic.SyntheticConfig(
+        config.num_train, config.num_test, config.image_size, config.seed
+    )
+    return synthetic.generate(config.data_root, wanted)
+
+
+@pytest.fixture(scope="module")
+def ddp_cli_run(tmp_path_factory) -> tuple[Config, subprocess.CompletedProcess]:
+    """``aanet train`` under ``torchrun`` with its progress bar, on data with one bad line."""
+    config = tiny_config(tmp_path_factory.mktemp("ddp_cli"), epochs=1)
+    annotations = wflw.annotation_file(tiny_data(config), "train")
+    good = annotations.read_text().splitlines()[0].split()
+    with annotations.open("a") as handle:
+        handle.write(" ".join([*good[:-1], "synthetic_train/missing.png"]) + "\n")
+    done = ddp_command(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return config, done
+
+
+def test_ddp_warns_about_bad_data_once_not_once_per_rank(ddp_cli_run):
+    _, done = ddp_cli_run
+    assert done.stderr.count("skipped 1 bad entries") == 1, done.stderr[-3000:]
+    assert done.stderr.count("epoch 1: loss") == 1
+
+
+def test_ddp_progress_bar_shows_the_loss_over_every_rank_as_logged(ddp_cli_run):
+    """One bar (rank 0's), its running loss the mean over both ranks' steps: at the epoch's end
+    the value the log line and ``log.csv`` get (until 2026-12-01 rank 0's own running loss)."""
+    _, done = ddp_cli_run
+    shown = re.findall(r"epoch 1/1: 100%.*?loss=([^,\]]+)", done.stderr)
+    logged = re.findall(r"epoch 1: loss ([^,]+),", done.stderr)
+    assert shown and len(logged) == 1, done.stderr[-3000:]
+    assert set(shown) == set(logged)
+
+
+def test_ddp_evaluate_runs_once_on_rank_0(ddp_cli_run, tmp_path):
+    """``aanet evaluate`` under ``torchrun``: one table and one report (until 2026-12-01 every
+    rank evaluated, printed the table and wrote the same file at once)."""
+    config, _ = ddp_cli_run
+    out = tmp_path / "eval.json"
+    checkpoint = str(Path(config.out) / "last.pt")
+    done = torchrun("-m", "aanet", "evaluate", "--checkpoint", checkpoint, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("NME %") == 1 and done.stdout.count(f"wrote {out}") == 1
+    assert json.loads(out.read_text())["full"]["count"] == 8
+
+
+def test_aanet_run_on_another_rank_than_0_stops_after_training(tmp_path, monkeypatch):
+    """Under ``torchrun`` rank 1's ``train`` returns no report; ``aanet run`` there has nothing
+    more to do (until 2026-12-01 it failed with ``KeyError: 'report'``, and ``torchrun`` then
+    stopped rank 0 in the middle of its evaluation)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    trained = []
+    monkeypatch.setattr(
+        "aanet.train.train", lambda config, progress: trained.append(config) or {"history": []}
+    )
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    assert len(trained) == 1 and not out.exists()
+
+
+def test_ddp_an_image_that_fails_on_one_rank_ends_every_rank_naming_it(tmp_path):
+    """A truncated image (its header reads: found only when its rank reads it) stops that rank;
+    the other, waiting in the step's all-reduce, ends too instead of waiting for a timeout, and
+    each error line says which rank it comes from."""
+    config = tiny_config(tmp_path, epochs=1)
+    image = wflw.load_wflw(tiny_data(config), "train")[3].image_path
+    jpeg = cv2.imencode(".jpg", cv2.imread(str(image)))[1].tobytes()
+    image.write_bytes(jpeg[: len(jpeg) * 2 // 3])  # a JPEG under a .png name: Pillow reads both
+    done = ddp_command(config, "--no-progress")
+    assert done.returncode != 0
+    failed = r"aanet train: error on rank [01] of 2: .*:4: cannot decode image"
+    assert re.search(failed, done.stderr), done.stderr[-3000:]
 
 
 def test_ddp_two_cpu_processes_keep_replicas_identical(ddp_run):
