@@ -65,8 +65,10 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: the local GPU if there is one, else the CPU."""
+def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
+    """``auto``: the local GPU if there is one, else the CPU. A GPU without an index is
+    ``local_rank``'s; one with an index is refused when ``world > 1`` (it would put every rank
+    of a ``torchrun`` launch on the same GPU)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     check_device_name(name)
@@ -74,6 +76,11 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device: {name!r} requested but CUDA is not available")
+        if device.index is not None and world > 1:
+            raise ValueError(
+                f"device: {name!r} would put all {world} processes on one GPU; under torchrun "
+                f"pass --device cuda (or auto): each process takes the GPU of its LOCAL_RANK"
+            )
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -234,7 +241,11 @@ def train(
     """
     # The device first (torchrun's LOCAL_RANK picks the GPU): it decides the backend, and
     # `auto` on a GPU machine is NCCL's.
-    device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(
+        config.device,
+        int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+    )
     group = init_distributed(device)
     out = Path(config.out)
     if is_main_process():

@@ -249,6 +249,18 @@ def test_ddp_on_gpus_with_device_auto_joins_with_nccl(tmp_path, monkeypatch):
     assert calls == ["cuda:1", "nccl"]
 
 
+def test_ddp_with_a_numbered_gpu_is_refused(tmp_path, monkeypatch):
+    """``--device cuda:1`` under torchrun would put every rank on GPU 1 (NCCL then fails on the
+    duplicate GPU); it is refused before the group is joined, naming what to pass instead."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "init_process_group", pytest.fail)
+    with pytest.raises(
+        ValueError, match=r"device: 'cuda:1' would put all 2 processes.*--device cuda"
+    ):
+        train(tiny_config(tmp_path, device="cuda:1"), progress=False)
+
+
 def test_curves_are_replaced_atomically(tmp_path, monkeypatch):
     """A plot cut short (a kill, a full disk) leaves the last complete ``curves.png``, as the CSV
     and the checkpoint do (until 2026-12-01 it was written in place)."""
