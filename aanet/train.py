@@ -26,7 +26,7 @@ from aanet.evaluate import amp_dtype, predict_errors, subset_report
 from aanet.losses import build_training_loss
 from aanet.metrics import summarize
 from aanet.model import HEATMAP_STRIDE, build_model
-from aanet_kernels import use_backend
+from aanet_kernels import resolve_backend, use_backend
 
 log = logging.getLogger("aanet.train")
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "config")
@@ -210,6 +210,8 @@ def train(
     """
     group = init_distributed(torch.device("cuda" if config.device.startswith("cuda") else "cpu"))
     device = pick_device(config.device, group.local_rank)
+    if config.attention:  # a backend that cannot run on this device fails before the data is read
+        resolve_backend(config.backend, device)
     out = Path(config.out)
     if group.main:
         out.mkdir(parents=True, exist_ok=True)

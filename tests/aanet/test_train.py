@@ -175,6 +175,13 @@ def test_a_batch_larger_than_the_training_set_is_refused(tmp_path):
         train(tiny_config(tmp_path, batch_size=32), progress=False)
 
 
+def test_a_backend_that_cannot_run_here_is_refused_before_the_data_is_read(tmp_path):
+    # On the CPU device the cuda backend cannot run: refused before the synthetic set is drawn.
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+        train(tiny_config(tmp_path, backend="cuda"), progress=False)
+    assert not (tmp_path / "data").exists()
+
+
 def test_compiled_training_follows_eager_training(tmp_path, monkeypatch):
     # aot_eager traces the step as Inductor would (Dynamo, AOT autograd, the fused op in the
     # graph) without minutes of code generation; tests/test_aaconv.py runs Inductor itself.
