@@ -72,8 +72,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from aanet.datasets.dataset import LandmarkDataset
     from aanet.evaluate import format_table, predict_errors, subset_report, write_json
     from aanet.inference import model_from_state
-    from aanet.train import pick_device
-    from aanet_kernels import use_backend
+    from aanet.train import attention_backend, pick_device
 
     saved = checkpoint.load(args.checkpoint)
     checkpoint.require(saved, ("model", "config"), args.checkpoint)
@@ -90,7 +89,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         ) from error
     test_set = LandmarkDataset(records, config.input_size)
     loader = DataLoader(test_set, batch_size=config.batch_size, num_workers=config.workers)
-    with use_backend(config.backend), torch.no_grad():
+    with attention_backend(config.backend), torch.no_grad():
         report = subset_report(predict_errors(model, loader, device, config.amp))
     print(format_table(report))
     out = Path(args.json or Path(args.checkpoint).parent / "eval.json")
@@ -103,15 +102,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     from aanet.inference import load_model
     from aanet.predict import check_image_output, predict_image, write_results
-    from aanet.train import pick_device
-    from aanet_kernels import use_backend
+    from aanet.train import attention_backend, pick_device
 
     image = Path(args.image)
     out = Path(args.output or image.with_name(f"{image.stem}_landmarks.png"))
     check_image_output(out)
     device = pick_device(args.device)
     model = load_model(args.checkpoint, device)
-    with use_backend(args.backend):
+    with attention_backend(args.backend):
         annotated, faces = predict_image(
             model, args.image, device, detect=not args.no_detect, box=args.box
         )

@@ -35,8 +35,7 @@ def run_demo(config: Config, progress: bool = True) -> dict[str, dict[str, float
     from aanet.export import export
     from aanet.inference import load_model
     from aanet.predict import detect_faces, predict_image, write_results
-    from aanet.train import pick_device, train
-    from aanet_kernels import use_backend
+    from aanet.train import attention_backend, pick_device, train
 
     out = Path(config.out)
     result = train(config, progress=progress)
@@ -52,7 +51,7 @@ def run_demo(config: Config, progress: bool = True) -> dict[str, dict[str, float
     if not detect_faces(cv2.imread(str(photo))):
         log.info("no face detected in the demo photo: using the box it was drawn with")
         box = known_box
-    with use_backend(config.backend):
+    with attention_backend(config.backend):
         annotated, faces = predict_image(model, photo, device, box=box)
     write_results(annotated, faces, out / "photo_landmarks.png", out / "photo_landmarks.json")
     error = export(model.cpu(), out / "aanet.pt2", "export")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -29,7 +30,7 @@ from aanet.losses import build_training_loss
 from aanet.metrics import summarize
 from aanet.model import HEATMAP_STRIDE, build_model
 from aanet.ranks import is_main_process
-from aanet_kernels import use_backend
+from aanet_kernels import resolve_backend, use_backend
 
 log = logging.getLogger("aanet.train")
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "config")
@@ -85,6 +86,13 @@ def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return device
+
+
+def attention_backend(name: str) -> contextlib.AbstractContextManager[None]:
+    """``use_backend(name)``, except that ``auto`` (every command's default) enters nothing, so
+    that ``AANET_KERNELS_BACKEND`` and a ``use_backend`` around the call still choose, as they do
+    for any ``AAConv2d`` (``use_backend("auto")`` would override both)."""
+    return contextlib.nullcontext() if name == "auto" else use_backend(name)
 
 
 def _barrier(group: Dist) -> None:
@@ -246,6 +254,8 @@ def train(
         int(os.environ.get("LOCAL_RANK", "0")),
         int(os.environ.get("WORLD_SIZE", "1")),
     )
+    if config.attention:  # a backend that cannot run on this device fails before the data is read
+        resolve_backend(config.backend, device)
     group = init_distributed(device)
     out = Path(config.out)
     if is_main_process():
@@ -281,7 +291,7 @@ def train(
     train_net = net if config.compile == "none" else torch.compile(net, backend=config.compile)
     loss_fn = build_training_loss(config.loss, config.heatmap_reg)
 
-    with use_backend(config.backend):
+    with attention_backend(config.backend):
         last = config.epochs if stop_after is None else min(config.epochs, start + stop_after)
         for epoch in range(start, last):
             sampler.set_epoch(epoch)

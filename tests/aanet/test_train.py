@@ -27,7 +27,7 @@ from aanet.inference import load_model
 from aanet.losses import build_loss, heatmap_divergence
 from aanet.model import HEATMAP_STRIDE, ModelConfig, build_model
 from aanet.train import train
-from aanet_kernels import use_backend
+from aanet_kernels import reference, use_backend
 
 HERE = Path(__file__).parent
 
@@ -182,6 +182,13 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
     with pytest.raises(ValueError, match="batch_size: 7 images a step do not split evenly over 2"):
         make_loaders(tiny_config(tmp_path, batch_size=7), Dist(rank=0, world=2))
     assert not (tmp_path / "data").exists()  # refused before the data was generated
+
+
+def test_a_backend_that_cannot_run_here_is_refused_before_the_data_is_read(tmp_path):
+    # On the CPU device the cuda backend cannot run: refused before the synthetic set is drawn.
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+        train(tiny_config(tmp_path, backend="cuda"), progress=False)
+    assert not (tmp_path / "data").exists()
 
 
 def test_compiled_training_follows_eager_training(tmp_path, monkeypatch):
@@ -574,6 +581,36 @@ def test_cli_names_user_errors_without_a_traceback(trained, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
+
+
+def test_commands_left_at_backend_auto_follow_the_environment_variable(
+    trained, tmp_path, monkeypatch, capsys
+):
+    # `--backend auto` (the default) leaves the choice to AANET_KERNELS_BACKEND, as it is for
+    # any AAConv2d; until 2026-12-01 the commands entered use_backend("auto"), which overrode it.
+    calls = []
+    original = reference.attention_2d_reference
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "attention_2d_reference", counted)
+    monkeypatch.setenv("AANET_KERNELS_BACKEND", "reference")
+    image = tmp_path / "face.png"
+    cv2.imwrite(str(image), np.full((64, 64, 3), 128, np.uint8))
+    checkpoint = str(Path(trained.out) / "last.pt")
+    commands = {
+        "predict": ["predict", str(image), "--checkpoint", checkpoint, "--no-detect"],
+        "evaluate": ["evaluate", "--checkpoint", checkpoint, "--json", str(tmp_path / "e.json")],
+    }
+    for name, argv in commands.items():
+        calls.clear()
+        assert main(argv) == 0, capsys.readouterr().err
+        assert calls, f"{name} did not use the backend AANET_KERNELS_BACKEND names"
+    calls.clear()
+    train(dataclasses.replace(trained, out=str(tmp_path / "run")), progress=False)
+    assert calls, "train did not use the backend AANET_KERNELS_BACKEND names"
 
 
 def test_the_make_run_job_writes_everything_it_promises(tmp_path, capsys):
