@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
@@ -494,7 +495,9 @@ def test_torchscript_export_matches_eager(tmp_path, attention):
     config = ModelConfig(input_size=32, width=16, blocks=(1, 1, 1), attention=attention)
     model = build_model(config)
     torch.nn.init.normal_(model.head[-1].weight, std=0.1)
-    assert export(model.eval(), tmp_path / "model.ts.pt", "torchscript") <= 1e-4
+    with warnings.catch_warnings():  # the file is checked on another batch: no TracerWarning
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        assert export(model.eval(), tmp_path / "model.ts.pt", "torchscript") <= 1e-4
 
 
 def test_evaluate_cli_writes_table_and_json(trained, tmp_path, capsys):
