@@ -7,6 +7,8 @@ output against a fixed random target), ``N`` gradients per parameter. Methods:
 - ``vmap_<backend>``: ``torch.func.vmap(torch.func.grad(loss))`` over the samples, parameters
   through ``torch.func.functional_call``; the fused ops fold the mapped dim into their batch, so
   this is one fused forward and backward on ``N`` samples.
+- ``compiled_<backend>``: the same under ``torch.compile(fullgraph=True)`` (Inductor; compiled
+  before timing).
 - ``loop_<backend>``: one forward and ``backward()`` per sample (batch 1), gradients stacked:
   what a user writes without ``torch.func``.
 
@@ -64,7 +66,7 @@ class Case:
 
 def methods_for(device: torch.device) -> list[str]:
     backends = aanet_kernels.available_backends(device)
-    return [f"{kind}_{backend}" for backend in backends for kind in ("vmap", "loop")]
+    return [f"{kind}_{backend}" for backend in backends for kind in ("vmap", "compiled", "loop")]
 
 
 def make_per_sample_grads(
@@ -86,8 +88,10 @@ def make_per_sample_grads(
         out = functional_call(layer, p, (xi.unsqueeze(0),))
         return (out - ti.unsqueeze(0)).square().sum()
 
-    if kind == "vmap":
+    if kind in ("vmap", "compiled"):
         per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        if kind == "compiled":
+            per_sample = torch.compile(per_sample, fullgraph=True)
         return lambda: per_sample(params, x, target)
 
     def loop() -> dict[str, Tensor]:
@@ -237,7 +241,8 @@ def write_results(
         f"\n\n{meta['date']}; torch {meta['torch']}, {meta['cpu_threads']} CPU threads, float32. "
         f"`AAConv2d(C, C, 3, dk={first['dk']}, dv={first['dv']}, num_heads={first['heads']})`, "
         "relative logits on; each of N samples' gradient of every parameter. `vmap_*`: "
-        "`torch.func.vmap(grad(loss))`; `loop_*`: one backward per sample. Every method's "
+        "`torch.func.vmap(grad(loss))`; `compiled_*`: that under `torch.compile(fullgraph=True)` "
+        "(Inductor, compiled before timing); `loop_*`: one backward per sample. Every method's "
         "gradients were checked against `loop_reference` before timing.\n\n"
         + common.markdown_table(table, header)
         + "\n"

@@ -257,10 +257,11 @@ def test_bench_per_sample_grads_tiny_checks_and_writes_table(tmp_path):
 
     rows = bench.main([
         "--device", "cpu", "--samples", "2", "--channels", "24", "--sizes", "5",
-        "--methods", "vmap_reference,loop_reference,vmap_cpu", "--warmup", "0",
+        "--methods", "vmap_reference,loop_reference,vmap_cpu,compiled_cpu", "--warmup", "0",
         "--repeats", "1", "--budget", "0", "--out-dir", str(tmp_path),
     ])  # fmt: skip
-    assert [r["method"] for r in rows] == ["vmap_reference", "loop_reference", "vmap_cpu"]
+    methods = ["vmap_reference", "loop_reference", "vmap_cpu", "compiled_cpu"]
+    assert [r["method"] for r in rows] == methods
     assert all(r["status"] == "ok" and r["time_ms"] > 0 and "peak_mib" in r for r in rows)
     md = (tmp_path / f"per_sample_grads_{common.device_slug('cpu')}.md").read_text()
     assert "speed vs vmap_reference" in md
