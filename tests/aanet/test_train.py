@@ -351,10 +351,12 @@ def test_ddp_progress_bar_shows_the_loss_over_every_rank_as_logged(ddp_cli_run):
     """One bar (rank 0's), its running loss the mean over both ranks' steps: at the epoch's end
     the value the log line and ``log.csv`` get (until 2026-12-01 rank 0's own running loss)."""
     _, done = ddp_cli_run
-    shown = re.findall(r"epoch 1/1: 100%.*?loss=([^,\]]+)", done.stderr)
+    # Every step's set_postfix redraws the bar, so its last drawing has the epoch's final loss
+    # (the drawing at 100% is left to tqdm's timing: sometimes there is none).
+    shown = re.findall(r"epoch 1/1:.*?loss=([^,\]]+)", done.stderr)
     logged = re.findall(r"epoch 1: loss ([^,]+),", done.stderr)
     assert shown and len(logged) == 1, done.stderr[-3000:]
-    assert set(shown) == set(logged)
+    assert shown[-1] == logged[0]
 
 
 def test_ddp_evaluate_runs_once_on_rank_0(ddp_cli_run, tmp_path):
