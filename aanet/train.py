@@ -9,7 +9,6 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,7 +196,7 @@ def handle_nonfinite_loss(policy: str, losses: str, epoch: int, step: int, saved
     log.warning("non-finite loss (%s) at %s: step skipped (--on-nan skip)", losses, where)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path`` to write to; it replaces ``path`` when the block ends
     without an error (else it is removed), so ``path`` is never half-written."""
