@@ -28,7 +28,7 @@ from aanet.evaluate import amp_dtype, predict_errors, subset_report
 from aanet.losses import build_training_loss
 from aanet.metrics import summarize
 from aanet.model import HEATMAP_STRIDE, build_model
-from aanet.ranks import is_main_process
+from aanet.ranks import is_main_process, rank_and_world
 from aanet_kernels import resolve_backend, use_backend
 
 log = logging.getLogger("aanet.train")
@@ -248,11 +248,7 @@ def train(
     """
     # The device first (torchrun's LOCAL_RANK picks the GPU): it decides the backend, and
     # `auto` on a GPU machine is NCCL's.
-    device = pick_device(
-        config.device,
-        int(os.environ.get("LOCAL_RANK", "0")),
-        int(os.environ.get("WORLD_SIZE", "1")),
-    )
+    device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", "0")), rank_and_world()[1])
     if config.attention:  # a backend that cannot run on this device fails before the data is read
         resolve_backend(config.backend, device)
     group = init_distributed(device)
