@@ -258,40 +258,9 @@ def test_batch_or_heads_past_the_grid_limit_names_the_argument(batch, heads):
         ak.attention_2d(q, q, q, None, None, height=1, width=1, backend="triton")
 
 
-@pytest.mark.parametrize("config", every_config(), ids=str)
-def test_every_gpu_config_is_correct(config, poisoned_allocations):
-    """Each GPU autotuning configuration (block sizes up to 128 queries, past L here), pinned in
-    turn: forward and gradients against the reference. Warps and stages mean nothing here."""
-    case = Case(1, 2, 5, 21, 8, 4)  # 21 wide: two row chunks of the interpreter's 16-wide tiles
-    inputs = make_inputs(case, torch.float64, requires_grad=True, seed=19)
-    kwargs = _kwargs(case, 0.6)
-    grad_out = torch.randn(case.batch, case.heads, case.length, case.dvh, dtype=torch.float64)
-    with pinned_config(*config):
-        out, grads = _out_and_grads(
-            lambda *t: ak.attention_2d(*t, **kwargs, backend="triton"), inputs, grad_out
-        )
-    ref, ref_grads = _out_and_grads(
-        lambda *t: ak.attention_2d_reference(*t, **kwargs), inputs, grad_out
-    )
-    assert _relative_error(out, ref) < TOLERANCE[torch.float64]
-    for grad, ref_grad in zip(grads, ref_grads, strict=True):
-        assert _relative_error(grad, ref_grad) < TOLERANCE[torch.float64] * 10
-
-
-# Maps whose key tiles differ on a GPU: rows of 17-64 keys are one tile of 32 or 64 there (two or
-# more of the interpreter's 16), 100-wide rows two 64-key chunks, and 70 x 5 is walked by columns.
-GPU_KEY_BLOCK_CASES = [Case(1, 2, 3, 17, 8, 4), Case(1, 2, 2, 33, 33, 20), Case(1, 1, 2, 100, 8, 4)]
-GPU_KEY_BLOCK_CASES += [Case(1, 1, 70, 5, 17, 9, "h"), Case(2, 1, 5, 64, 16, 65, "w")]
-
-
-@pytest.mark.parametrize("case", GPU_KEY_BLOCK_CASES, ids=str)
-def test_gpu_key_block_is_correct(case: Case, monkeypatch, poisoned_allocations):
-    """The key tiles a GPU uses (``BLOCK_N`` up to ``MAX_KEY_BLOCK`` = 64, which the interpreter
-    caps at 16), and the row/column walk chosen for them: forward, lse and all gradients."""
-    from aanet_kernels._triton import autotune
-
-    monkeypatch.setattr(autotune, "INTERPRETED_KEY_BLOCK", autotune.MAX_KEY_BLOCK)
-    inputs = make_inputs(case, torch.float64, requires_grad=True, seed=20)
+def _assert_matches_reference(case: Case, seed: int) -> None:
+    """The triton backend's forward and gradients on ``case`` against the reference, fp64."""
+    inputs = make_inputs(case, torch.float64, requires_grad=True, seed=seed)
     kwargs = _kwargs(case, 0.6)
     grad_out = torch.randn(case.batch, case.heads, case.length, case.dvh, dtype=torch.float64)
     out, grads = _out_and_grads(
@@ -303,3 +272,28 @@ def test_gpu_key_block_is_correct(case: Case, monkeypatch, poisoned_allocations)
     assert _relative_error(out, ref) < TOLERANCE[torch.float64]
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         assert _relative_error(grad, ref_grad) < TOLERANCE[torch.float64] * 10
+
+
+@pytest.mark.parametrize("config", every_config(), ids=str)
+def test_every_gpu_config_is_correct(config, poisoned_allocations):
+    """Each GPU autotuning configuration (block sizes up to 128 queries, past L here), pinned in
+    turn: forward and gradients against the reference. Warps and stages mean nothing here."""
+    with pinned_config(*config):
+        # 21 wide: two row chunks of the interpreter's 16-wide tiles
+        _assert_matches_reference(Case(1, 2, 5, 21, 8, 4), seed=19)
+
+
+# Maps whose key tiles differ on a GPU: rows of 17-64 keys are one tile of 32 or 64 there (two or
+# more of the interpreter's 16), 100-wide rows two 64-key chunks, and 70 x 5 is walked by columns.
+GPU_KEY_BLOCK_CASES = [Case(1, 2, 3, 17, 8, 4), Case(1, 2, 2, 33, 33, 20), Case(1, 1, 2, 100, 8, 4)]
+GPU_KEY_BLOCK_CASES += [Case(1, 1, 70, 5, 17, 9, "h"), Case(2, 1, 5, 64, 16, 65, "w")]
+
+
+@pytest.mark.parametrize("case", GPU_KEY_BLOCK_CASES, ids=str)
+def test_gpu_key_block_is_correct(case: Case, monkeypatch, poisoned_allocations):
+    """The key tiles a GPU uses (``BLOCK_N`` up to ``MAX_KEY_BLOCK`` = 64, which the interpreter
+    caps at 16), and the row/column walk chosen for them: forward and all gradients."""
+    from aanet_kernels._triton import autotune
+
+    monkeypatch.setattr(autotune, "INTERPRETED_KEY_BLOCK", autotune.MAX_KEY_BLOCK)
+    _assert_matches_reference(case, seed=20)
