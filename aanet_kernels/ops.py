@@ -19,9 +19,20 @@ from aanet_kernels._extension import extension_loaded
 from aanet_kernels.backends import resolve_backend
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax statistics are fp32 for fp32 and lower precisions, fp64 for fp64."""
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The fused kernels accumulate and run the softmax in fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The saved log-sum-exp is fp64 for fp32 and fp64 inputs, fp32 for fp16/bf16.
+
+    An fp32 lse of logits near 1e3 is off by up to 3e-5 (half an fp32 ulp), and the backward's
+    ``P = exp(S - lse)`` takes that as a relative error, several times an fp32 softmax's own; from
+    an fp64 lse the fp32 backwards compute ``exp((S - hi) - lo)`` with ``hi + lo`` its two fp32
+    parts, ``S - hi`` exact where ``P`` is large. fp16/bf16 inputs are far coarser than that.
+    """
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def fake_attention_2d_fwd(

@@ -2,8 +2,8 @@
 //
 // Contract (README, "The op"): for queries i and keys j = y * width + x,
 //   S[i, j] = scale * q_i . k_j + bias_h[i, y] + bias_w[i, x],   out = softmax_j(S) @ v,
-//   lse[i] = logsumexp_j S[i, j]  (fp32, or fp64 for fp64 inputs; -inf for a fully masked row,
-//   whose output and gradients are zero).
+//   lse[i] = logsumexp_j S[i, j]  (dtype lse_dtype; -inf for a fully masked row, whose output
+//   and gradients are zero).
 // Shapes: q, k (B, Nh, L, dkh); v (B, Nh, L, dvh); bias_h (B|1, Nh|1, L, height);
 // bias_w (B|1, Nh|1, L, width); L = height * width. Outputs are contiguous.
 #pragma once
@@ -39,7 +39,15 @@ void check_attention_2d_backward_inputs(
 // undefined tensor when absent, so kernels can always index it with four strides.
 at::Tensor expand_bias(const std::optional<at::Tensor>& bias, const at::Tensor& q, int64_t size);
 
-// Softmax statistics dtype: float32 for half/bfloat16/float32, float64 for float64.
+// Dtype of the kernels' accumulators and softmax arithmetic: float64 for float64 inputs, float32
+// for the others.
+at::ScalarType accumulator_dtype(at::ScalarType input_dtype);
+
+// Dtype of the saved log-sum-exp: float64 for float32 and float64 inputs, float32 for
+// half/bfloat16. An fp32 lse of a row whose logits are near 1e3 is off by up to ulp(1e3) / 2 =
+// 3e-5, and the backward's P = exp(S - lse) inherits that as a relative error, far above an fp32
+// softmax's own; the fp32 backwards therefore split the fp64 lse into two fp32 parts
+// (P = exp((S - hi) - lo)). For half/bfloat16 the input rounding is far coarser: fp32 suffices.
 at::ScalarType lse_dtype(at::ScalarType input_dtype);
 
 std::tuple<at::Tensor, at::Tensor> attention_2d_fwd_cpu(

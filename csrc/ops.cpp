@@ -126,8 +126,12 @@ at::Tensor expand_bias(const std::optional<at::Tensor>& bias, const at::Tensor& 
   return bias->expand({q.size(0), q.size(1), q.size(2), size});
 }
 
-at::ScalarType lse_dtype(at::ScalarType input_dtype) {
+at::ScalarType accumulator_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::ScalarType lse_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble || input_dtype == at::kFloat ? at::kDouble : at::kFloat;
 }
 
 TORCH_LIBRARY(aanet_kernels, m) {

@@ -118,3 +118,49 @@ def check_on_second_device(backend: str) -> None:
     for got, expected in zip((out, *grads), (want, *want_grads), strict=True):
         assert got.device == torch.device("cuda:1")
         torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+# fp32 gradients at large logits: both the kernels and PyTorch's fp32 reference inherit the
+# rounding of logits near ``magnitude`` (|S| * 6e-8), so the kernels should not add more. The
+# saved log-sum-exp rounded to fp32 did: up to 3x PyTorch's error in dQ at 1e3-1e4 (ops.lse_dtype).
+LARGE_LOGIT_CASE = Case(2, 2, 5, 6, 8, 8)
+LARGE_LOGIT_MAGNITUDES = (1e2, 1e3, 1e4)
+
+
+def check_fp32_gradients_at_large_logits(compute, magnitude: float, seed: int = 0) -> None:
+    """``compute(q, k, v, bias_h, bias_w, grad_out)`` returns ``out, dq, dk, dv, dbias_h,
+    dbias_w`` of fp32 inputs at :data:`LARGE_LOGIT_CASE` with scale 1. Rule: each within 1.5x
+    PyTorch's own fp32 error against fp64, plus 1e-5 of its size (the fused backwards' ``delta =
+    rowsum(dO * O)`` leaves rounding noise where the softmax saturates, README "Backends")."""
+    case = LARGE_LOGIT_CASE
+    q, k, v, bh, bw = make_inputs(case, torch.float32, seed=seed)
+    bh = bh * magnitude
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(case.batch, case.heads, case.length, case.dvh, generator=gen)
+
+    def reference(dtype: torch.dtype) -> list[Tensor]:
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v, bh, bw)]
+        out = attention_2d_reference(*inputs, height=case.height, width=case.width)
+        return [out, *torch.autograd.grad(out, inputs, grad_out.to(dtype))]
+
+    want, own = reference(torch.float64), reference(torch.float32)
+    got = compute(q, k, v, bh, bw, grad_out)
+    names = ("out", "dq", "dk", "dv", "dbias_h", "dbias_w")
+    for name, g, o, w in zip(names, got, own, want, strict=True):
+        error = (g.double().cpu() - w).abs().max().item()
+        torch_error = (o.double() - w).abs().max().item()
+        limit = 1.5 * torch_error + 1e-5 * max(1.0, w.abs().max().item())
+        assert error <= limit, (name, magnitude, error, torch_error)
+
+
+def attention_2d_gradients(backend: str, device: str | torch.device = "cpu"):
+    """A ``compute`` for :func:`check_fp32_gradients_at_large_logits` through the public op."""
+
+    def compute(*tensors: Tensor) -> list[Tensor]:
+        *inputs, grad_out = [t.to(device) for t in tensors]
+        inputs = [t.requires_grad_() for t in inputs]
+        case = LARGE_LOGIT_CASE
+        out = attention_2d(*inputs, height=case.height, width=case.width, backend=backend)
+        return [out, *torch.autograd.grad(out, inputs, grad_out)]
+
+    return compute

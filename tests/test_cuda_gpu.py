@@ -20,7 +20,11 @@ from aanet_kernels._extension import extension_loaded, has_kernel
 from aanet_kernels.reference import attention_2d_reference_lse
 from tests.attention_cases import (
     AWKWARD_CASES,
+    LARGE_LOGIT_CASE,
+    LARGE_LOGIT_MAGNITUDES,
     Case,
+    attention_2d_gradients,
+    check_fp32_gradients_at_large_logits,
     check_grid_limit,
     check_on_second_device,
     make_inputs,
@@ -103,7 +107,7 @@ class TestCudaBackend:
         torch_own = ak.attention_2d_reference(*inputs, **kwargs)
         out, lse = op.attention_2d_fwd(*inputs, case.height, case.width, kwargs["scale"])
         assert out.shape == exact.shape and out.dtype == dtype and out.is_contiguous()
-        assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert lse.dtype == ak.ops.lse_dtype(dtype)
         own = self.max_error(torch_own, exact)
         assert self.max_error(out, exact) <= 2 * own + FLOOR[dtype]
         # lse is kept in fp32 even for half inputs: only the rounding of the inputs remains.
@@ -302,6 +306,11 @@ class TestCudaBackend:
     def test_batch_and_heads_up_to_the_grid_limit(self, axis, dtype):
         check_grid_limit(BACKEND, axis, dtype, DEVICE)
 
+    @pytest.mark.parametrize("magnitude", LARGE_LOGIT_MAGNITUDES)
+    def test_float32_gradients_at_large_logits_add_nothing_to_torch_error(self, magnitude):
+        compute = attention_2d_gradients(BACKEND, DEVICE)
+        check_fp32_gradients_at_large_logits(compute, magnitude, seed=1)
+
     @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
     def test_inputs_on_a_device_that_is_not_current(self):
         check_on_second_device(BACKEND)
@@ -420,3 +429,18 @@ def test_kernels_in_host_emulation(emulated_kernels, case, layout, dtype):
             continue
         scale = max(1.0, want.abs().max().item())
         assert (got.double() - want).abs().max().item() <= tol[dtype] * scale, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("magnitude", LARGE_LOGIT_MAGNITUDES)
+def test_float32_gradients_at_large_logits_in_host_emulation(emulated_kernels, magnitude):
+    """The fp32 kernels take the fp64 lse in two parts: no error beyond PyTorch's own."""
+    case = LARGE_LOGIT_CASE
+
+    def compute(q, k, v, bias_h, bias_w, grad_out):
+        out, _lse, *grads = emulated_kernels.forward_backward(
+            q, k, v, bias_h, bias_w, case.height, case.width, 1.0, grad_out
+        )
+        return [out, *grads]
+
+    check_fp32_gradients_at_large_logits(compute, magnitude, seed=1)

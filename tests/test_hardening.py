@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 import aanet_kernels as ak
-from tests.attention_cases import Case, make_inputs
+from tests.attention_cases import (
+    LARGE_LOGIT_MAGNITUDES,
+    Case,
+    attention_2d_gradients,
+    check_fp32_gradients_at_large_logits,
+    make_inputs,
+)
 
 BACKENDS = ak.available_backends("cpu")
 # The fused kernels keep logits and softmax statistics in fp32 for fp16/bf16 inputs. The reference
@@ -97,6 +103,12 @@ def test_float32_gradients_with_logits_of_1e4_are_finite_and_match(backend: str)
         assert torch.isfinite(g).all()
         # fp32 rounding of logits of 1e4 is ~1e-3 absolute; the gradients inherit that.
         assert max_error(g, w) <= 2e-2 * w.abs().max().clamp_min(1.0).item()
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("magnitude", LARGE_LOGIT_MAGNITUDES)
+def test_float32_gradients_at_large_logits_add_nothing_to_torch_error(backend, magnitude):
+    check_fp32_gradients_at_large_logits(attention_2d_gradients(backend), magnitude, seed=1)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

@@ -16,7 +16,10 @@ import aanet_kernels as ak  # noqa: E402
 from aanet_kernels.reference import attention_2d_reference_lse  # noqa: E402
 from tests.attention_cases import (  # noqa: E402
     AWKWARD_CASES,
+    LARGE_LOGIT_MAGNITUDES,
     Case,
+    attention_2d_gradients,
+    check_fp32_gradients_at_large_logits,
     check_grid_limit,
     check_on_second_device,
     make_inputs,
@@ -82,7 +85,7 @@ def _within_twice_torch_error(case: Case, dtype: torch.dtype, seed: int) -> None
     exact_lse = attention_2d_reference_lse(
         *exact_inputs[:2], *exact_inputs[3:], height=case.height, width=case.width, scale=0.7
     )
-    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert lse.dtype == ak.ops.lse_dtype(dtype)
     lse_tol = 1e-10 if dtype == torch.float64 else 1e-4
     assert _max_error(lse, exact_lse) <= lse_tol * max(1.0, exact_lse.abs().max().item())
 
@@ -226,6 +229,12 @@ def test_torch_compile_dynamic_shapes():
 @pytest.mark.parametrize("axis", ["batch", "heads"])
 def test_batch_and_heads_up_to_the_grid_limit(axis, dtype):
     check_grid_limit("triton", axis, dtype, DEVICE)
+
+
+@pytest.mark.parametrize("magnitude", LARGE_LOGIT_MAGNITUDES)
+def test_float32_gradients_at_large_logits_add_nothing_to_torch_error(magnitude):
+    compute = attention_2d_gradients("triton", DEVICE)
+    check_fp32_gradients_at_large_logits(compute, magnitude, seed=1)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

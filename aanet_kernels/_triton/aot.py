@@ -26,9 +26,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-# Pointer arguments that hold accumulator-dtype values (fp32, or fp64 for fp64 inputs); every other
-# pointer holds input-dtype values.
-_ACCUMULATOR_POINTERS = frozenset({"SCALE", "LSE", "DELTA"})
+from aanet_kernels.ops import accumulator_dtype, lse_dtype
+
+# Pointer arguments that hold accumulator-dtype values (fp32, or fp64 for fp64 inputs), and the
+# log-sum-exp (ops.lse_dtype); every other pointer holds input-dtype values.
+_ACCUMULATOR_POINTERS = frozenset({"SCALE", "DELTA"})
 # Integer arguments other than strides: sizes.
 _SIZE_ARGS = frozenset({"NH", "L", "ROWS"})
 _TRITON_DTYPES = {
@@ -84,7 +86,8 @@ def compile_kernel(
     (``DK``, ``HAS_RB``, ...) and one autotune ``config`` (block sizes, warps, stages); with
     ``head_split_nchw``, for q/k/v/grad_out as AAConv2d hands them over from an NCHW map."""
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    accumulator = torch.float64 if dtype == torch.float64 else torch.float32
+    pointees = {name: accumulator_dtype(dtype) for name in _ACCUMULATOR_POINTERS}
+    pointees["LSE"] = lse_dtype(dtype)
     constants = {**constexprs, **config.kwargs}
     unit_strides = _unit_strides(fn.arg_names, head_split_nchw)
     signature: dict[str, str] = {}
@@ -101,7 +104,7 @@ def compile_kernel(
             if name.startswith("stride_") or name == "L":
                 attrs[(index,)] = [["tt.divisibility", 16]]
         else:
-            pointee = accumulator if name in _ACCUMULATOR_POINTERS else dtype
+            pointee = pointees.get(name, dtype)
             signature[name] = "*" + _TRITON_DTYPES[pointee]
             attrs[(index,)] = [["tt.divisibility", 16]]
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constants]

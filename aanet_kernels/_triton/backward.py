@@ -44,7 +44,7 @@ def attention_2d_bwd_preprocess_kernel(
     NH, L, DVH: tl.constexpr,
     DV: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """``delta[i] = sum_d dO[i, d] * O[i, d]`` in the dtype of ``DELTA`` (that of ``lse``)."""
+    """``delta[i] = sum_d dO[i, d] * O[i, d]`` in the dtype of ``DELTA`` (the accumulator's)."""
     ACC = DELTA.dtype.element_ty
     pid_m = tl.program_id(0)
     b, h, pid_bh = program_batch_head(NH)
@@ -82,7 +82,7 @@ def attention_2d_bwd_dkdv_kernel(
     """One program owns one key tile (``BLOCK_N`` columns of one row) and walks every query
     tile; writes contiguous ``dk``, ``dv``."""
     pid_n = tl.program_id(0)
-    ACC = LSE.dtype.element_ty  # fp32, or fp64 for fp64 inputs
+    ACC = SCALE.dtype.element_ty  # fp32, or fp64 for fp64 inputs
     b, h, pid_bh = program_batch_head(NH)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
@@ -156,7 +156,7 @@ def attention_2d_bwd_dq_kernel(
     full-size ``(B, Nh, L, ROWS|COLS)`` bias gradients, all contiguous; ``DRB_OUT`` is in the
     accumulator dtype (it is read back when a row spans several tiles)."""
     pid_m = tl.program_id(0)
-    ACC = LSE.dtype.element_ty  # fp32, or fp64 for fp64 inputs
+    ACC = SCALE.dtype.element_ty  # fp32, or fp64 for fp64 inputs
     b, h, pid_bh = program_batch_head(NH)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh

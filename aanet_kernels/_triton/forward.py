@@ -3,7 +3,7 @@
 One program owns ``BLOCK_M`` queries of one (batch, head) and walks the keys one row tile at a time
 (``BLOCK_N`` columns of one row of the key grid, see tiles.py), keeping the running max, the
 running sum and the output accumulator in ``ACC`` (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64).
-Writes ``out`` (input dtype) and ``lse`` (``ACC``).
+Writes ``out`` (input dtype) and ``lse`` (``ops.lse_dtype``: fp64 for fp32 inputs too).
 
 Precision: for fp32 and fp64 inputs every ``tl.dot`` runs with ``input_precision="ieee"`` (no
 TF32), so fp32 results match an fp32 reference to rounding; fp16/bf16 use tensor cores with fp32
@@ -42,8 +42,8 @@ def attention_2d_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    # Accumulators and softmax statistics in the lse dtype: fp32, or fp64 for fp64 inputs.
-    ACC = LSE.dtype.element_ty
+    # Accumulators and softmax statistics in the scale's dtype: fp32, or fp64 for fp64 inputs.
+    ACC = SCALE.dtype.element_ty
     b, h, pid_bh = program_batch_head(NH)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
@@ -92,7 +92,8 @@ def attention_2d_fwd_kernel(
 
     # A fully masked row has l_i = 0: output 0 and lse = -inf.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    lse = m_i + tl.log(l_i)
+    # Summed in the lse dtype: m_i + log(l_i) rounded to fp32 would lose what the backward needs.
+    lse = m_i.to(LSE.dtype.element_ty) + tl.log(l_i).to(LSE.dtype.element_ty)
     out_ptrs = OUT + offs_m[:, None] * stride_ol + offs_dv[None, :] * stride_od
     tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     tl.store(LSE + offs_m, lse, mask=row_ok)

@@ -34,7 +34,7 @@ from aanet_kernels._triton.backward import (
 )
 from aanet_kernels._triton.forward import attention_2d_fwd_kernel
 from aanet_kernels.backends import triton_interpreted
-from aanet_kernels.ops import lse_dtype
+from aanet_kernels.ops import accumulator_dtype, lse_dtype
 
 FWD_NAME = "aanet_kernels::attention_2d_triton_fwd"
 BWD_NAME = "aanet_kernels::attention_2d_triton_bwd"
@@ -111,7 +111,7 @@ def _common(q: Tensor, scale: float) -> tuple[Tensor, dict[str, object]]:
     """The scale as a one-element tensor in the accumulator dtype (a Python float argument would
     reach the kernel as fp32, too coarse for fp64), and the ``tl.dot`` precision: IEEE (no TF32)
     for fp32/fp64; fp16/bf16 products run on tensor cores whatever this says."""
-    scale_t = torch.full((1,), scale, dtype=lse_dtype(q.dtype), device=q.device)
+    scale_t = torch.full((1,), scale, dtype=accumulator_dtype(q.dtype), device=q.device)
     wide = q.dtype in (torch.float32, torch.float64)
     return scale_t, {"PRECISION": "ieee" if wide else "tf32"}
 
@@ -209,7 +209,7 @@ def attention_2d_triton_bwd(
     batch, heads, length, _ = q.shape
     dkh, dvh = _head_dims(q, v)
     lse = lse.contiguous()
-    delta = torch.empty_like(lse)
+    delta = torch.empty_like(lse, dtype=accumulator_dtype(q.dtype))
     dq = q.new_empty(q.shape)
     dk = q.new_empty(k.shape)
     dv = q.new_empty(v.shape)
@@ -218,7 +218,7 @@ def attention_2d_triton_bwd(
     # The row table's gradient in the accumulator dtype: the dQ kernel adds to it once per chunk
     # of a long row.
     d_row_bias = q.new_empty(
-        (batch, heads, length, keys.rows) if row_bias is not None else (0,), dtype=lse.dtype
+        (batch, heads, length, keys.rows) if row_bias is not None else (0,), dtype=delta.dtype
     )
     d_col_bias = q.new_empty((batch, heads, length, keys.cols) if col_bias is not None else (0,))
     scale_t, meta = _common(q, scale)

@@ -130,7 +130,14 @@ def biased_logits(
 @triton.jit
 def softmax_weights(s, lse, row_ok):
     """``P = exp(S - lse)`` from the saved log-sum-exp; a fully masked row (``lse = -inf``, all
-    logits ``-inf``) and rows past ``L`` get weight 0 instead of NaN."""
+    logits ``-inf``) and rows past ``L`` get weight 0 instead of NaN. An lse wider than ``S``
+    (fp64 for fp32 inputs, ``ops.lse_dtype``) enters as two parts in ``S``'s dtype,
+    ``exp((S - hi) - lo)``: ``S - hi`` is exact where the weight is large."""
     lse = tl.where(lse == float("-inf"), 0.0, lse)
-    p = tl.exp(s - lse[:, None])
+    if lse.dtype != s.dtype:
+        hi = lse.to(s.dtype)
+        lo = (lse - hi.to(lse.dtype)).to(s.dtype)
+        p = tl.exp((s - hi[:, None]) - lo[:, None])
+    else:
+        p = tl.exp(s - lse[:, None])
     return tl.where(row_ok[:, None], p, 0.0)

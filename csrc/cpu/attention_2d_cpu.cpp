@@ -113,21 +113,24 @@ T row_max(const T* x, int64_t n) {
   return result;
 }
 
-// x[j] = exp(x[j] - shift) in place; returns the sum. exp(-inf) is 0.
+// x[j] = exp((x[j] - shift) - shift_lo) in place; returns the sum. exp(-inf) is 0. The shift
+// in two parts is the backward's fp64 lse split into fp32 (lse_dtype in attention_2d.h): x - shift
+// is exact where x is near the shift, so the small part is not lost to rounding at |x| >> 1.
 template <typename T>
-T exp_shifted_sum(T* x, int64_t n, T shift) {
+T exp_shifted_sum(T* x, int64_t n, T shift, T shift_lo = T(0)) {
   T sum = 0;
   for (int64_t j = 0; j < n; ++j) {
-    x[j] = std::exp(x[j] - shift);
+    x[j] = std::exp((x[j] - shift) - shift_lo);
     sum += x[j];
   }
   return sum;
 }
 
 template <>
-float exp_shifted_sum<float>(float* x, int64_t n, float shift) {
+float exp_shifted_sum<float>(float* x, int64_t n, float shift, float shift_lo) {
   using Vec = Vectorized<float>;
   const Vec vshift(shift);
+  const Vec vshift_lo(shift_lo);
   const Vec neg_inf(kNegInf<float>);
   Vec vsum(0.f);
   int64_t j = 0;
@@ -135,7 +138,7 @@ float exp_shifted_sum<float>(float* x, int64_t n, float shift) {
     const Vec in = Vec::loadu(x + j);
     // exp_u20 is torch's fast float exp (the one its flash-attention CPU kernel uses); the
     // blend makes exp(-inf) exactly 0 whatever its polynomial does at the clamp.
-    Vec e = (in - vshift).exp_u20();
+    Vec e = ((in - vshift) - vshift_lo).exp_u20();
     e = Vec::blendv(e, Vec(0.f), in == neg_inf);
     e.store(x + j);
     vsum = vsum + e;
@@ -147,7 +150,7 @@ float exp_shifted_sum<float>(float* x, int64_t n, float shift) {
     sum += lanes[l];
   }
   for (; j < n; ++j) {
-    x[j] = std::exp(x[j] - shift);
+    x[j] = std::exp((x[j] - shift) - shift_lo);
     sum += x[j];
   }
   return sum;
@@ -212,7 +215,7 @@ struct Problem {
 };
 
 template <typename T>
-void forward_kernel(const Problem<T>& p, T* out, T* lse) {
+void forward_kernel(const Problem<T>& p, T* out, double* lse) {
   const int64_t q_blocks = p.num_query_blocks();
   const int64_t rows_per_block = p.rows_per_key_block();
   const int64_t max_bn = std::min(rows_per_block, p.height) * p.width;
@@ -261,7 +264,8 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
         for (int64_t d = 0; d < p.dv; ++d) {
           out[i * p.dv + d] = acc[r * p.dv + d] * inv;
         }
-        lse[i] = run_sum[r] == T(0) ? kNegInf<T> : run_max[r] + std::log(run_sum[r]);
+        lse[i] = run_sum[r] == T(0) ? kNegInf<double>
+                                    : double(run_max[r]) + double(std::log(run_sum[r]));
       }
     }
   });
@@ -270,7 +274,7 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
 // Gradients of one (batch, head) pair are owned by one thread and accumulated in a fixed order,
 // so results are deterministic and need no atomics.
 template <typename T>
-void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const T* lse,
+void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const double* lse,
                      T* dq, T* dk, T* dv, T* dbias_h, T* dbias_w) {
   const int64_t rows_per_block = p.rows_per_key_block();
   const int64_t max_bn = std::min(rows_per_block, p.height) * p.width;
@@ -298,11 +302,12 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const
           p.logits_tile(b, h, i0, bm, y0, rows, probs.data());
           for (int64_t r = 0; r < bm; ++r) {  // P = exp(S - lse); fully masked rows give 0
             T* s = probs.data() + r * bn;
-            const T row_lse = lse[base + i0 + r];
-            if (row_lse == kNegInf<T>) {
+            const double row_lse = lse[base + i0 + r];
+            if (row_lse == kNegInf<double>) {
               std::fill(s, s + bn, T(0));
             } else {
-              exp_shifted_sum(s, bn, row_lse);
+              const T hi = static_cast<T>(row_lse);
+              exp_shifted_sum(s, bn, hi, static_cast<T>(row_lse - hi));
             }
           }
           // dV_j += P^T dO_i ;  dP = dO_i V_j^T
@@ -408,18 +413,19 @@ std::tuple<at::Tensor, at::Tensor> attention_2d_fwd_cpu(
     double scale) {
   check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale);
   check_cpu(q);
-  const auto dtype = lse_dtype(q.scalar_type());
+  const auto dtype = accumulator_dtype(q.scalar_type());
   const at::Tensor q_c = prepare(q, dtype), k_c = prepare(k, dtype), v_c = prepare(v, dtype);
   const at::Tensor bh = prepare_bias(bias_h, q, height, dtype);
   const at::Tensor bw = prepare_bias(bias_w, q, width, dtype);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q_c.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q_c.options());
+  // The kernel writes an fp64 lse for every dtype; half/bfloat16 keep an fp32 one.
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q_c.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(dtype, "attention_2d_fwd_cpu", [&] {
     const auto problem = make_problem<scalar_t>(q_c, k_c, v_c, bh, bw, height, width, scale);
     forward_kernel<scalar_t>(problem, out.mutable_data_ptr<scalar_t>(),
-                             lse.mutable_data_ptr<scalar_t>());
+                             lse.mutable_data_ptr<double>());
   });
-  return {out.to(q.scalar_type()), lse};
+  return {out.to(q.scalar_type()), lse.to(lse_dtype(q.scalar_type()))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_2d_bwd_cpu(
@@ -437,10 +443,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale);
   check_cpu(q);
   check_attention_2d_backward_inputs(grad_out, q, v, out, lse);
-  const auto dtype = lse_dtype(q.scalar_type());
+  const auto dtype = accumulator_dtype(q.scalar_type());
   const at::Tensor q_c = prepare(q, dtype), k_c = prepare(k, dtype), v_c = prepare(v, dtype);
   const at::Tensor do_c = prepare(grad_out, dtype), out_c = prepare(out, dtype);
-  const at::Tensor lse_c = prepare(lse, dtype);
+  const at::Tensor lse_c = prepare(lse, at::kDouble);
   const at::Tensor bh = prepare_bias(bias_h, q, height, dtype);
   const at::Tensor bw = prepare_bias(bias_w, q, width, dtype);
   const auto opts = q_c.options();
@@ -452,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const auto problem = make_problem<scalar_t>(q_c, k_c, v_c, bh, bw, height, width, scale);
     backward_kernel<scalar_t>(
         problem, do_c.const_data_ptr<scalar_t>(), out_c.const_data_ptr<scalar_t>(),
-        lse_c.const_data_ptr<scalar_t>(), dq.mutable_data_ptr<scalar_t>(),
+        lse_c.const_data_ptr<double>(), dq.mutable_data_ptr<scalar_t>(),
         dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(),
         bh.defined() ? dbias_h.mutable_data_ptr<scalar_t>() : nullptr,
         bw.defined() ? dbias_w.mutable_data_ptr<scalar_t>() : nullptr);

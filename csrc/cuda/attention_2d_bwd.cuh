@@ -36,8 +36,10 @@ struct BwdSmem {
   static constexpr size_t kDP = kS + smem_align(sizeof(A) * BM * kLdS);
   static constexpr size_t kP = kDP + smem_align(sizeof(A) * BM * kLdS);
   static constexpr size_t kDS = kP + smem_align(sizeof(T) * BM * kLdP);
-  static constexpr size_t kLse = kDS + smem_align(sizeof(T) * BM * kLdP);
-  static constexpr size_t kDelta = kLse + smem_align(sizeof(A) * BM);
+  // lse (StatOf<T>) as two A parts, hi = A(lse) and lo = A(lse - hi): P = exp((S - hi) - lo).
+  static constexpr size_t kLseHi = kDS + smem_align(sizeof(T) * BM * kLdP);
+  static constexpr size_t kLseLo = kLseHi + smem_align(sizeof(A) * BM);
+  static constexpr size_t kDelta = kLseLo + smem_align(sizeof(A) * BM);
   static constexpr size_t kKeyY = kDelta + smem_align(sizeof(A) * BM);  // key_coordinates
   static constexpr size_t kKeyX = kKeyY + smem_align(sizeof(int) * BN);
   static constexpr size_t kBytes = kKeyX + smem_align(sizeof(int) * BN);
@@ -84,11 +86,16 @@ __device__ __forceinline__ void load_query_side(
       reinterpret_cast<T*>(smem + S::kDO), S::kLdT, head_ptr<T>(p.grad_out, b, h),
       p.grad_out.stride[2], p.grad_out.stride[3], m0, len, p.dvh);
   const int64_t row0 = (static_cast<int64_t>(b) * p.heads + h) * len;
-  A* s_lse = reinterpret_cast<A*>(smem + S::kLse);
+  using Stat = StatOf<T>;
+  A* s_lse_hi = reinterpret_cast<A*>(smem + S::kLseHi);
+  A* s_lse_lo = reinterpret_cast<A*>(smem + S::kLseLo);
   A* s_delta = reinterpret_cast<A*>(smem + S::kDelta);
   for (int r = threadIdx.x; r < S::BM; r += NT) {
     const int i = m0 + r;
-    s_lse[r] = i < len ? static_cast<const A*>(p.lse)[row0 + i] : neg_inf<A>();
+    const Stat lse = i < len ? static_cast<const Stat*>(p.lse)[row0 + i] : neg_inf<Stat>();
+    const A hi = static_cast<A>(lse);
+    s_lse_hi[r] = hi;
+    s_lse_lo[r] = lse == neg_inf<Stat>() ? A(0) : static_cast<A>(lse - static_cast<Stat>(hi));
     s_delta[r] = i < len ? static_cast<const A*>(p.delta)[row0 + i] : A(0);
   }
 }
@@ -138,7 +145,8 @@ __device__ __forceinline__ void probs_and_dlogits(
   A* s_dp = reinterpret_cast<A*>(smem + S::kDP);
   T* s_p = reinterpret_cast<T*>(smem + S::kP);
   T* s_ds = reinterpret_cast<T*>(smem + S::kDS);
-  const A* s_lse = reinterpret_cast<const A*>(smem + S::kLse);
+  const A* s_lse_hi = reinterpret_cast<const A*>(smem + S::kLseHi);
+  const A* s_lse_lo = reinterpret_cast<const A*>(smem + S::kLseLo);
   const A* s_delta = reinterpret_cast<const A*>(smem + S::kDelta);
   const int* s_key_y = reinterpret_cast<const int*>(smem + S::kKeyY);
   const int* s_key_x = reinterpret_cast<const int*>(smem + S::kKeyX);
@@ -158,13 +166,13 @@ __device__ __forceinline__ void probs_and_dlogits(
     const int c = idx % BN;
     const int i = m0 + r;
     const int j = n0 + c;
-    const A lse = s_lse[r];
+    const A lse_hi = s_lse_hi[r];
     A prob = A(0);
     // lse = -inf marks a fully masked row (or a row past L): its probabilities are all zero.
-    if (i < len && j < len && lse != neg_inf<A>()) {
+    if (i < len && j < len && lse_hi != neg_inf<A>()) {
       const A logit = scale * s_s[r * S::kLdS + c] +
           bias_at<T, A>(bias_h, bias_w, p.bias_h, p.bias_w, i, s_key_y[c], s_key_x[c]);
-      prob = exp_acc(logit - lse);
+      prob = exp_acc((logit - lse_hi) - s_lse_lo[r]);
     }
     const A dlogit = prob * (s_dp[r * S::kLdS + c] - s_delta[r]);
     s_p[r * S::kLdP + c] = from_acc<T>(prob);

@@ -43,6 +43,11 @@ using AccOf = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <typename T>
 constexpr bool kTensorCore = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
+// The saved log-sum-exp's type (lse_dtype in attention_2d.h): fp64 for fp32 and fp64 inputs,
+// which the backward splits into two AccOf parts, fp32 for fp16/bf16.
+template <typename T>
+using StatOf = std::conditional_t<kTensorCore<T>, float, double>;
+
 __device__ __forceinline__ float to_acc(__half x) {
   return __half2float(x);
 }

@@ -170,15 +170,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale);
   check_cuda_inputs(q);
   check_attention_2d_backward_inputs(grad_out, q, v, out, lse);
-  const at::ScalarType stats_dtype = lse_dtype(q.scalar_type());
   const int head_dim = padded_head_dim(q.size(3), v.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
 
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), q.options());
   at::Tensor dv = at::empty(v.sizes(), q.options());
-  // Bias gradients accumulate in the statistics dtype (fp32 for half/bf16), zero-initialized.
-  const auto acc_options = q.options().dtype(stats_dtype);
+  // Bias gradients accumulate in the accumulator dtype (fp32 for half/bf16), zero-initialized.
+  const auto acc_options = q.options().dtype(accumulator_dtype(q.scalar_type()));
   at::Tensor dbias_h = bias_h.has_value()
       ? at::zeros({q.size(0), q.size(1), q.size(2), height}, acc_options)
       : at::empty({0}, q.options());

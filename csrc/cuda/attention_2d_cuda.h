@@ -23,7 +23,7 @@ struct Attention2dParams {
   Tensor4 bias_h, bias_w;     // expanded to (B, Nh, L, height|width), stride 0 where broadcast
   int batch = 0, heads = 0, length = 0, height = 0, width = 0, dkh = 0, dvh = 0;
   double scale = 1.0;
-  // forward outputs: out (B, Nh, L, dvh) in scalar_t, lse (B, Nh, L) in the accumulator type
+  // forward outputs: out (B, Nh, L, dvh) in scalar_t, lse (B, Nh, L) in StatOf<scalar_t>
   void* out = nullptr;
   void* lse = nullptr;  // written by forward, read (contiguous) by backward
   // backward inputs

@@ -135,7 +135,10 @@ __global__ void __launch_bounds__(Tiles<T, D>::kThreads)
       out[d] = from_acc<T>(s_o[r * S::kLdO + d] * inv);
     }
     if (lane == 0) {
-      static_cast<A*>(p.lse)[row] = row_sum > A(0) ? row_max + log_acc(row_sum) : neg_inf<A>();
+      using Stat = StatOf<T>;
+      static_cast<Stat*>(p.lse)[row] = row_sum > A(0)
+          ? static_cast<Stat>(row_max) + static_cast<Stat>(log_acc(row_sum))
+          : neg_inf<Stat>();
     }
   }
 }

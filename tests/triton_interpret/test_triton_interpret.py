@@ -16,7 +16,14 @@ from aanet_kernels import ops
 from aanet_kernels._extension import extension_loaded
 from aanet_kernels._triton import op as triton_op
 from aanet_kernels.reference import attention_2d_reference_lse
-from tests.attention_cases import AWKWARD_CASES, Case, make_inputs
+from tests.attention_cases import (
+    AWKWARD_CASES,
+    LARGE_LOGIT_MAGNITUDES,
+    Case,
+    attention_2d_gradients,
+    check_fp32_gradients_at_large_logits,
+    make_inputs,
+)
 from tests.triton_configs import every_config, pinned_config
 
 OPS = torch.ops.aanet_kernels
@@ -68,6 +75,11 @@ def test_gradients_match_reference(case: Case, dtype: torch.dtype, poisoned_allo
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         assert grad.shape == ref_grad.shape and grad.dtype == dtype
         assert _relative_error(grad, ref_grad) < TOLERANCE[dtype] * 10
+
+
+@pytest.mark.parametrize("magnitude", LARGE_LOGIT_MAGNITUDES)
+def test_float32_gradients_at_large_logits_add_nothing_to_torch_error(magnitude):
+    check_fp32_gradients_at_large_logits(attention_2d_gradients("triton"), magnitude, seed=1)
 
 
 @pytest.mark.parametrize("case", [AWKWARD_CASES[1], AWKWARD_CASES[5]], ids=str)

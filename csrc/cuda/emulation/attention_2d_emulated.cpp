@@ -245,7 +245,7 @@ std::vector<at::Tensor> forward_backward_tiles(
   const auto acc = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   const std::vector<int64_t> rows{q.size(0), q.size(1), q.size(2)};
   at::Tensor out = at::full(sizes(v.size(3)), NAN, q.options());
-  at::Tensor lse = at::full(rows, NAN, acc);
+  at::Tensor lse = at::full(rows, NAN, q.options().dtype(detail::kTensorCore<T> ? at::kFloat : at::kDouble));
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
   if constexpr (detail::kTensorCore<T>) {
