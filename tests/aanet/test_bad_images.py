@@ -1,13 +1,18 @@
-"""Hostile image files at load and prediction time.
+"""Hostile image files at load, training, evaluation and prediction time.
 
 What is promised: a file that is not a whole image (empty, text, cut short, too large for the
-decoder) is a bad entry named by its annotation line, under the ``on_error`` policy, when its
-header shows it; so is a face box mostly off its image; every image that decodes gives the pixels
-``cv2.imread`` would (grey, 16-bit, alpha, palette, CMYK).
+decoder) is a bad entry named by its annotation line, under the ``on_error`` policy, at load time
+when its header shows it and when it is read otherwise; every image that decodes gives the pixels
+``cv2.imread`` would (grey, 16-bit, alpha, palette, CMYK); under ``skip`` a face whose image stops
+decoding after loading is replaced in its batch by the next face (training) or left out of the
+metrics (evaluation), reported once with its file; under ``stop`` the run ends naming it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -18,17 +23,28 @@ import pytest
 import torch
 from PIL import Image
 
+from aanet import checkpoint
+from aanet.cli import main
 from aanet.datasets import synthetic, w300, wflw
 from aanet.datasets.dataset import LandmarkDataset
 from aanet.datasets.images import read_image
 from aanet.datasets.records import DataError
 from aanet.model import ModelConfig, build_model
+from aanet.train import train
+from tests.aanet.test_train import HERE, tiny_config, tiny_data, torchrun
 
 
 def _cut(path: Path, fraction: float = 2 / 3) -> None:
     """Cut ``path`` short, as an interrupted download would."""
     raw = path.read_bytes()
     path.write_bytes(raw[: int(len(raw) * fraction)])
+
+
+def _as_truncated_jpeg(path: Path) -> None:
+    """Replace the image at ``path`` by a cut-off JPEG of it, under the same name: its header
+    reads (it passes loading), its pixels do not (OpenCV would fill them with grey)."""
+    jpeg = cv2.imencode(".jpg", cv2.imread(str(path)))[1].tobytes()
+    path.write_bytes(jpeg[: len(jpeg) * 2 // 3])
 
 
 def _huge_png_header(path: Path, side: int = 20000) -> None:
@@ -200,3 +216,161 @@ def test_predict_names_an_image_too_large_to_decode(tmp_path):
     _huge_png_header(image)
     with pytest.raises(ValueError, match="image: .*huge.png is not an image that decodes"):
         predict_image(_untrained_model(), image, torch.device("cpu"), detect=False)
+
+
+# --- after loading: the dataset ------------------------------------------------------------------
+
+
+def test_a_removed_image_is_named_as_removed_not_as_undecodable(tmp_path):
+    """Until 2026-12-01 a file deleted after loading was "cannot decode image ... its header
+    reads, its data does not: a truncated or damaged file"."""
+    records = wflw.load_wflw(_wflw_set(tmp_path), "train", on_error="stop")
+    records[1].image_path.unlink()
+    with pytest.raises(DataError, match=f"{records[1].where}: image not found: .*removed after"):
+        LandmarkDataset(records, 32)[1]
+
+
+@pytest.mark.parametrize("kind", ["truncated jpeg", "zero bytes", "text"])
+def test_under_skip_the_next_face_stands_in_for_one_that_does_not_decode(tmp_path, kind):
+    records = wflw.load_wflw(_wflw_set(tmp_path), "train", on_error="stop")
+    if kind == "truncated jpeg":
+        _as_truncated_jpeg(records[1].image_path)  # passes loading: found only when read
+    else:
+        _hostile(kind, records[1].image_path, records[0].image_path)
+    skipping = LandmarkDataset(records, 32, on_error="skip")
+    stand_in, next_face = skipping[1], skipping[2]
+    assert (
+        f"{records[1].where}: cannot decode image {records[1].image_path}" in (stand_in["left_out"])
+    )
+    for key in ("image", "landmarks", "attributes"):
+        assert torch.equal(stand_in[key], next_face[key]), key
+    assert next_face["left_out"] == "" and skipping[0]["left_out"] == ""
+    with pytest.raises(DataError, match=f"{records[1].where}: cannot decode image"):
+        LandmarkDataset(records, 32, on_error="stop")[1]
+
+
+def test_the_stand_in_wraps_around_and_a_set_with_no_image_is_an_error(tmp_path):
+    records = wflw.load_wflw(_wflw_set(tmp_path), "train", on_error="stop")
+    _as_truncated_jpeg(records[2].image_path)
+    skipping = LandmarkDataset(records, 32, on_error="skip")
+    assert torch.equal(skipping[2]["image"], skipping[0]["image"])
+    for record in records[:2]:
+        _as_truncated_jpeg(record.image_path)
+    with pytest.raises(DataError, match="none of the 3 images decodes"):
+        skipping[0]
+
+
+# --- after loading: training and evaluation -------------------------------------------------------
+
+
+def _bad_after_loading(config, train_index: int = 3, test_index: int | None = 0) -> list[Path]:
+    """Write ``config``'s data, then make training face ``train_index`` (and test face
+    ``test_index``) a truncated JPEG: both load, neither decodes."""
+    root = tiny_data(config)
+    images = [wflw.load_wflw(root, "train")[train_index].image_path]
+    if test_index is not None:
+        images.append(wflw.load_wflw(root, "test")[test_index].image_path)
+    for image in images:
+        _as_truncated_jpeg(image)
+    return images
+
+
+def test_training_under_skip_replaces_a_face_that_does_not_decode_and_says_so_once(
+    tmp_path, caplog
+):
+    """Until 2026-12-01 it stopped the run, under ``--on-error skip`` (the default) too."""
+    caplog.set_level(logging.INFO, "aanet")
+    config = tiny_config(tmp_path, on_error="skip")
+    bad_train, bad_test = _bad_after_loading(config)
+    result = train(config, progress=False)
+    assert [row["skipped_faces"] for row in result["history"]] == [1, 1]
+    for image in (bad_train, bad_test):
+        assert caplog.text.count(f"cannot decode image {image}") == 1, caplog.text
+    assert "training faces whose image does not decode" in caplog.text
+    assert "test NME" in caplog.text and "(7 of 8 faces)" in caplog.text
+    full = result["report"]["full"]
+    assert (full["count"], full["left_out"]) == (7, 1)
+    assert "skipped_faces" in (Path(config.out) / "log.csv").read_text().splitlines()[0]
+
+
+def test_training_under_skip_with_a_bad_face_resumes_exactly(tmp_path):
+    straight = tiny_config(tmp_path / "a", on_error="skip")
+    _bad_after_loading(straight, test_index=None)
+    interrupted = tiny_config(tmp_path / "b", on_error="skip")
+    _bad_after_loading(interrupted, test_index=None)
+    a = train(straight, progress=False)["model"].state_dict()
+    train(interrupted, progress=False, stop_after=1)
+    b = train(interrupted, resume="auto", progress=False)["model"].state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_training_under_stop_ends_naming_the_image_and_keeps_the_checkpoint(tmp_path):
+    config = tiny_config(tmp_path, on_error="stop")
+    tiny_data(config)
+    train(config, progress=False, stop_after=1)
+    saved = Path(config.out) / "last.pt"
+    before = saved.read_bytes()
+    image = wflw.load_wflw(config.data_root, "train")[3].image_path
+    _as_truncated_jpeg(image)
+    with pytest.raises(DataError) as info:
+        train(config, resume="auto", progress=False)
+    message = str(info.value)
+    assert f":4: cannot decode image {image}" in message
+    assert f"the last completed epoch is in {saved}" in message and "--on-error skip" in message
+    assert saved.read_bytes() == before and checkpoint.load(saved)["epoch"] == 0
+
+
+@pytest.fixture(scope="module")
+def trained_copy(tmp_path_factory):
+    """A tiny trained checkpoint; each test damages its own copy of the data."""
+    config = tiny_config(tmp_path_factory.mktemp("bad_images"), epochs=1)
+    train(config, progress=False)
+    return config
+
+
+def _damaged_copy(config, tmp_path: Path) -> tuple[Path, Path]:
+    data = tmp_path / "data"
+    shutil.copytree(config.data_root, data)
+    image = wflw.load_wflw(data, "test")[2].image_path
+    _as_truncated_jpeg(image)
+    return data, image
+
+
+def test_evaluate_under_skip_says_how_many_faces_it_left_out(trained_copy, tmp_path, capsys):
+    """Until 2026-12-01 ``aanet evaluate`` stopped at such an image whatever ``--on-error``."""
+    data, image = _damaged_copy(trained_copy, tmp_path)
+    out = tmp_path / "eval.json"
+    ckpt = str(Path(trained_copy.out) / "last.pt")
+    flags = ["evaluate", "--checkpoint", ckpt, "--data-root", str(data), "--json", str(out)]
+    assert main([*flags, "--on-error", "skip"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 of the 8 test faces left out" in printed and "over the other 7" in printed
+    full = json.loads(out.read_text())["full"]
+    assert (full["count"], full["left_out"]) == (7, 1)
+    assert main([*flags, "--on-error", "stop"]) == 2
+    err = capsys.readouterr().err
+    assert "aanet evaluate: error: " in err and f":3: cannot decode image {image}" in err
+
+
+def test_evaluate_of_a_whole_set_says_none_left_out(trained_copy, tmp_path):
+    out = tmp_path / "eval.json"
+    ckpt = str(Path(trained_copy.out) / "last.pt")
+    assert main(["evaluate", "--checkpoint", ckpt, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["full"]["left_out"] == 0
+
+
+def test_ddp_under_skip_every_rank_takes_the_same_steps_and_the_face_is_named_once(tmp_path):
+    """Two ranks, one face that does not decode on whichever rank draws it: the run completes,
+    the replicas stay identical (each rank took every step), rank 0 names the file once."""
+    config = tiny_config(tmp_path, epochs=1, on_error="skip")
+    (image,) = _bad_after_loading(config, test_index=None)
+    done = torchrun(str(HERE / "ddp_worker.py"), json.dumps(config.to_dict()))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count(f"cannot decode image {image}") == 1, done.stderr[-3000:]
+    out = Path(config.out)
+    rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    steps = [len(json.loads((out / f"rank{rank}_losses.json").read_text())) for rank in (0, 1)]
+    assert steps == [2, 2]
+    assert checkpoint.load(out / "last.pt")["history"][0]["skipped_faces"] == 1
