@@ -70,6 +70,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from aanet import checkpoint
     from aanet.datasets import sources
     from aanet.datasets.dataset import LandmarkDataset
+    from aanet.datasets.records import BadDataLog
     from aanet.evaluate import format_table, predict_errors, subset_report, write_json
     from aanet.inference import model_from_state
     from aanet.train import attention_backend, pick_device
@@ -87,10 +88,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             f"{error} (the data paths come from the checkpoint's config, relative to where it was "
             "trained; give --data-root / --test-root for this directory)"
         ) from error
-    test_set = LandmarkDataset(records, config.input_size)
+    test_set = LandmarkDataset(records, config.input_size, on_error=config.on_error)
     loader = DataLoader(test_set, batch_size=config.batch_size, num_workers=config.workers)
     with attention_backend(config.backend), torch.no_grad():
-        report = subset_report(predict_errors(model, loader, device, config.amp))
+        predictions = predict_errors(model, loader, device, config.amp)
+    BadDataLog("skip", list(predictions.left_out)).summarize(
+        "test faces whose image does not decode (left out of the metrics)",
+        len(predictions.face_errors),
+    )
+    report = subset_report(predictions)
     print(format_table(report))
     out = Path(args.json or Path(args.checkpoint).parent / "eval.json")
     write_json(report, out)

@@ -17,33 +17,44 @@ from aanet.metrics import confidence_summary, point_errors, summarize
 
 class Predictions(NamedTuple):
     """A model's results on a test set: per-face NME ``(F,)``, per-point errors and confidences
-    ``(F, N)`` (errors in inter-ocular distances), and the WFLW attribute flags ``(F, 6)``."""
+    ``(F, N)`` (errors in inter-ocular distances), and the WFLW attribute flags ``(F, 6)``, of the
+    faces measured; ``left_out`` the errors of the faces that were not (their image does not
+    decode, under ``on_error="skip"``)."""
 
     face_errors: torch.Tensor
     point_errors: torch.Tensor
     confidence: torch.Tensor
     flags: torch.Tensor
+    left_out: tuple[str, ...] = ()
 
 
 @torch.no_grad()
 def predict_errors(
     model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False
 ) -> Predictions:
-    """Run ``model`` over ``loader`` and measure every point against its annotation."""
+    """Run ``model`` over ``loader`` and measure every point against its annotation; a sample
+    that stands in for a face whose image does not decode (``"left_out"``) is not measured."""
     was_training = model.training
     model.eval()
-    points, confidences, flags = [], [], []
+    points, confidences, flags, left_out = [], [], [], []
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
             coords, confidence, _ = model(images)
-        points.append(point_errors(coords.float().cpu(), batch["landmarks"]))
-        confidences.append(confidence.float().cpu())
-        flags.append(batch["attributes"])
+        errors = batch.get("left_out", [""] * len(images))
+        kept = torch.tensor([not error for error in errors])
+        left_out.extend(error for error in errors if error)
+        points.append(point_errors(coords.float().cpu()[kept], batch["landmarks"][kept]))
+        confidences.append(confidence.float().cpu()[kept])
+        flags.append(batch["attributes"][kept])
     model.train(was_training)
     point_error = torch.cat(points)
     return Predictions(
-        point_error.mean(dim=-1), point_error, torch.cat(confidences), torch.cat(flags)
+        point_error.mean(dim=-1),
+        point_error,
+        torch.cat(confidences),
+        torch.cat(flags),
+        tuple(left_out),
     )
 
 
@@ -55,9 +66,10 @@ def amp_dtype(device: torch.device) -> torch.dtype:
 
 def subset_report(predictions: Predictions) -> dict[str, dict[str, float]]:
     """Metrics of the full set and of each WFLW subset (faces whose flag is set), and under
-    ``"confidence"`` how well the landmark confidences track the errors."""
+    ``"confidence"`` how well the landmark confidences track the errors. ``"full"`` also counts
+    the faces ``left_out`` (not measured: their image does not decode)."""
     errors, flags = predictions.face_errors, predictions.flags
-    report = {"full": summarize(errors)}
+    report = {"full": {**summarize(errors), "left_out": len(predictions.left_out)}}
     if flags.numel() and flags.any():
         for column, name in enumerate(WFLW_ATTRIBUTES):
             report[name] = summarize(errors[flags[:, column] == 1])
@@ -81,6 +93,13 @@ def format_table(report: dict[str, dict[str, float]]) -> str:
             f"{c['rank_correlation']:+.2f}; mean error of the least / most confident quarter of "
             f"the points {100 * c['error_least_sure_quarter']:.2f}% / "
             f"{100 * c['error_most_sure_quarter']:.2f}%"
+        )
+    left_out = report.get("full", {}).get("left_out", 0)
+    if left_out:
+        lines.append(
+            f"{left_out} of the {report['full']['count'] + left_out} test faces left out: their "
+            f"image does not decode (--on-error skip); the metrics are over the other "
+            f"{report['full']['count']}"
         )
     return "\n".join(lines)
 

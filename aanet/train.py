@@ -24,6 +24,7 @@ from aanet.config import Config, check_device_name
 from aanet.datasets import sources
 from aanet.datasets.augment import AugmentConfig
 from aanet.datasets.dataset import LandmarkDataset
+from aanet.datasets.records import BadDataLog, DataError
 from aanet.evaluate import amp_dtype, predict_errors, subset_report
 from aanet.losses import build_training_loss
 from aanet.metrics import summarize
@@ -43,6 +44,7 @@ CSV_FIELDS = (
     "images_per_s",
     "seconds",
     "skipped_steps",
+    "skipped_faces",
 )
 
 
@@ -118,9 +120,12 @@ def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, D
         sources.prepare(config)
     _barrier(group)
     train_set = LandmarkDataset(
-        sources.load_split(config, "train"), config.input_size, AugmentConfig(), seed=config.seed
+        sources.load_split(config, "train"), config.input_size, AugmentConfig(), config.seed,
+        config.on_error,
+    )  # fmt: skip
+    test_set = LandmarkDataset(
+        sources.load_split(config, "test"), config.input_size, on_error=config.on_error
     )
-    test_set = LandmarkDataset(sources.load_split(config, "test"), config.input_size)
     # The sampler's shuffle depends only on (seed, epoch): a resumed run sees the same order.
     sampler = DistributedSampler(
         train_set, group.world, group.rank, shuffle=True, seed=config.seed, drop_last=True
@@ -179,21 +184,42 @@ def nonfinite_losses(loss: torch.Tensor, group: Dist) -> str:
     return ", ".join(f"{v:g} on rank {rank}" for rank, v in named)
 
 
+def saved_so_far(saved: Path) -> str:
+    """What a run that stops now leaves: the checkpoint ``saved`` to resume from, or nothing."""
+    if saved.is_file():
+        return f"the last completed epoch is in {saved} (resume with --resume)"
+    return "no epoch has completed yet"
+
+
 def handle_nonfinite_loss(policy: str, losses: str, epoch: int, step: int, saved: Path) -> None:
     """``on_nan``: ``stop`` raises an error naming the step, ``skip`` logs and drops the step;
     ``losses`` is what :func:`nonfinite_losses` says."""
     where = f"epoch {epoch}, step {step}"
     if policy == "stop":
-        last = (
-            f"the last completed epoch is in {saved} (resume with --resume)"
-            if saved.is_file()
-            else "no epoch has completed yet"
-        )
         raise FloatingPointError(
-            f"non-finite loss ({losses}) at {where}; {last}; pass "
+            f"non-finite loss ({losses}) at {where}; {saved_so_far(saved)}; pass "
             f"--on-nan skip to drop such steps instead"
         )
     log.warning("non-finite loss (%s) at %s: step skipped (--on-nan skip)", losses, where)
+
+
+def gather_left_out(mine: list[str], group: Dist) -> list[str]:
+    """The faces every rank left out this epoch (``"left_out"`` of its samples), for rank 0 to
+    report. Every rank calls this once an epoch: a gather only where some rank found one would
+    leave the others waiting."""
+    if group.world == 1:
+        return mine
+    every: list[list[str] | None] = [None] * group.world
+    dist.all_gather_object(every, mine)
+    return [error for errors in every for error in errors or ()]
+
+
+def report_left_out(errors: list[str], reported: set[str], source: str, faces: int) -> None:
+    """Log the faces of ``errors`` not yet in ``reported`` (each file once a run) and add them;
+    ``faces`` is the size of the set they were left out of."""
+    new = [error for error in dict.fromkeys(errors) if error not in reported]
+    reported.update(new)
+    BadDataLog("skip", new).summarize(source, faces - len(reported))
 
 
 @contextlib.contextmanager
@@ -213,6 +239,18 @@ def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
         writer = csv.DictWriter(handle, CSV_FIELDS)
         writer.writeheader()
         writer.writerows(history)
+
+
+@contextlib.contextmanager
+def _data_errors_name(saved: Path) -> Iterator[None]:
+    """Under ``on_error="stop"`` an image that does not decode ends the run: the error also says
+    what it leaves (the checkpoint of the last completed epoch is kept as it was)."""
+    try:
+        yield
+    except DataError as error:
+        raise DataError(
+            f"{error}; {saved_so_far(saved)}; pass --on-error skip to leave such faces out"
+        ) from error
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
@@ -285,19 +323,22 @@ def train(
     # model, other batch sizes and no_grad would each be another graph for little time.
     train_net = net if config.compile == "none" else torch.compile(net, backend=config.compile)
     loss_fn = build_training_loss(config.loss, config.heatmap_reg)
+    train_left_out: set[str] = set()  # faces whose image did not decode, reported once a run
+    test_left_out: set[str] = set()
 
-    with attention_backend(config.backend):
+    with attention_backend(config.backend), _data_errors_name(out / "last.pt"):
         last = config.epochs if stop_after is None else min(config.epochs, start + stop_after)
         for epoch in range(start, last):
             sampler.set_epoch(epoch)
             train_loader.dataset.set_epoch(epoch)
             model.train()
-            began, seen, total, skipped = time.perf_counter(), 0, 0.0, 0
+            began, seen, total, skipped, left_out = time.perf_counter(), 0, 0.0, 0, []
             bar = tqdm(
                 train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                 disable=not (progress and is_main_process()), dynamic_ncols=True,
             )  # fmt: skip
             for step, batch in enumerate(bar, start=1):
+                left_out.extend(error for error in batch["left_out"] if error)
                 images = batch["image"].to(device, non_blocking=True)
                 target = batch["landmarks"].to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype(device), enabled=config.amp):
@@ -319,6 +360,7 @@ def train(
                 bar.set_postfix(loss=f"{total / (step - skipped):.4g}", img_s=f"{rate:.1f}")
             trained_lr = optimizer.param_groups[0]["lr"]  # step() sets the next epoch's
             scheduler.step()
+            left_out = gather_left_out(left_out, group)
             if group.world > 1:
                 # DDP keeps parameters in step but each rank's BatchNorm statistics follow its own
                 # last batch: take rank 0's, so that every replica is the checkpointed model.
@@ -328,19 +370,29 @@ def train(
             train_loss = total / max(1, len(train_loader) - skipped)
             row = {
                 "epoch": epoch + 1, "train_loss": train_loss, "skipped_steps": skipped,
-                "lr": trained_lr, "images_per_s": seen / seconds,
+                "skipped_faces": len(left_out), "lr": trained_lr, "images_per_s": seen / seconds,
                 "seconds": seconds,
             }  # fmt: skip
             if is_main_process():
-                metrics = summarize(
-                    predict_errors(model, test_loader, device, config.amp).face_errors
-                )
+                report_left_out(
+                    left_out, train_left_out, f"epoch {epoch + 1}: training faces whose image "
+                    "does not decode (each replaced in its batch by the next face)",
+                    len(train_loader.dataset),
+                )  # fmt: skip
+                tested = predict_errors(model, test_loader, device, config.amp)
+                report_left_out(
+                    list(tested.left_out), test_left_out, f"epoch {epoch + 1}: test faces whose "
+                    "image does not decode (left out of the metrics)", len(test_loader.dataset),
+                )  # fmt: skip
+                metrics = summarize(tested.face_errors)
                 row.update(test_nme=metrics["nme"], test_fr=metrics["fr"], test_auc=metrics["auc"])
                 history.append(row)
+                faces = f" ({metrics['count']} of {len(test_loader.dataset)} faces)"
                 log.info(
-                    "epoch %d: loss %.4g, test NME %.2f%%, FR %.2f%%, AUC %.4f, %.1f img/s",
-                    epoch + 1, row["train_loss"], 100 * metrics["nme"], 100 * metrics["fr"],
-                    metrics["auc"], row["images_per_s"],
+                    "epoch %d: loss %.4g, test NME %.2f%%%s, FR %.2f%%, AUC %.4f, %.1f img/s",
+                    epoch + 1, row["train_loss"], 100 * metrics["nme"],
+                    faces if tested.left_out else "", 100 * metrics["fr"], metrics["auc"],
+                    row["images_per_s"],
                 )  # fmt: skip
                 state = {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from aanet.datasets.augment import NO_AUGMENT, AugmentConfig, augment_sample
 from aanet.datasets.images import read_image
-from aanet.datasets.records import DataError, Record
+from aanet.datasets.records import ON_ERROR_CHOICES, DataError, Record
 
 MEAN = np.array([0.5, 0.5, 0.5], dtype=np.float32)
 STD = np.array([0.25, 0.25, 0.25], dtype=np.float32)
@@ -25,6 +25,15 @@ class LandmarkDataset(Dataset):
 
     With ``augment`` the random transforms draw from a generator seeded by ``(seed, epoch,
     index)``, so a resumed run sees the same augmentations as an uninterrupted one.
+
+    A face whose image does not decode now (its header was checked at load time, its pixels not;
+    or the file changed since) raises :class:`DataError` under ``on_error="stop"``. Under
+    ``"skip"`` the next face of the set whose image decodes stands in for it, and the sample's
+    ``"left_out"`` is the error (``""`` when the sample is the face asked for): the caller
+    reports it, and evaluation leaves such samples out. A stand-in keeps every batch full, so
+    the ranks of a DDP run take the same number of steps, and it depends only on the files, so
+    ``--resume`` sees the same samples. ``"stop"`` is the default here: a caller that reads no
+    ``"left_out"`` must not train on stand-ins unawares.
     """
 
     def __init__(
@@ -33,13 +42,17 @@ class LandmarkDataset(Dataset):
         size: int,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        on_error: str = "stop",
     ) -> None:
         if not records:
             raise ValueError("records: expected at least one annotated face, got none")
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"on_error: expected one of {ON_ERROR_CHOICES}, got {on_error!r}")
         self.records = records
         self.size = size
         self.augment = augment
         self.seed = seed
+        self.on_error = on_error
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -49,16 +62,37 @@ class LandmarkDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def read(self, index: int) -> np.ndarray:
+        """The image of face ``index``; :class:`DataError` naming its line and file if it is gone
+        or does not decode."""
         record = self.records[index]
+        if not record.image_path.is_file():
+            raise DataError(
+                record.where, f"image not found: {record.image_path} (removed after loading)"
+            )
         try:  # the header was checked at load time (validate_record), the data not
-            image = read_image(record.image_path)
+            return read_image(record.image_path)
         except OSError as exc:
             raise DataError(
                 record.where,
-                f"cannot decode image {record.image_path} (its header reads, its data does not: "
-                f"a truncated or damaged file; replace it or remove its line): {exc}",
+                f"cannot decode image {record.image_path} (a truncated or damaged file, or one "
+                f"changed after loading; replace it or remove its line): {exc}",
             ) from exc
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        left_out = ""
+        for step in range(len(self.records)):
+            source = (index + step) % len(self.records)
+            try:
+                image = self.read(source)
+                break
+            except DataError as error:
+                if self.on_error == "stop":
+                    raise
+                left_out = left_out or str(error)
+        else:
+            raise DataError(f"none of the {len(self.records)} images decodes; {left_out}")
+        record = self.records[source]
         rng = None
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -71,4 +105,5 @@ class LandmarkDataset(Dataset):
             "attributes": torch.from_numpy(record.attributes),
             "matrix": torch.from_numpy(matrix.astype(np.float32)),
             "index": torch.tensor(index),
+            "left_out": left_out,
         }

@@ -10,19 +10,37 @@ from PIL import Image, ImageOps
 # EXIF orientations that turn the stored image by 90 degrees (width and height trade places).
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION = 0x0112
+# Pillow's modes of one 16-bit channel ("I" is how older Pillow versions open a 16-bit grey PNG).
+_SIXTEEN_BIT_GREY = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def open_image(path: Path | str) -> Image.Image:
+    """``PIL.Image.open(path)`` (the header only), raising ``OSError`` for every file it refuses:
+    an image too large for Pillow (``DecompressionBombError``) is not an ``OSError`` otherwise,
+    and would escape the bad-data policy."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise OSError(str(exc)) from exc
 
 
 def read_image(path: Path | str) -> np.ndarray:
     """The image at ``path`` as BGR ``uint8 (H, W, 3)`` (OpenCV's layout), turned upright by its
-    EXIF orientation as ``cv2.imread`` does; grey, palette and alpha images become 3-channel.
+    EXIF orientation as ``cv2.imread`` does; grey, palette and alpha images become 3-channel, and
+    16-bit grey keeps its top 8 bits (as in ``cv2.imread``).
 
     Raises ``OSError`` when the file is not an image or does not decode to its end. Pillow is used
     rather than ``cv2.imread`` because OpenCV returns a truncated JPEG (a cut-off download) without
     an error, its missing part filled with grey, which would train on a wrong image unnoticed.
     """
-    with Image.open(path) as image:
+    with open_image(path) as image:
         image.load()  # decodes everything: a truncated file raises here
-        rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        upright = ImageOps.exif_transpose(image)
+        if upright.mode in _SIXTEEN_BIT_GREY:
+            # convert("RGB") clips 16-bit values at 255: the image would be white.
+            grey = (np.asarray(upright).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+            return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+        rgb = np.asarray(upright.convert("RGB"))
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 

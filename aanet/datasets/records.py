@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from aanet.datasets.images import upright_size
+from aanet.datasets.images import open_image, upright_size
 
 log = logging.getLogger("aanet.data")
 
@@ -84,9 +83,10 @@ class BadDataLog:
 
 
 def validate_record(record: Record, tolerance: float = 0.5) -> None:
-    """Raise :class:`DataError` if the image is missing or unreadable, the face box is empty or
-    not finite, or a point lies more than ``tolerance`` outside the pixel centres (pixel centres
-    are at integers, so the default 0.5 is the image's edge: ``[-0.5, width - 0.5]``).
+    """Raise :class:`DataError` if the image is missing or unreadable, the face box is empty, not
+    finite or mostly outside the image, or a point lies more than ``tolerance`` outside the pixel
+    centres (pixel centres are at integers, so the default 0.5 is the image's edge:
+    ``[-0.5, width - 0.5]``).
 
     Only the image header is read (PIL opens lazily), so this is cheap enough to run on every
     record at load time instead of failing later inside a DataLoader worker.
@@ -94,7 +94,7 @@ def validate_record(record: Record, tolerance: float = 0.5) -> None:
     if not record.image_path.is_file():
         raise DataError(record.where, f"image not found: {record.image_path}")
     try:
-        with Image.open(record.image_path) as image:
+        with open_image(record.image_path) as image:
             width, height = upright_size(image)
     except OSError as exc:
         raise DataError(record.where, f"unreadable image {record.image_path}: {exc}") from exc
@@ -120,4 +120,15 @@ def validate_record(record: Record, tolerance: float = 0.5) -> None:
             record.where,
             f"{int(outside.sum())} points outside the {width}x{height} image "
             f"(first: point {first} at ({xs[first]:.1f}, {ys[first]:.1f}))",
+        )
+    # Less than half the box on the image: it is not this image's box (an image resized after it
+    # was annotated, say); the crop would show a small part of the picture or none of it.
+    inside = max(0.0, min(x_max, width - 0.5) - max(x_min, -0.5)) * max(
+        0.0, min(y_max, height - 0.5) - max(y_min, -0.5)
+    )
+    if inside < 0.5 * (x_max - x_min) * (y_max - y_min):
+        raise DataError(
+            record.where,
+            f"face box ({x_min:g}, {y_min:g}, {x_max:g}, {y_max:g}) lies mostly outside the "
+            f"{width}x{height} image: expected at least half of it inside",
         )

@@ -387,10 +387,11 @@ def test_aanet_run_on_another_rank_than_0_stops_after_training(tmp_path, monkeyp
 
 
 def test_ddp_an_image_that_fails_on_one_rank_ends_every_rank_naming_it(tmp_path):
-    """A truncated image (its header reads: found only when its rank reads it) stops that rank;
-    the other, waiting in the step's all-reduce, ends too instead of waiting for a timeout, and
-    each error line says which rank it comes from."""
-    config = tiny_config(tmp_path, epochs=1)
+    """Under ``--on-error stop`` a truncated image (its header reads: found only when its rank
+    reads it) stops that rank; the other, waiting in the step's all-reduce, ends too instead of
+    waiting for a timeout, and each error line says which rank it comes from. (Under ``skip``,
+    test_bad_images: the next face stands in for it.)"""
+    config = tiny_config(tmp_path, epochs=1, on_error="stop")
     image = wflw.load_wflw(tiny_data(config), "train")[3].image_path
     jpeg = cv2.imencode(".jpg", cv2.imread(str(image)))[1].tobytes()
     image.write_bytes(jpeg[: len(jpeg) * 2 // 3])  # a JPEG under a .png name: Pillow reads both
