@@ -1,8 +1,10 @@
-"""Evaluation: NME / failure rate / AUC on the whole test set and on each WFLW subset."""
+"""Evaluation: NME / failure rate / AUC on the whole test set, on each WFLW subset and on the 300W
+common and challenging subsets."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -11,32 +13,52 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from aanet.datasets import w300
+from aanet.datasets.records import DataError
 from aanet.landmarks import WFLW_ATTRIBUTES
-from aanet.metrics import confidence_summary, point_errors, summarize
+from aanet.metrics import DegenerateFaceError, confidence_summary, point_errors, summarize
+
+log = logging.getLogger("aanet.evaluate")
+# The keys of a report (subset_report) that are not subsets.
+NOT_SUBSETS = ("confidence", "normalization")
 
 
 class Predictions(NamedTuple):
     """A model's results on a test set: per-face NME ``(F,)``, per-point errors and confidences
-    ``(F, N)`` (errors in inter-ocular distances), and the WFLW attribute flags ``(F, 6)``, of the
-    faces measured; ``left_out`` the errors of the faces that were not (their image does not
-    decode, under ``on_error="skip"``)."""
+    ``(F, N)`` (errors in ``normalization`` distances), the WFLW attribute flags ``(F, 6)``, and
+    each face's 300W subset (``w300.subset_of``; None when it has none), of the faces measured;
+    ``left_out`` the errors of the faces that were not (their image does not decode, under
+    ``on_error="skip"``)."""
 
     face_errors: torch.Tensor
     point_errors: torch.Tensor
     confidence: torch.Tensor
     flags: torch.Tensor
+    subsets: tuple[str | None, ...] = ()
+    normalization: str = "inter-ocular"
     left_out: tuple[str, ...] = ()
 
 
 @torch.no_grad()
 def predict_errors(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: bool = False,
+    normalization: str = "inter-ocular",
 ) -> Predictions:
-    """Run ``model`` over ``loader`` and measure every point against its annotation; a sample
-    that stands in for a face whose image does not decode (``"left_out"``) is not measured."""
+    """Run ``model`` over ``loader`` (of a ``LandmarkDataset``) and measure every point against its
+    annotation; a sample that stands in for a face whose image does not decode (``"left_out"``)
+    is not measured.
+
+    Both are in crop pixels: the crop is a similarity of the image (``crop_matrix``: one scale, no
+    rotation or aspect change), which scales the distances and the normaliser alike, so the NME is
+    that of the original image's pixels.
+    """
     was_training = model.training
     model.eval()
-    points, confidences, flags, left_out = [], [], [], []
+    records = loader.dataset.records
+    points, confidences, flags, indices, left_out = [], [], [], [], []
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
@@ -44,18 +66,32 @@ def predict_errors(
         errors = batch.get("left_out", [""] * len(images))
         kept = torch.tensor([not error for error in errors])
         left_out.extend(error for error in errors if error)
-        points.append(point_errors(coords.float().cpu()[kept], batch["landmarks"][kept]))
+        faces = batch["index"][kept]
+        try:
+            points.append(
+                point_errors(coords.float().cpu()[kept], batch["landmarks"][kept], normalization)
+            )
+        except DegenerateFaceError as error:
+            raise DataError(records[int(faces[error.face])].where, error.reason) from error
         confidences.append(confidence.float().cpu()[kept])
         flags.append(batch["attributes"][kept])
+        indices.extend(int(i) for i in faces)
     model.train(was_training)
     point_error = torch.cat(points)
+    subsets = ()
+    if point_error.shape[1] == w300.NUM_POINTS:
+        subsets = tuple(w300.subset_of(records[i].image_path) for i in indices)
+    face_error = point_error.mean(dim=-1)
+    undefined = int((~torch.isfinite(face_error)).sum())
+    if undefined:
+        log.warning(
+            "%d of %d faces have non-finite predicted points: the mean NME is undefined (null), "
+            "and they count as failures in FR and AUC", undefined, len(face_error),
+        )  # fmt: skip
     return Predictions(
-        point_error.mean(dim=-1),
-        point_error,
-        torch.cat(confidences),
-        torch.cat(flags),
-        tuple(left_out),
-    )
+        face_error, point_error, torch.cat(confidences), torch.cat(flags), subsets,
+        normalization, tuple(left_out),
+    )  # fmt: skip
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
@@ -64,24 +100,33 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def subset_report(predictions: Predictions) -> dict[str, dict[str, float]]:
-    """Metrics of the full set and of each WFLW subset (faces whose flag is set), and under
-    ``"confidence"`` how well the landmark confidences track the errors. ``"full"`` also counts
-    the faces ``left_out`` (not measured: their image does not decode)."""
+def subset_report(predictions: Predictions) -> dict[str, Any]:
+    """Metrics of the full set, of each WFLW subset (faces whose flag is set) and of the 300W
+    ``common`` and ``challenging`` subsets (when the set has either), under ``"confidence"`` how
+    well the landmark confidences track the errors, and under ``"normalization"`` the NME's.
+    ``"full"`` also counts the faces ``left_out`` (not measured: their image does not decode)."""
     errors, flags = predictions.face_errors, predictions.flags
-    report = {"full": {**summarize(errors), "left_out": len(predictions.left_out)}}
+    report: dict[str, Any] = {"full": {**summarize(errors), "left_out": len(predictions.left_out)}}
     if flags.numel() and flags.any():
         for column, name in enumerate(WFLW_ATTRIBUTES):
             report[name] = summarize(errors[flags[:, column] == 1])
+    if any(predictions.subsets):
+        for name in w300.SUBSETS:
+            chosen = torch.tensor([subset == name for subset in predictions.subsets])
+            report[name] = summarize(errors[chosen])
     report["confidence"] = confidence_summary(predictions.point_errors, predictions.confidence)
+    report["normalization"] = predictions.normalization
     return report
 
 
-def format_table(report: dict[str, dict[str, float]]) -> str:
+def format_table(report: dict[str, Any]) -> str:
     """A fixed-width table (subset, faces, NME %, FR@0.1 %, AUC@0.1), then the confidences."""
-    lines = [f"{'subset':<14}{'faces':>7}{'NME %':>9}{'FR@0.1 %':>10}{'AUC@0.1':>9}"]
+    lines = []
+    if "normalization" in report:
+        lines.append(f"NME normalised by the {report['normalization']} distance")
+    lines.append(f"{'subset':<14}{'faces':>7}{'NME %':>9}{'FR@0.1 %':>10}{'AUC@0.1':>9}")
     for name, m in report.items():
-        if name != "confidence":
+        if name not in NOT_SUBSETS:
             lines.append(
                 f"{name:<14}{m['count']:>7}{100 * m['nme']:>9.2f}{100 * m['fr']:>10.2f}"
                 f"{m['auc']:>9.4f}"
@@ -104,7 +149,7 @@ def format_table(report: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(report: dict[str, dict[str, float]], path: Path | str) -> None:
+def write_json(report: dict[str, Any], path: Path | str) -> None:
     """The report as strict JSON: a metric that is undefined (NaN: a subset with no faces) is
     written as ``null``."""
 

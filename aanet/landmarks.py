@@ -1,4 +1,4 @@
-"""Landmark schemes: point counts, inter-ocular indices, horizontal-flip index maps, attributes.
+"""Landmark schemes: point counts, eye corners and pupils, horizontal-flip index maps, attributes.
 
 WFLW (98 points): contour 0-32 (left to right through the chin), brows 33-41 and 42-50, nose
 bridge 51-54 and lower nose 55-59, eyes 60-67 and 68-75, outer lips 76-87, inner lips 88-95,
@@ -60,10 +60,16 @@ class Scheme:
     left_eye_outer: int  # the inter-ocular normalisation uses the two outer eye corners
     right_eye_outer: int
     flip_map: tuple[int, ...]
+    # The inter-pupil normalisation uses the mean of each group: WFLW annotates the pupils, 300W
+    # has none, so its pupil is the mean of the six points around the eye.
+    left_pupil: tuple[int, ...]
+    right_pupil: tuple[int, ...]
 
 
-WFLW = Scheme("wflw", 98, 60, 72, _pairs_to_map(98, _wflw_pairs()))
-W300 = Scheme("300w", 68, 36, 45, _pairs_to_map(68, _w300_pairs()))
+WFLW = Scheme("wflw", 98, 60, 72, _pairs_to_map(98, _wflw_pairs()), (96,), (97,))
+W300 = Scheme(
+    "300w", 68, 36, 45, _pairs_to_map(68, _w300_pairs()), tuple(range(36, 42)), tuple(range(42, 48))
+)
 SCHEMES = {WFLW.num_points: WFLW, W300.num_points: W300}
 
 

@@ -1,4 +1,5 @@
-"""Landmark accuracy: NME by the inter-ocular distance, failure rate and AUC of the CED curve."""
+"""Landmark accuracy: NME by the inter-ocular (or inter-pupil) distance, failure rate and AUC of
+the CED curve."""
 
 from __future__ import annotations
 
@@ -8,31 +9,66 @@ from torch import Tensor
 from aanet.landmarks import scheme_for
 
 THRESHOLD = 0.1
+NORMALIZATIONS = ("inter-ocular", "inter-pupil")
 
 
-def nme(pred: Tensor, target: Tensor) -> Tensor:
+class DegenerateFaceError(ValueError):
+    """A target face whose normalising distance is zero or not finite (its NME is undefined);
+    ``face`` is its index in the batch, ``reason`` the message without it."""
+
+    def __init__(self, face: int, reason: str) -> None:
+        super().__init__(f"target: face {face}: {reason}")
+        self.face = face
+        self.reason = reason
+
+
+def nme(pred: Tensor, target: Tensor, normalization: str = "inter-ocular") -> Tensor:
     """Per-face normalised mean error ``(B,)`` of ``(B, N, 2)`` points.
 
-    The mean point-to-point distance divided by the distance between the outer eye corners of
-    the target (WFLW points 60 and 72, 300W points 36 and 45), chosen from ``N``.
+    The mean point-to-point distance divided by the target's ``normalization`` distance (see
+    ``normalizing_distance``), the scheme chosen from ``N``.
     """
-    return point_errors(pred, target).mean(dim=-1)
+    return point_errors(pred, target, normalization).mean(dim=-1)
 
 
-def point_errors(pred: Tensor, target: Tensor) -> Tensor:
-    """Per-point distances ``(B, N)`` divided by the face's inter-ocular distance (see ``nme``)."""
+def normalizing_distance(target: Tensor, normalization: str = "inter-ocular") -> Tensor:
+    """Per-face ``(B,)`` distance of ``(B, N, 2)`` targets: between the outer eye corners
+    (``inter-ocular``: WFLW points 60 and 72, 300W points 36 and 45) or between the pupils
+    (``inter-pupil``: WFLW points 96 and 97; 300W the means of points 36-41 and 42-47).
+
+    Raises :class:`DegenerateFaceError` for the first face where it is zero or not finite.
+    """
+    scheme = scheme_for(target.shape[1])
+    if normalization == "inter-ocular":
+        left, right = (scheme.left_eye_outer,), (scheme.right_eye_outer,)
+        what = f"the outer eye corners (points {left[0]} and {right[0]})"
+    elif normalization == "inter-pupil":
+        left, right = scheme.left_pupil, scheme.right_pupil
+        what = "the pupils"
+    else:
+        raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")
+    distance = (target[:, list(left)].mean(dim=1) - target[:, list(right)].mean(dim=1)).norm(dim=-1)
+    bad = ~(distance > 0)  # NaN too
+    if bad.any():
+        face = int(bad.nonzero()[0])
+        raise DegenerateFaceError(
+            face,
+            f"{what} coincide or are not finite ({normalization} distance "
+            f"{float(distance[face]):g}): the NME is undefined",
+        )
+    return distance
+
+
+def point_errors(pred: Tensor, target: Tensor, normalization: str = "inter-ocular") -> Tensor:
+    """Per-point distances ``(B, N)`` divided by the face's ``normalization`` distance (see
+    ``normalizing_distance``)."""
     if pred.shape != target.shape or pred.dim() != 3 or pred.shape[-1] != 2:
         raise ValueError(
             f"pred, target: expected equal shapes (B, N, 2), got {tuple(pred.shape)} and "
             f"{tuple(target.shape)}"
         )
-    scheme = scheme_for(target.shape[1])
-    ocular = (target[:, scheme.left_eye_outer] - target[:, scheme.right_eye_outer]).norm(dim=-1)
-    if (ocular <= 0).any():
-        raise ValueError(
-            "target: the outer eye corners coincide in some face (zero inter-ocular distance)"
-        )
-    return (pred - target).norm(dim=-1) / ocular[:, None]
+    distance = normalizing_distance(target, normalization)
+    return (pred - target).norm(dim=-1) / distance[:, None]
 
 
 def rank_correlation(a: Tensor, b: Tensor) -> float:
@@ -65,27 +101,45 @@ def confidence_summary(errors: Tensor, confidence: Tensor) -> dict[str, float]:
     }
 
 
+def _check_errors(errors: Tensor, threshold: float) -> None:
+    if not threshold > 0:
+        raise ValueError(f"threshold: expected a positive number, got {threshold!r}")
+    if (errors < 0).any():
+        raise ValueError(f"errors: expected NMEs >= 0 (or NaN), got {float(errors.min()):g}")
+
+
 def failure_rate(errors: Tensor, threshold: float = THRESHOLD) -> float:
-    """Fraction of faces whose NME is above ``threshold``."""
-    return float((errors > threshold).float().mean()) if errors.numel() else float("nan")
+    """Fraction of faces whose NME is above ``threshold`` (one exactly at it passes) or NaN (no
+    usable prediction counts as a failure)."""
+    _check_errors(errors, threshold)
+    # Compared in the errors' dtype: a float32 NME of 0.1 is at the threshold, not above it.
+    return float((~(errors <= threshold)).double().mean()) if errors.numel() else float("nan")
 
 
 def auc(errors: Tensor, threshold: float = THRESHOLD) -> float:
-    """Area under the cumulative error distribution up to ``threshold``, divided by it.
+    """Area under the cumulative error distribution up to ``threshold``, divided by it, in [0, 1].
 
-    Computed exactly: a face with error ``e`` is counted as found for every cut-off in
-    ``[e, threshold]``, so its share of the area is ``max(0, threshold - e) / threshold``.
-    (Papers integrate the curve on a fine grid; the two agree to the grid step.)
+    The CED at ``x`` is the fraction of faces with NME ``<= x``; its area is taken exactly: a face
+    with error ``e <= threshold`` is found at every cut-off in ``[e, threshold]``, a share of
+    ``(threshold - e) / threshold``, and a face above the threshold (or NaN) adds nothing. A
+    trapezoid on a grid of step ``h`` differs by up to ``h / (2 * threshold)`` (one face at exactly
+    the threshold: 0 here).
     """
+    _check_errors(errors, threshold)
     if not errors.numel():
         return float("nan")
-    return float(((threshold - errors).clamp(min=0) / threshold).mean())
+    found = errors <= threshold
+    # In float64 after the comparison; the clamp keeps a float32 0.1 (just above the double 0.1)
+    # at a share of 0.
+    share = ((threshold - errors.double()) / threshold).clamp(min=0)
+    return float(torch.where(found, share, 0.0).mean())
 
 
 def summarize(errors: Tensor, threshold: float = THRESHOLD) -> dict[str, float]:
-    """NME (mean), failure rate and AUC at ``threshold`` of per-face errors, plus the count."""
+    """NME (mean; NaN if a face's is), failure rate and AUC at ``threshold`` of per-face errors,
+    plus the count."""
     return {
-        "nme": float(errors.mean()) if errors.numel() else float("nan"),
+        "nme": float(errors.double().mean()) if errors.numel() else float("nan"),
         "fr": failure_rate(errors, threshold),
         "auc": auc(errors, threshold),
         "count": int(errors.numel()),

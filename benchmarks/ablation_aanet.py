@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 
 from aanet.config import Config, make_config, read_config_file  # noqa: E402
+from aanet.evaluate import NOT_SUBSETS  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 VARIANTS = {"attention": True, "no-attention": False}
@@ -72,7 +73,7 @@ def subset_table(results: dict[str, dict[str, Any]]) -> str:
     """Per subset: faces, then NME % / FR@0.1 % / AUC@0.1 of each variant."""
     names = list(results)
     first = results[names[0]]["report"]
-    subsets = [s for s in first if s != "confidence"]
+    subsets = [s for s in first if s not in NOT_SUBSETS]
     rows = []
     for subset in subsets:
         cells = [subset, first[subset]["count"]]

@@ -1,4 +1,4 @@
-"""300W / iBUG ``.pts`` files (68 points) next to their images."""
+"""300W / iBUG ``.pts`` files (68 points) next to their images, and the 300W test subsets."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ from aanet.datasets.records import (
 
 NUM_POINTS = 68
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+SUBSETS = ("common", "challenging")
+# The folders of the 300W release: the common subset is the LFPW and HELEN test sets, the
+# challenging one iBUG.
+_SUBSET_OF_FOLDER = {"lfpw": "common", "helen": "common", "ibug": "challenging"}
 
 
 def parse_pts(path: Path) -> np.ndarray:
@@ -58,6 +62,15 @@ def parse_pts(path: Path) -> np.ndarray:
     if len(points) != count:
         raise DataError(f"{path}:{count_line}", f"n_points says {count}, found {len(points)}")
     return np.asarray(points, dtype=np.float32)
+
+
+def subset_of(image_path: Path) -> str | None:
+    """The 300W test subset of an image, by the nearest of its folders named ``lfpw``, ``helen``
+    (``common``) or ``ibug`` (``challenging``), in any case; None if it has none of them."""
+    for folder in reversed(Path(image_path).parent.parts):
+        if folder.lower() in _SUBSET_OF_FOLDER:
+            return _SUBSET_OF_FOLDER[folder.lower()]
+    return None
 
 
 def _image_for(pts: Path) -> Path:
