@@ -3,10 +3,21 @@ allocations."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
-import pytest
-import torch
+# A fresh Inductor cache for each session, set before torch is imported: PyTorch keys its FX-graph
+# cache on the graph, not on what custom ops' fake kernels return (pytorch/pytorch#160472), so a
+# graph compiled by an older checkout (another lse dtype, say) would be reused and fail its own
+# output checks. A TORCHINDUCTOR_CACHE_DIR set outside is kept.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="aanet-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # tests/triton_interpret needs TRITON_INTERPRET=1 before Triton is imported, so it runs in its own
 # process (`make test` does both). Any other run, `pytest -m gpu tests` on a GPU machine included,

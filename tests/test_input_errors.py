@@ -120,6 +120,8 @@ def _backward_args(**overrides):
         (dict(out=torch.randn(2, 2, 12, 3).half()), "out: expected the forward output"),
         (dict(lse=torch.randn(2, 2, 12, 1)), "lse: expected the forward log-sum-exp"),
         (dict(lse=torch.randn(2, 2, 12).half()), "lse: expected the forward log-sum-exp"),
+        # fp32 inputs save an fp64 lse (ops.lse_dtype): an fp32 one has lost what it is for.
+        (dict(lse=torch.randn(2, 2, 12)), "lse: expected .* dtype Double"),
     ],
 )
 def test_cpp_backward_checks_its_extra_inputs(overrides: dict, message: str):

@@ -33,6 +33,7 @@ from aanet_kernels._triton.tiles import (
     load_tile,
     program_batch_head,
     softmax_weights,
+    table_rows,
 )
 
 
@@ -205,14 +206,14 @@ def attention_2d_bwd_dq_kernel(
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
             if HAS_RB:
                 row_sum = tl.sum(ds, 1)
-                drb_ptrs = DRB_OUT + offs_m * ROWS + y
+                drb_ptrs = DRB_OUT + table_rows(offs_m) * ROWS + y
                 if chunk > 0:  # this program wrote the earlier chunks' part of the same entries
                     row_sum += tl.load(drb_ptrs, mask=row_ok, other=0.0)
                 tl.store(drb_ptrs, row_sum, mask=row_ok)
             if HAS_CB:
                 dcb += ds
         if HAS_CB:
-            ptrs = DCB_OUT + offs_m[:, None] * COLS + offs_x[None, :]
+            ptrs = DCB_OUT + table_rows(offs_m)[:, None] * COLS + offs_x[None, :]
             mask = row_ok[:, None] & key_ok[None, :]
             tl.store(ptrs, dcb.to(DCB_OUT.dtype.element_ty), mask=mask)
         # The next chunk reads dRB entries that another thread of this block may have written.

@@ -59,6 +59,9 @@ _BWD_SCHEMA = (
 
 
 MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (heads, batch)
+# The kernels index q, k, v, out and grad_out within one (batch, head) slice with int32 offsets
+# (the batch and head offsets, and every offset into the bias tables, are int64).
+MAX_SLICE_OFFSET = 2**31 - 1
 
 
 def _check_supported(q: Tensor, v: Tensor) -> None:
@@ -81,6 +84,21 @@ def _check_supported(q: Tensor, v: Tensor) -> None:
             raise ValueError(
                 f"{name}: the triton backend takes head dims up to {MAX_HEAD_DIM}, got {size}; "
                 "use backend='cuda' or 'reference'"
+            )
+
+
+def _check_slice_offsets(**tensors: Tensor) -> None:
+    """Refuse a tensor whose (batch, head) slice reaches past int32 offsets: ``L * d`` elements, or
+    more through its strides (a view into a wider tensor)."""
+    for name, t in tensors.items():
+        length, dim = t.shape[2], t.shape[3]
+        spanned = (length - 1) * abs(t.stride(2)) + (dim - 1) * abs(t.stride(3))
+        if max(spanned, length * dim - 1) > MAX_SLICE_OFFSET:
+            raise ValueError(
+                f"{name}: one (batch, head) slice of shape ({length}, {dim}) with strides "
+                f"{tuple(t.stride()[2:])} reaches past the triton kernels' 32-bit offsets "
+                f"({MAX_SLICE_OFFSET + 1} elements); use backend='cuda', or a contiguous copy "
+                "if it is a strided view"
             )
 
 
@@ -164,6 +182,7 @@ def attention_2d_triton_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Forward: ``(out, lse)``, both contiguous; see ``aanet_kernels.attention_2d`` for the math."""
     _check_supported(q, v)
+    _check_slice_offsets(q=q, k=k, v=v)
     batch, heads, length, _ = q.shape
     dkh, dvh = _head_dims(q, v)
     out = q.new_empty((batch, heads, length, dvh))
@@ -206,6 +225,7 @@ def attention_2d_triton_bwd(
     """Backward: ``(dq, dk, dv, dbias_h, dbias_w)``, contiguous; a bias gradient is full size
     ``(B, Nh, L, height|width)``, or a 0-element tensor when that bias is absent."""
     _check_supported(q, v)
+    _check_slice_offsets(q=q, k=k, v=v, grad_out=grad_out)
     batch, heads, length, _ = q.shape
     dkh, dvh = _head_dims(q, v)
     lse = lse.contiguous()

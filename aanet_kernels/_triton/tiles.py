@@ -79,6 +79,14 @@ def load_keys(
 
 
 @triton.jit
+def table_rows(offs_m):
+    """Query rows as int64, for offsets into the bias tables and their gradients: a table's
+    (batch, head) slice holds ``L * H`` elements, past 2^31 from maps of about 1291 x 1291 (``q``,
+    ``k`` and ``v`` hold ``L * d``: op.py refuses slices past 2^31 there)."""
+    return offs_m.to(tl.int64)
+
+
+@triton.jit
 def column_bias(
     cb_ptr,
     offs_m,
@@ -94,7 +102,8 @@ def column_bias(
     in: ``-inf`` at columns past the row end (a ``1 x BLOCK_N`` mask without ``CB``). The same
     block serves every row, so the kernels that walk rows load it once."""
     if HAS_CB:
-        block = load_tile(cb_ptr, offs_m, offs_x, stride_cb_l, stride_cb_x, row_ok, key_ok)
+        rows = table_rows(offs_m)
+        block = load_tile(cb_ptr, rows, offs_x, stride_cb_l, stride_cb_x, row_ok, key_ok)
         block = tl.where(key_ok[None, :], block.to(ACC), float("-inf"))
     else:
         block = tl.where(key_ok, 0.0, float("-inf")).to(ACC)[None, :]
@@ -122,7 +131,8 @@ def biased_logits(
     columns past the row end come out ``-inf`` and get no weight."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale + column_block
     if HAS_RB:
-        column = tl.load(rb_ptr + offs_m * stride_rb_l + y * stride_rb_y, mask=row_ok, other=0.0)
+        rows = table_rows(offs_m)
+        column = tl.load(rb_ptr + rows * stride_rb_l + y * stride_rb_y, mask=row_ok, other=0.0)
         s += column.to(ACC)[:, None]
     return s
 

@@ -270,6 +270,51 @@ def test_batch_or_heads_past_the_grid_limit_names_the_argument(batch, heads):
         ak.attention_2d(q, q, q, None, None, height=1, width=1, backend="triton")
 
 
+# A (batch, head) slice whose rows lie 2^28 + 64 elements apart: from row 8 on, offsets pass 2^31.
+# The buffer is reserved, not touched: only the few rows read become resident (~1 MB).
+_WIDE_ROW_STRIDE = 2**28 + 64
+
+
+def _rows_far_apart(buffer: torch.Tensor, length: int, size: int, offset: int) -> torch.Tensor:
+    view = buffer.as_strided((1, 1, length, size), (0, 0, _WIDE_ROW_STRIDE, 1), offset)
+    return view.copy_(torch.randn(view.shape).to(buffer.dtype))
+
+
+def test_bias_tables_whose_slice_passes_2_31_elements():
+    """Offsets into a bias table are int64 within a slice too (a square map above ~1291 x 1291
+    has L * H > 2^31): until 2026-12-01 they were int32 and this read wrapped around (a crash)."""
+    height = width = 3
+    length = height * width
+    buffer = torch.empty(length * _WIDE_ROW_STRIDE, dtype=torch.float16)
+    bias_h = _rows_far_apart(buffer, length, height, 0).requires_grad_()
+    bias_w = _rows_far_apart(buffer, length, width, height).requires_grad_()
+    q, k, v = (torch.randn(1, 1, length, 4).half().requires_grad_() for _ in range(3))
+    inputs = (q, k, v, bias_h, bias_w)
+    grad_out = torch.randn(1, 1, length, 4).half()
+    got = _out_and_grads(
+        lambda *t: ak.attention_2d(*t, height=height, width=width, backend="triton"),
+        inputs,
+        grad_out,
+    )
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    want = _out_and_grads(
+        lambda *t: ak.attention_2d_reference(*t, height=height, width=width),
+        wide,
+        grad_out.double(),
+    )
+    for g, w in zip([got[0], *got[1]], [want[0], *want[1]], strict=True):
+        assert _relative_error(g, w) < 1e-2
+
+
+def test_a_query_slice_past_2_31_elements_is_refused_naming_it():
+    """q, k, v index within a slice in int32 (L * d elements; a strided view can reach further)."""
+    buffer = torch.empty(9 * _WIDE_ROW_STRIDE, dtype=torch.float16)
+    q = _rows_far_apart(buffer, 9, 4, 0)
+    k = torch.randn(1, 1, 9, 4).half()
+    with pytest.raises(ValueError, match=r"q: one \(batch, head\) slice .* 32-bit offsets"):
+        ak.attention_2d(q, k, k, None, None, height=3, width=3, backend="triton")
+
+
 def _assert_matches_reference(case: Case, seed: int) -> None:
     """The triton backend's forward and gradients on ``case`` against the reference, fp64."""
     inputs = make_inputs(case, torch.float64, requires_grad=True, seed=seed)
