@@ -264,8 +264,10 @@ void forward_kernel(const Problem<T>& p, T* out, double* lse) {
         for (int64_t d = 0; d < p.dv; ++d) {
           out[i * p.dv + d] = acc[r * p.dv + d] * inv;
         }
-        lse[i] = run_sum[r] == T(0) ? kNegInf<double>
-                                    : double(run_max[r]) + double(std::log(run_sum[r]));
+        // Summed in fp64: rounded to fp32, m + log(l) would lose what the backward needs.
+        lse[i] = run_sum[r] == T(0)
+            ? kNegInf<double>
+            : static_cast<double>(run_max[r]) + static_cast<double>(std::log(run_sum[r]));
       }
     }
   });
