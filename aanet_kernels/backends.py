@@ -8,11 +8,13 @@ import contextvars
 import functools
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
+from torch import Tensor
 
 from aanet_kernels._extension import EXTENSION_ERROR, has_kernel
+from aanet_kernels.limits import MAX_HEAD_DIM, exceeds_limits
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "AANET_KERNELS_BACKEND"
@@ -77,8 +79,6 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 # Order in which ``auto`` tries backends per device type; on CUDA a guess until a GPU benchmark
 # ranks triton and cuda (README, "GPU").
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
-# Largest head dim (max of dkh, dvh) each GPU kernel compiles for; ``auto`` skips past it.
-_MAX_HEAD_DIM = {"triton": 256, "cuda": 128}
 
 
 def check_backend_name(backend: object, source: str = "backend") -> None:
@@ -94,11 +94,24 @@ def resolve_backend(backend: str, device: torch.device | str, head_dim: int = 0)
     ``head_dim`` (the larger of dkh and dvh) lets ``auto`` pass over kernels compiled for smaller
     heads; an explicit choice is left to the kernel, which raises a clear error.
     """
-    if not isinstance(device, torch.device):
-        device = torch.device(device)
+
+    def exceeds(name: str) -> bool:
+        return name in MAX_HEAD_DIM and head_dim > MAX_HEAD_DIM[name]
+
+    return _resolve(backend, torch.device(device), exceeds)
+
+
+def resolve_backend_for_call(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+    """``resolve_backend`` for a call on ``q``, ``k``, ``v``: ``auto`` passes over a backend whose
+    size limits (head dim, batch and heads, length, offsets) the call exceeds."""
+    return _resolve(backend, q.device, lambda name: exceeds_limits(name, q, k, v))
+
+
+def _resolve(backend: str, device: torch.device, exceeds: Callable[[str], bool]) -> str:
     # Read and compared here, outside the constant function below, so that under torch.compile
-    # they become guards: the use_backend in force (a changed one retraces), and the head dim,
-    # a SymInt under dynamic shapes. The environment variable is read at trace time.
+    # they become guards: the use_backend in force (a changed one retraces), and the sizes that
+    # ``exceeds`` compares, SymInts under dynamic shapes. The environment variable is read at
+    # trace time.
     origin = ""
     if backend == "auto":
         traced = torch.compiler.is_compiling()
@@ -109,19 +122,25 @@ def resolve_backend(backend: str, device: torch.device | str, head_dim: int = 0)
         else:
             backend, origin = os.environ.get(ENV_VAR, "auto") or "auto", f" (from {ENV_VAR})"
             check_backend_name(backend, f"{ENV_VAR} (environment variable)")
-    too_small = tuple(name for name, limit in _MAX_HEAD_DIM.items() if head_dim > limit)
-    return _resolve_backend(backend, device, too_small, origin)
+    passed_over = ()
+    if backend == "auto":
+        passed_over = tuple(name for name in _auto_order(device) if exceeds(name))
+    return _resolve_backend(backend, device, passed_over, origin)
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    return _AUTO_ORDER.get(device.type, ("reference",))
 
 
 # The availability checks are a Python-level decision made once per traced call: torch.compile
 # treats their result as a constant rather than tracing them.
 @torch.compiler.assume_constant_result
 def _resolve_backend(
-    backend: str, device: torch.device, too_small: tuple[str, ...], origin: str
+    backend: str, device: torch.device, passed_over: tuple[str, ...], origin: str
 ) -> str:
     if backend == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if candidate not in too_small and _why_unavailable(candidate, device) is None:
+        for candidate in _auto_order(device):
+            if candidate not in passed_over and _why_unavailable(candidate, device) is None:
                 return candidate
         return "reference"
     reason = _why_unavailable(backend, device)

@@ -16,7 +16,7 @@ from aanet_kernels import reference
 from aanet_kernels._autograd import Bias, attention_2d_autograd
 from aanet_kernels._checks import check_attention_2d_inputs
 from aanet_kernels._extension import extension_loaded
-from aanet_kernels.backends import resolve_backend
+from aanet_kernels.backends import resolve_backend_for_call
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -111,7 +111,7 @@ def attention_2d(
     """
     height, width = check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale)
     scale = float(scale)
-    name = resolve_backend(backend, q.device, max(q.shape[-1], v.shape[-1]))
+    name = resolve_backend_for_call(backend, q, k, v)
     if name == "reference":
         return reference.attention_2d_reference(
             q, k, v, bias_h, bias_w, height=height, width=width, scale=scale

@@ -90,6 +90,64 @@ def test_auto_passes_over_kernels_compiled_for_smaller_heads(monkeypatch: pytest
     assert ak.resolve_backend("auto", cpu, head_dim=300) == "reference"
 
 
+def _pretend_triton_runs_first_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton ahead of the C++ kernel in auto's CPU order (the interpreter runs Triton on CPU
+    tensors), as it is ahead of the CUDA kernels on a GPU."""
+    from aanet_kernels import backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(backends._AUTO_ORDER, "cpu", ("triton", "cpu", "reference"))
+
+
+def _wide_rows(length: int, dim: int) -> torch.Tensor:
+    """A ``(1, 1, length, dim)`` view whose rows lie 2^28 elements apart in a reserved, untouched
+    buffer: from row 8 on, offsets pass 2^31."""
+    buffer = torch.empty(length * 2**28, dtype=torch.float16)
+    return buffer.as_strided((1, 1, length, dim), (0, 0, 2**28, 1))
+
+
+@pytest.mark.parametrize(
+    ("what", "make_q"),
+    [
+        ("a slice reaching past int32 offsets", lambda: _wide_rows(9, 4)),
+        ("more batch elements than a grid axis holds", lambda: torch.empty(65536, 1, 1, 4)),
+        ("more heads than a grid axis holds", lambda: torch.empty(1, 65536, 1, 4)),
+        ("a head dim past every GPU kernel's", lambda: torch.empty(1, 1, 1, 257)),
+    ],
+)
+def test_auto_steps_past_a_backend_that_would_refuse_the_size(
+    monkeypatch: pytest.MonkeyPatch, what: str, make_q
+):
+    """Until 2026-12-02 auto chose triton here, which then refused the call."""
+    from aanet_kernels.backends import resolve_backend_for_call
+
+    _pretend_triton_runs_first_on_the_cpu(monkeypatch)
+    small = torch.empty(1, 1, 9, 4)
+    assert resolve_backend_for_call("auto", small, small, small) == "triton"
+    q = make_q()
+    assert resolve_backend_for_call("auto", q, q, q) in ("cpu", "reference"), what
+    # An explicit choice is not second-guessed: the kernel refuses it, naming the argument.
+    assert resolve_backend_for_call("triton", q, q, q) == "triton"
+
+
+def test_size_limits_of_each_gpu_kernel():
+    from aanet_kernels.limits import CUDA_MAX_LENGTH, exceeds_limits
+
+    # L past the cuda kernels' int positions, as a stride-0 view (nothing allocated): within
+    # Triton's offsets, since every row is the same element.
+    long_q = torch.empty(1, 1, 1, 2).expand(1, 1, CUDA_MAX_LENGTH + 1, 2)
+    assert exceeds_limits("cuda", long_q, long_q, long_q)
+    assert not exceeds_limits("triton", long_q, long_q, long_q)
+    wide = _wide_rows(9, 4)
+    assert exceeds_limits("triton", wide, wide, wide)
+    assert not exceeds_limits("cuda", wide, wide, wide)  # 64-bit strides
+    head_129 = torch.empty(1, 1, 4, 129)
+    assert exceeds_limits("cuda", head_129, head_129, head_129)
+    assert not exceeds_limits("triton", head_129, head_129, head_129)
+    for backend in ("cpu", "reference"):
+        assert not exceeds_limits(backend, wide, wide, wide)
+
+
 @pytest.mark.skipif(
     "cpu" not in ak.available_backends("cpu"), reason="the C++ extension is not built"
 )

@@ -27,7 +27,6 @@ import aanet_kernels  # noqa: E402
 from aanet_kernels._extension import has_kernel  # noqa: E402
 from aanet_kernels._triton import aot  # noqa: E402
 from aanet_kernels._triton.autotune import (  # noqa: E402
-    MAX_HEAD_DIM,
     MAX_KEY_BLOCK,
     configs,
     padded_dim,
@@ -39,6 +38,7 @@ from aanet_kernels._triton.backward import (  # noqa: E402
     attention_2d_bwd_preprocess_kernel,
 )
 from aanet_kernels._triton.forward import attention_2d_fwd_kernel  # noqa: E402
+from aanet_kernels.limits import MAX_HEAD_DIM  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(aot.cuobjdump_path()),
@@ -120,9 +120,9 @@ def test_awkward_sizes_compile(name: str, row_stride: int, col_stride: int):
 
 @pytest.mark.parametrize("name", AUTOTUNED)
 def test_widest_head_and_key_tile_compile(name: str):
-    """The extremes the op accepts: head dim MAX_HEAD_DIM with the widest key tile."""
+    """The extremes the op accepts: head dim MAX_HEAD_DIM['triton'] with the widest key tile."""
     config_index = len(every_config(name)) - 1
-    used = _resources(name, config_index, torch.bfloat16, MAX_HEAD_DIM, MAX_KEY_BLOCK, 90)
+    used = _resources(name, config_index, torch.bfloat16, MAX_HEAD_DIM["triton"], MAX_KEY_BLOCK, 90)
     assert used.fits(90), f"{used.shared_bytes} bytes of shared memory"
 
 
@@ -154,7 +154,7 @@ def test_some_config_does_not_spill(name: str, head_dim: int, block_n: int, nchw
     assert min(spills) == 0, f"every configuration spills (spill bytes per config: {spills})"
 
 
-@pytest.mark.parametrize("dv", [1, 64, MAX_HEAD_DIM])
+@pytest.mark.parametrize("dv", [1, 64, MAX_HEAD_DIM["triton"]])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_preprocess_kernel_compiles_without_spills(arch: int, dv: int):
     """Not autotuned: its block follows the head dim (op.py), Triton's default warps."""

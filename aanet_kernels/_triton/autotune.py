@@ -20,8 +20,6 @@ from aanet_kernels.backends import triton_interpreted
 
 AUTOTUNE_KEY = ["L", "DKH", "DVH", "COLS", "ROW_STRIDE"]
 
-# Widest head dim the kernels take: q/k/v tiles and accumulators live in registers.
-MAX_HEAD_DIM = 256
 # Widest key tile: a wider image row is split into chunks of this many columns.
 MAX_KEY_BLOCK = 64
 INTERPRETED_KEY_BLOCK = 16

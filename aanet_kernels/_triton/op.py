@@ -21,7 +21,6 @@ from torch.library import triton_op, wrap_triton
 
 from aanet_kernels._autograd import Bias, attention_2d_autograd
 from aanet_kernels._triton.autotune import (
-    MAX_HEAD_DIM,
     key_block,
     padded_dim,
     preprocess_block,
@@ -34,6 +33,7 @@ from aanet_kernels._triton.backward import (
 )
 from aanet_kernels._triton.forward import attention_2d_fwd_kernel
 from aanet_kernels.backends import triton_interpreted
+from aanet_kernels.limits import MAX_GRID_YZ, MAX_HEAD_DIM, TRITON_MAX_SLICE_OFFSET, slice_reach
 from aanet_kernels.ops import accumulator_dtype, lse_dtype
 
 FWD_NAME = "aanet_kernels::attention_2d_triton_fwd"
@@ -58,12 +58,6 @@ _BWD_SCHEMA = (
 )
 
 
-MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (heads, batch)
-# The kernels index q, k, v, out and grad_out within one (batch, head) slice with int32 offsets
-# (the batch and head offsets, and every offset into the bias tables, are int64).
-MAX_SLICE_OFFSET = 2**31 - 1
-
-
 def _check_supported(q: Tensor, v: Tensor) -> None:
     """B and Nh within the grid, head dims within the compiled range, and no bf16 under the
     interpreter, whose ``tl.dot`` on bf16 operands returns garbage (a wrong answer must not pass
@@ -80,25 +74,22 @@ def _check_supported(q: Tensor, v: Tensor) -> None:
             "split the batch"
         )
     for name, size in (("q", q.shape[-1]), ("v", v.shape[-1])):
-        if size > MAX_HEAD_DIM:
+        if size > MAX_HEAD_DIM["triton"]:
             raise ValueError(
-                f"{name}: the triton backend takes head dims up to {MAX_HEAD_DIM}, got {size}; "
-                "use backend='cuda' or 'reference'"
+                f"{name}: the triton backend takes head dims up to {MAX_HEAD_DIM['triton']}, "
+                f"got {size}; use backend='reference'"
             )
 
 
 def _check_slice_offsets(**tensors: Tensor) -> None:
-    """Refuse a tensor whose (batch, head) slice reaches past int32 offsets: ``L * d`` elements, or
-    more through its strides (a view into a wider tensor)."""
+    """Refuse a tensor whose (batch, head) slice reaches past int32 offsets."""
     for name, t in tensors.items():
-        length, dim = t.shape[2], t.shape[3]
-        spanned = (length - 1) * abs(t.stride(2)) + (dim - 1) * abs(t.stride(3))
-        if max(spanned, length * dim - 1) > MAX_SLICE_OFFSET:
+        if slice_reach(t) > TRITON_MAX_SLICE_OFFSET:
             raise ValueError(
-                f"{name}: one (batch, head) slice of shape ({length}, {dim}) with strides "
+                f"{name}: one (batch, head) slice of shape {tuple(t.shape[2:])} with strides "
                 f"{tuple(t.stride()[2:])} reaches past the triton kernels' 32-bit offsets "
-                f"({MAX_SLICE_OFFSET + 1} elements); use backend='cuda', or a contiguous copy "
-                "if it is a strided view"
+                f"({TRITON_MAX_SLICE_OFFSET + 1} elements); use backend='cuda', or a contiguous "
+                "copy if it is a strided view"
             )
 
 

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import aanet_kernels as ak
-from aanet_kernels import ops
+from aanet_kernels import limits, ops
 from aanet_kernels._extension import extension_loaded
-from aanet_kernels._triton import op as triton_op
 from aanet_kernels.reference import attention_2d_reference_lse
 from tests.attention_cases import (
     AWKWARD_CASES,
@@ -255,13 +254,13 @@ def test_bfloat16_is_refused_under_the_interpreter_not_computed_wrong():
 
 
 def test_head_dim_past_the_limit_names_the_argument():
-    case = Case(1, 1, 2, 2, triton_op.MAX_HEAD_DIM + 1, 2)
+    case = Case(1, 1, 2, 2, limits.MAX_HEAD_DIM["triton"] + 1, 2)
     q, k, v, bh, bw = make_inputs(case, torch.float32)
     with pytest.raises(ValueError, match="q: the triton backend takes head dims up to"):
         ak.attention_2d(q, k, v, bh, bw, height=2, width=2, backend="triton")
 
 
-@pytest.mark.parametrize(("batch", "heads"), [(triton_op.MAX_GRID_YZ + 1, 1), (1, 65536)])
+@pytest.mark.parametrize(("batch", "heads"), [(limits.MAX_GRID_YZ + 1, 1), (1, 65536)])
 def test_batch_or_heads_past_the_grid_limit_names_the_argument(batch, heads):
     """Heads and batch are grid axes 1 and 2, which CUDA caps at 65535 (the interpreter would
     run anything, so the check is the host's)."""
@@ -313,6 +312,21 @@ def test_a_query_slice_past_2_31_elements_is_refused_naming_it():
     k = torch.randn(1, 1, 9, 4).half()
     with pytest.raises(ValueError, match=r"q: one \(batch, head\) slice .* 32-bit offsets"):
         ak.attention_2d(q, k, k, None, None, height=3, width=3, backend="triton")
+
+
+def test_auto_passes_such_a_slice_to_the_next_backend(monkeypatch: pytest.MonkeyPatch):
+    """With triton first in auto's order (as on a GPU), auto steps past its size refusal."""
+    from aanet_kernels import backends
+
+    monkeypatch.setitem(backends._AUTO_ORDER, "cpu", ("triton", "reference"))
+    buffer = torch.empty(9 * _WIDE_ROW_STRIDE, dtype=torch.float16)
+    q = _rows_far_apart(buffer, 9, 4, 0)
+    k = torch.randn(1, 1, 9, 4).half()
+    assert backends.resolve_backend_for_call("auto", k, k, k) == "triton"
+    assert backends.resolve_backend_for_call("auto", q, k, k) == "reference"
+    got = ak.attention_2d(q, k, k, None, None, height=3, width=3)
+    want = ak.attention_2d_reference(q.contiguous(), k, k, None, None, height=3, width=3)
+    torch.testing.assert_close(got, want)
 
 
 def _assert_matches_reference(case: Case, seed: int) -> None:
