@@ -45,6 +45,7 @@ CSV_FIELDS = (
     "seconds",
     "skipped_steps",
     "skipped_faces",
+    "normalization",
 )
 
 
@@ -234,7 +235,7 @@ def _replacing(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
+def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
     with _replacing(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, CSV_FIELDS)
         writer.writeheader()
@@ -253,8 +254,8 @@ def _data_errors_name(saved: Path) -> Iterator[None]:
         ) from error
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
-    """PNG of the training loss and the test NME per epoch."""
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """PNG of the training loss and the test NME per epoch (its normalisation in the title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,7 +266,9 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     left.plot(epochs, [row["train_loss"] for row in history], marker="o")
     left.set(xlabel="epoch", ylabel="training loss", yscale="log", title="loss")
     right.plot(epochs, [100 * row["test_nme"] for row in history], marker="o", color="C1")
-    right.set(xlabel="epoch", ylabel="NME (%)", title="test NME (inter-ocular)")
+    # A row from before the normalisation was recorded was measured inter-ocular.
+    used = dict.fromkeys(row.get("normalization") or "inter-ocular" for row in history)
+    right.set(xlabel="epoch", ylabel="NME (%)", title=f"test NME ({', '.join(used)})")
     for axis in (left, right):
         axis.grid(alpha=0.3)
     fig.tight_layout()
@@ -299,7 +302,7 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     start = 0
     if resume:
         path = out / "last.pt" if resume == "auto" else Path(resume)
@@ -371,7 +374,7 @@ def train(
             row = {
                 "epoch": epoch + 1, "train_loss": train_loss, "skipped_steps": skipped,
                 "skipped_faces": len(left_out), "lr": trained_lr, "images_per_s": seen / seconds,
-                "seconds": seconds,
+                "seconds": seconds, "normalization": config.normalization,
             }  # fmt: skip
             if is_main_process():
                 report_left_out(
@@ -379,7 +382,9 @@ def train(
                     "does not decode (each replaced in its batch by the next face)",
                     len(train_loader.dataset),
                 )  # fmt: skip
-                tested = predict_errors(model, test_loader, device, config.amp)
+                tested = predict_errors(
+                    model, test_loader, device, config.amp, config.normalization
+                )
                 report_left_out(
                     list(tested.left_out), test_left_out, f"epoch {epoch + 1}: test faces whose "
                     "image does not decode (left out of the metrics)", len(test_loader.dataset),
@@ -387,10 +392,10 @@ def train(
                 metrics = summarize(tested.face_errors)
                 row.update(test_nme=metrics["nme"], test_fr=metrics["fr"], test_auc=metrics["auc"])
                 history.append(row)
-                faces = f" ({metrics['count']} of {len(test_loader.dataset)} faces)"
+                faces = f", {metrics['count']} of {len(test_loader.dataset)} faces"
                 log.info(
-                    "epoch %d: loss %.4g, test NME %.2f%%%s, FR %.2f%%, AUC %.4f, %.1f img/s",
-                    epoch + 1, row["train_loss"], 100 * metrics["nme"],
+                    "epoch %d: loss %.4g, test NME %.2f%% (%s%s), FR %.2f%%, AUC %.4f, %.1f img/s",
+                    epoch + 1, row["train_loss"], 100 * metrics["nme"], config.normalization,
                     faces if tested.left_out else "", 100 * metrics["fr"], metrics["auc"],
                     row["images_per_s"],
                 )  # fmt: skip
@@ -407,5 +412,6 @@ def train(
 
     result: dict[str, Any] = {"history": history, "out": str(out), "model": model}
     if is_main_process():
-        result["report"] = subset_report(predict_errors(model, test_loader, device, config.amp))
+        tested = predict_errors(model, test_loader, device, config.amp, config.normalization)
+        result["report"] = subset_report(tested)
     return result

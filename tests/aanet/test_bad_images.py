@@ -287,7 +287,7 @@ def test_training_under_skip_replaces_a_face_that_does_not_decode_and_says_so_on
     for image in (bad_train, bad_test):
         assert caplog.text.count(f"cannot decode image {image}") == 1, caplog.text
     assert "training faces whose image does not decode" in caplog.text
-    assert "test NME" in caplog.text and "(7 of 8 faces)" in caplog.text
+    assert "test NME" in caplog.text and "(inter-ocular, 7 of 8 faces)" in caplog.text
     full = result["report"]["full"]
     assert (full["count"], full["left_out"]) == (7, 1)
     assert "skipped_faces" in (Path(config.out) / "log.csv").read_text().splitlines()[0]
