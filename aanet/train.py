@@ -304,6 +304,10 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     history: list[dict[str, Any]] = []
     start = 0
+    # Faces whose image did not decode, each named once a run: kept in the checkpoint, so that a
+    # resumed run does not name them again (it still tries them: a replaced file trains again).
+    train_left_out: set[str] = set()
+    test_left_out: set[str] = set()
     if resume:
         path = out / "last.pt" if resume == "auto" else Path(resume)
         state = checkpoint.load(path, map_location=device)
@@ -315,6 +319,9 @@ def train(
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         history, start = state["history"], state["epoch"] + 1
+        named = state.get("named_bad_faces", {})  # absent from checkpoints before 2026-12-01
+        train_left_out.update(named.get("train", ()))
+        test_left_out.update(named.get("test", ()))
         if is_main_process():
             log.info("resumed from %s at epoch %d", path, start)
     net = (
@@ -326,8 +333,6 @@ def train(
     # model, other batch sizes and no_grad would each be another graph for little time.
     train_net = net if config.compile == "none" else torch.compile(net, backend=config.compile)
     loss_fn = build_training_loss(config.loss, config.heatmap_reg)
-    train_left_out: set[str] = set()  # faces whose image did not decode, reported once a run
-    test_left_out: set[str] = set()
 
     with attention_backend(config.backend), _data_errors_name(out / "last.pt"):
         last = config.epochs if stop_after is None else min(config.epochs, start + stop_after)
@@ -404,6 +409,9 @@ def train(
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "rng": checkpoint.rng_state(), "epoch": epoch, "history": history,
                     "config": config.to_dict(),
+                    "named_bad_faces": {
+                        "train": sorted(train_left_out), "test": sorted(test_left_out)
+                    },
                 }  # fmt: skip
                 checkpoint.save_atomic(state, out / "last.pt")
                 _write_csv(out / "log.csv", history)
