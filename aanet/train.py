@@ -23,7 +23,7 @@ from aanet import checkpoint
 from aanet.config import Config, check_device_name
 from aanet.datasets import sources
 from aanet.datasets.augment import AugmentConfig
-from aanet.datasets.dataset import LandmarkDataset
+from aanet.datasets.dataset import EpochIndices, LandmarkDataset
 from aanet.datasets.records import BadDataLog, DataError
 from aanet.evaluate import amp_dtype, predict_errors, subset_report
 from aanet.losses import build_training_loss
@@ -114,8 +114,9 @@ def per_rank_batch(batch_size: int, world: int) -> int:
     return batch_size // world
 
 
-def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, DistributedSampler]:
-    """Augmented, sharded training loader and plain test loader."""
+def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, EpochIndices]:
+    """Augmented, sharded training loader, plain test loader, and the training sampler (its
+    ``set_epoch`` chooses the epoch's order and augmentations, in the worker processes too)."""
     per_rank = per_rank_batch(config.batch_size, group.world)  # before any data is made
     if is_main_process():
         sources.prepare(config)
@@ -128,8 +129,11 @@ def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, D
         sources.load_split(config, "test"), config.input_size, on_error=config.on_error
     )
     # The sampler's shuffle depends only on (seed, epoch): a resumed run sees the same order.
-    sampler = DistributedSampler(
-        train_set, group.world, group.rank, shuffle=True, seed=config.seed, drop_last=True
+    # The epoch goes with each index: a worker's copy of the dataset would keep its first epoch.
+    sampler = EpochIndices(
+        DistributedSampler(
+            train_set, group.world, group.rank, shuffle=True, seed=config.seed, drop_last=True
+        )
     )
     if len(train_set) // group.world < per_rank:
         raise ValueError(
@@ -338,7 +342,6 @@ def train(
         last = config.epochs if stop_after is None else min(config.epochs, start + stop_after)
         for epoch in range(start, last):
             sampler.set_epoch(epoch)
-            train_loader.dataset.set_epoch(epoch)
             model.train()
             began, seen, total, skipped, left_out = time.perf_counter(), 0, 0.0, 0, []
             bar = tqdm(

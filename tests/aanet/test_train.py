@@ -129,6 +129,16 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert len(rows) == 3 and (Path(interrupted.out) / "curves.png").stat().st_size > 0
 
 
+def test_worker_processes_augment_each_epoch_as_one_process_does(tmp_path):
+    """Until 2026-12-01 a loader with workers (``--workers``; 8 in the gpu preset) augmented every
+    epoch as its first: the persistent workers kept the copy of the dataset they started with,
+    whose epoch ``set_epoch`` no longer reached (and a resumed run differed from a straight one)."""
+    a = train(tiny_config(tmp_path / "a"), progress=False)["model"].state_dict()
+    b = train(tiny_config(tmp_path / "b", workers=1), progress=False)["model"].state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_resume_with_more_epochs_continues_one_longer_cosine(tmp_path):
     """``--epochs 3 --resume`` after a 1-epoch run: epochs 2 and 3 follow the 3-epoch cosine
     (the loaded 1-epoch schedule would climb back to the peak)."""
