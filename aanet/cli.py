@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from aanet.config import Config, make_config, preset_names, read_config_file
-from aanet.metrics import NORMALIZATIONS
 from aanet.ranks import is_main_process, rank_and_world
 
 
@@ -92,7 +91,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     test_set = LandmarkDataset(records, config.input_size, on_error=config.on_error)
     loader = DataLoader(test_set, batch_size=config.batch_size, num_workers=config.workers)
     with attention_backend(config.backend), torch.no_grad():
-        predictions = predict_errors(model, loader, device, config.amp, args.normalization)
+        predictions = predict_errors(model, loader, device, config.amp, config.normalization)
     BadDataLog("skip", list(predictions.left_out)).summarize(
         "test faces whose image does not decode (left out of the metrics)",
         len(predictions.face_errors),
@@ -172,10 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="NME / FR / AUC on the test set and the WFLW or 300W subsets"
     )
     ev.add_argument("--checkpoint", required=True)
-    ev.add_argument(
-        "--normalization", choices=NORMALIZATIONS, default=NORMALIZATIONS[0],
-        help="the NME's distance: outer eye corners (default) or pupils",
-    )  # fmt: skip
     ev.add_argument(
         "--json",
         help="where to write the report (default: eval.json beside the checkpoint)",

@@ -52,6 +52,9 @@ class Config:
     # (traced but not code-generated: to tell a compiler problem from a model one)
     compile: str = "none"
     on_nan: str = "stop"  # a non-finite loss: stop (error naming the step) or skip that step
+    # evaluation (every epoch's and aanet evaluate's): the NME's distance, inter-ocular (outer
+    # eye corners) or inter-pupil
+    normalization: str = "inter-ocular"
     seed: int = 0
     out: str = "runs/aanet"
 
@@ -146,6 +149,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     # Imported here: the data and kernel packages are heavier than reading a config.
     from aanet.datasets.records import ON_ERROR_CHOICES
     from aanet.datasets.sources import DATASETS
+    from aanet.landmarks import NORMALIZATIONS
     from aanet.losses import LOSSES
     from aanet_kernels import BACKENDS
 
@@ -156,6 +160,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "loss": LOSSES,
         "backend": ("auto", *BACKENDS),
         "compile": COMPILERS,
+        "normalization": NORMALIZATIONS,
     }
 
 

@@ -20,7 +20,7 @@ from aanet.metrics import DegenerateFaceError, confidence_summary, point_errors,
 
 log = logging.getLogger("aanet.evaluate")
 # The keys of a report (subset_report) that are not subsets.
-NOT_SUBSETS = ("confidence", "normalization")
+NOT_SUBSETS = ("confidence", "normalization", "subsets_missing")
 
 
 class Predictions(NamedTuple):
@@ -102,18 +102,23 @@ def amp_dtype(device: torch.device) -> torch.dtype:
 
 def subset_report(predictions: Predictions) -> dict[str, Any]:
     """Metrics of the full set, of each WFLW subset (faces whose flag is set) and of the 300W
-    ``common`` and ``challenging`` subsets (when the set has either), under ``"confidence"`` how
-    well the landmark confidences track the errors, and under ``"normalization"`` the NME's.
-    ``"full"`` also counts the faces ``left_out`` (not measured: their image does not decode)."""
+    ``common`` and ``challenging`` subsets (on 68-point sets: a subset without faces has count 0
+    and undefined metrics, and when neither has one ``"subsets_missing"`` says why), under
+    ``"confidence"`` how well the landmark confidences track the errors, and under
+    ``"normalization"`` the NME's. ``"full"`` also counts the faces ``left_out`` (not measured:
+    their image does not decode)."""
     errors, flags = predictions.face_errors, predictions.flags
     report: dict[str, Any] = {"full": {**summarize(errors), "left_out": len(predictions.left_out)}}
     if flags.numel() and flags.any():
         for column, name in enumerate(WFLW_ATTRIBUTES):
             report[name] = summarize(errors[flags[:, column] == 1])
-    if any(predictions.subsets):
+    if predictions.point_errors.shape[-1] == w300.NUM_POINTS:
+        subsets = predictions.subsets or (None,) * len(errors)
         for name in w300.SUBSETS:
-            chosen = torch.tensor([subset == name for subset in predictions.subsets])
+            chosen = torch.tensor([subset == name for subset in subsets], dtype=torch.bool)
             report[name] = summarize(errors[chosen])
+        if not any(subsets):
+            report["subsets_missing"] = w300.NO_SUBSETS
     report["confidence"] = confidence_summary(predictions.point_errors, predictions.confidence)
     report["normalization"] = predictions.normalization
     return report
@@ -139,6 +144,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"the points {100 * c['error_least_sure_quarter']:.2f}% / "
             f"{100 * c['error_most_sure_quarter']:.2f}%"
         )
+    if "subsets_missing" in report:
+        lines.append(f"common and challenging: {report['subsets_missing']}")
     left_out = report.get("full", {}).get("left_out", 0)
     if left_out:
         lines.append(

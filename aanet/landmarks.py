@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "make-up", "occlusion", "blur")
+NORMALIZATIONS = ("inter-ocular", "inter-pupil")
 
 
 def _pairs_to_map(num_points: int, pairs: list[tuple[int, int]]) -> tuple[int, ...]:
@@ -78,3 +79,17 @@ def scheme_for(num_points: int) -> Scheme:
     if num_points not in SCHEMES:
         raise ValueError(f"num_points: expected one of {sorted(SCHEMES)}, got {num_points}")
     return SCHEMES[num_points]
+
+
+def normalizing_points(
+    scheme: Scheme, normalization: str
+) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    """The point groups whose means the ``normalization`` distance joins, left and right, and
+    what they are in words: the outer eye corners (``inter-ocular``) or the pupils
+    (``inter-pupil``; on 300W each eye's six points)."""
+    if normalization == "inter-ocular":
+        left, right = (scheme.left_eye_outer,), (scheme.right_eye_outer,)
+        return left, right, f"the outer eye corners (points {left[0]} and {right[0]})"
+    if normalization == "inter-pupil":
+        return scheme.left_pupil, scheme.right_pupil, "the pupils"
+    raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")

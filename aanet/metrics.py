@@ -6,10 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aanet.landmarks import scheme_for
+from aanet.landmarks import normalizing_points, scheme_for
 
 THRESHOLD = 0.1
-NORMALIZATIONS = ("inter-ocular", "inter-pupil")
 
 
 class DegenerateFaceError(ValueError):
@@ -36,17 +35,11 @@ def normalizing_distance(target: Tensor, normalization: str = "inter-ocular") ->
     (``inter-ocular``: WFLW points 60 and 72, 300W points 36 and 45) or between the pupils
     (``inter-pupil``: WFLW points 96 and 97; 300W the means of points 36-41 and 42-47).
 
-    Raises :class:`DegenerateFaceError` for the first face where it is zero or not finite.
+    Raises :class:`DegenerateFaceError` for the first face where it is zero or not finite (the
+    loaders refuse such annotations already, ``records.check_normalizing_distance``: this is the
+    last guard, for records made otherwise).
     """
-    scheme = scheme_for(target.shape[1])
-    if normalization == "inter-ocular":
-        left, right = (scheme.left_eye_outer,), (scheme.right_eye_outer,)
-        what = f"the outer eye corners (points {left[0]} and {right[0]})"
-    elif normalization == "inter-pupil":
-        left, right = scheme.left_pupil, scheme.right_pupil
-        what = "the pupils"
-    else:
-        raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")
+    left, right, what = normalizing_points(scheme_for(target.shape[1]), normalization)
     distance = (target[:, list(left)].mean(dim=1) - target[:, list(right)].mean(dim=1)).norm(dim=-1)
     bad = ~(distance > 0)  # NaN too
     if bad.any():

@@ -23,7 +23,7 @@ from aanet import checkpoint
 from aanet.config import Config, check_device_name
 from aanet.datasets import sources
 from aanet.datasets.augment import AugmentConfig
-from aanet.datasets.dataset import LandmarkDataset
+from aanet.datasets.dataset import EpochIndices, LandmarkDataset
 from aanet.datasets.records import BadDataLog, DataError
 from aanet.evaluate import amp_dtype, predict_errors, subset_report
 from aanet.losses import build_training_loss
@@ -45,6 +45,7 @@ CSV_FIELDS = (
     "seconds",
     "skipped_steps",
     "skipped_faces",
+    "normalization",
 )
 
 
@@ -113,8 +114,9 @@ def per_rank_batch(batch_size: int, world: int) -> int:
     return batch_size // world
 
 
-def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, DistributedSampler]:
-    """Augmented, sharded training loader and plain test loader."""
+def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, EpochIndices]:
+    """Augmented, sharded training loader, plain test loader, and the training sampler (its
+    ``set_epoch`` chooses the epoch's order and augmentations, in the worker processes too)."""
     per_rank = per_rank_batch(config.batch_size, group.world)  # before any data is made
     if is_main_process():
         sources.prepare(config)
@@ -127,8 +129,11 @@ def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, D
         sources.load_split(config, "test"), config.input_size, on_error=config.on_error
     )
     # The sampler's shuffle depends only on (seed, epoch): a resumed run sees the same order.
-    sampler = DistributedSampler(
-        train_set, group.world, group.rank, shuffle=True, seed=config.seed, drop_last=True
+    # The epoch goes with each index: a worker's copy of the dataset would keep its first epoch.
+    sampler = EpochIndices(
+        DistributedSampler(
+            train_set, group.world, group.rank, shuffle=True, seed=config.seed, drop_last=True
+        )
     )
     if len(train_set) // group.world < per_rank:
         raise ValueError(
@@ -234,7 +239,7 @@ def _replacing(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
+def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
     with _replacing(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, CSV_FIELDS)
         writer.writeheader()
@@ -253,8 +258,8 @@ def _data_errors_name(saved: Path) -> Iterator[None]:
         ) from error
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
-    """PNG of the training loss and the test NME per epoch."""
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """PNG of the training loss and the test NME per epoch (its normalisation in the title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,7 +270,9 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     left.plot(epochs, [row["train_loss"] for row in history], marker="o")
     left.set(xlabel="epoch", ylabel="training loss", yscale="log", title="loss")
     right.plot(epochs, [100 * row["test_nme"] for row in history], marker="o", color="C1")
-    right.set(xlabel="epoch", ylabel="NME (%)", title="test NME (inter-ocular)")
+    # A row from before the normalisation was recorded was measured inter-ocular.
+    used = dict.fromkeys(row.get("normalization") or "inter-ocular" for row in history)
+    right.set(xlabel="epoch", ylabel="NME (%)", title=f"test NME ({', '.join(used)})")
     for axis in (left, right):
         axis.grid(alpha=0.3)
     fig.tight_layout()
@@ -299,8 +306,12 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     start = 0
+    # Faces whose image did not decode, each named once a run: kept in the checkpoint, so that a
+    # resumed run does not name them again (it still tries them: a replaced file trains again).
+    train_left_out: set[str] = set()
+    test_left_out: set[str] = set()
     if resume:
         path = out / "last.pt" if resume == "auto" else Path(resume)
         state = checkpoint.load(path, map_location=device)
@@ -312,6 +323,9 @@ def train(
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         history, start = state["history"], state["epoch"] + 1
+        named = state.get("named_bad_faces", {})  # absent from checkpoints before 2026-12-01
+        train_left_out.update(named.get("train", ()))
+        test_left_out.update(named.get("test", ()))
         if is_main_process():
             log.info("resumed from %s at epoch %d", path, start)
     net = (
@@ -323,14 +337,11 @@ def train(
     # model, other batch sizes and no_grad would each be another graph for little time.
     train_net = net if config.compile == "none" else torch.compile(net, backend=config.compile)
     loss_fn = build_training_loss(config.loss, config.heatmap_reg)
-    train_left_out: set[str] = set()  # faces whose image did not decode, reported once a run
-    test_left_out: set[str] = set()
 
     with attention_backend(config.backend), _data_errors_name(out / "last.pt"):
         last = config.epochs if stop_after is None else min(config.epochs, start + stop_after)
         for epoch in range(start, last):
             sampler.set_epoch(epoch)
-            train_loader.dataset.set_epoch(epoch)
             model.train()
             began, seen, total, skipped, left_out = time.perf_counter(), 0, 0.0, 0, []
             bar = tqdm(
@@ -371,7 +382,7 @@ def train(
             row = {
                 "epoch": epoch + 1, "train_loss": train_loss, "skipped_steps": skipped,
                 "skipped_faces": len(left_out), "lr": trained_lr, "images_per_s": seen / seconds,
-                "seconds": seconds,
+                "seconds": seconds, "normalization": config.normalization,
             }  # fmt: skip
             if is_main_process():
                 report_left_out(
@@ -379,7 +390,9 @@ def train(
                     "does not decode (each replaced in its batch by the next face)",
                     len(train_loader.dataset),
                 )  # fmt: skip
-                tested = predict_errors(model, test_loader, device, config.amp)
+                tested = predict_errors(
+                    model, test_loader, device, config.amp, config.normalization
+                )
                 report_left_out(
                     list(tested.left_out), test_left_out, f"epoch {epoch + 1}: test faces whose "
                     "image does not decode (left out of the metrics)", len(test_loader.dataset),
@@ -387,10 +400,10 @@ def train(
                 metrics = summarize(tested.face_errors)
                 row.update(test_nme=metrics["nme"], test_fr=metrics["fr"], test_auc=metrics["auc"])
                 history.append(row)
-                faces = f" ({metrics['count']} of {len(test_loader.dataset)} faces)"
+                faces = f", {metrics['count']} of {len(test_loader.dataset)} faces"
                 log.info(
-                    "epoch %d: loss %.4g, test NME %.2f%%%s, FR %.2f%%, AUC %.4f, %.1f img/s",
-                    epoch + 1, row["train_loss"], 100 * metrics["nme"],
+                    "epoch %d: loss %.4g, test NME %.2f%% (%s%s), FR %.2f%%, AUC %.4f, %.1f img/s",
+                    epoch + 1, row["train_loss"], 100 * metrics["nme"], config.normalization,
                     faces if tested.left_out else "", 100 * metrics["fr"], metrics["auc"],
                     row["images_per_s"],
                 )  # fmt: skip
@@ -399,6 +412,9 @@ def train(
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "rng": checkpoint.rng_state(), "epoch": epoch, "history": history,
                     "config": config.to_dict(),
+                    "named_bad_faces": {
+                        "train": sorted(train_left_out), "test": sorted(test_left_out)
+                    },
                 }  # fmt: skip
                 checkpoint.save_atomic(state, out / "last.pt")
                 _write_csv(out / "log.csv", history)
@@ -407,5 +423,6 @@ def train(
 
     result: dict[str, Any] = {"history": history, "out": str(out), "model": model}
     if is_main_process():
-        result["report"] = subset_report(predict_errors(model, test_loader, device, config.amp))
+        tested = predict_errors(model, test_loader, device, config.amp, config.normalization)
+        result["report"] = subset_report(tested)
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from aanet.datasets.augment import NO_AUGMENT, AugmentConfig, augment_sample
 from aanet.datasets.images import read_image
@@ -56,7 +56,10 @@ class LandmarkDataset(Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the augmentations of ``epoch`` (call before each epoch)."""
+        """Choose the augmentations of ``epoch`` (call before each epoch). This sets this
+        process's copy: the workers of a ``DataLoader`` (persistent ones most of all) keep the
+        copy they started with, so a loader with workers takes ``(epoch, index)`` items from an
+        :class:`EpochIndices` sampler instead."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -79,7 +82,11 @@ class LandmarkDataset(Dataset):
                 f"changed after loading; replace it or remove its line): {exc}",
             ) from exc
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor | str]:
+        """The sample of face ``item``, augmented for ``set_epoch``'s epoch, or for ``epoch``
+        when ``item`` is ``(epoch, index)``."""
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
+        epoch, index = int(epoch), int(index)
         left_out = ""
         for step in range(len(self.records)):
             source = (index + step) % len(self.records)
@@ -95,7 +102,7 @@ class LandmarkDataset(Dataset):
         record = self.records[source]
         rng = None
         if self.augment is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = np.random.default_rng([self.seed, epoch, index])
         crop, points, matrix = augment_sample(
             image, record.landmarks, record.box, self.size, rng, self.augment or NO_AUGMENT
         )
@@ -107,3 +114,23 @@ class LandmarkDataset(Dataset):
             "index": torch.tensor(index),
             "left_out": left_out,
         }
+
+
+class EpochIndices(Sampler):
+    """``sampler``'s indices as ``(epoch, index)`` items for :class:`LandmarkDataset`: the epoch
+    travels with each index to whichever process reads it. ``set_epoch`` sets both."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)

@@ -9,10 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from aanet.datasets.images import open_image, upright_size
+from aanet.landmarks import normalizing_points, scheme_for
 
 log = logging.getLogger("aanet.data")
 
 ON_ERROR_CHOICES = ("skip", "stop")
+# A normalising distance (inter-ocular, inter-pupil) up to this fraction of the face box's longer
+# side is taken as zero: the NME would be a point error divided by next to nothing.
+MIN_NORMALIZING_DISTANCE = 1e-6
 
 
 class DataError(ValueError):
@@ -82,11 +86,33 @@ class BadDataLog:
             )
 
 
-def validate_record(record: Record, tolerance: float = 0.5) -> None:
+def check_normalizing_distance(record: Record, normalization: str) -> None:
+    """Raise :class:`DataError` if the record's ``normalization`` distance (``aanet.metrics``:
+    between the outer eye corners or the pupils) is zero or at most
+    ``MIN_NORMALIZING_DISTANCE`` of the face box's longer side: its NME would be undefined (or
+    the error divided by next to nothing). Expects finite landmarks and a valid box."""
+    left, right, what = normalizing_points(scheme_for(len(record.landmarks)), normalization)
+    points = record.landmarks.astype(np.float64)
+    distance = float(np.linalg.norm(points[list(left)].mean(0) - points[list(right)].mean(0)))
+    x_min, y_min, x_max, y_max = (float(c) for c in record.box)
+    size = max(x_max - x_min, y_max - y_min)
+    if not distance > MIN_NORMALIZING_DISTANCE * size:
+        raise DataError(
+            record.where,
+            f"{what} coincide ({normalization} distance {distance:g} pixels, not above "
+            f"{MIN_NORMALIZING_DISTANCE:g} of the face box's longer side of {size:g}): the NME "
+            f"normalised by it is undefined",
+        )
+
+
+def validate_record(
+    record: Record, tolerance: float = 0.5, normalizations: tuple[str, ...] = ("inter-ocular",)
+) -> None:
     """Raise :class:`DataError` if the image is missing or unreadable, the face box is empty, not
-    finite or mostly outside the image, or a point lies more than ``tolerance`` outside the pixel
+    finite or mostly outside the image, a point lies more than ``tolerance`` outside the pixel
     centres (pixel centres are at integers, so the default 0.5 is the image's edge:
-    ``[-0.5, width - 0.5]``).
+    ``[-0.5, width - 0.5]``), or the distance of one of ``normalizations`` is zero
+    (:func:`check_normalizing_distance`; by default the outer eye corners coinciding).
 
     Only the image header is read (PIL opens lazily), so this is cheap enough to run on every
     record at load time instead of failing later inside a DataLoader worker.
@@ -132,3 +158,5 @@ def validate_record(record: Record, tolerance: float = 0.5) -> None:
             f"face box ({x_min:g}, {y_min:g}, {x_max:g}, {y_max:g}) lies mostly outside the "
             f"{width}x{height} image: expected at least half of it inside",
         )
+    for normalization in normalizations:
+        check_normalizing_distance(record, normalization)

@@ -29,13 +29,28 @@ def prepare(config: Config) -> None:
         log.info("synthetic set ready (%.1f s)", time.perf_counter() - began)
 
 
+def required_distances(config: Config, split: str) -> tuple[str, ...]:
+    """The normalising distances a face of ``split`` must have (not zero) to be loaded: the
+    inter-ocular one always (outer eye corners that coincide are a broken annotation, and the
+    default NME would be undefined), and for the test set the one its NME is measured by
+    (``config.normalization``). The training set does not depend on the normalisation, which
+    only the evaluation uses."""
+    if split == "test":
+        return tuple(dict.fromkeys(("inter-ocular", config.normalization)))
+    return ("inter-ocular",)
+
+
 def load_split(config: Config, split: str) -> list[Record]:
     """The ``train`` or ``test`` records of the configured data set."""
+    distances = required_distances(config, split)
     if config.data in ("synthetic", "wflw"):
-        return wflw.load_wflw(config.data_root, split, on_error=config.on_error)
+        return wflw.load_wflw(config.data_root, split, config.on_error, distances)
     if config.data == "300w":
         folder = config.data_root if split == "train" else config.test_root
         if not folder:
             raise ValueError("test_root: the 300W test folder is needed for evaluation")
-        return w300.load_300w(Path(folder), on_error=config.on_error)
+        records = w300.load_300w(Path(folder), config.on_error, distances)
+        if split == "test":
+            w300.warn_without_subsets(records, folder)
+        return records
     raise ValueError(f"data: expected one of {DATASETS}, got {config.data!r}")

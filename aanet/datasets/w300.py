@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,12 @@ SUBSETS = ("common", "challenging")
 # The folders of the 300W release: the common subset is the LFPW and HELEN test sets, the
 # challenging one iBUG.
 _SUBSET_OF_FOLDER = {"lfpw": "common", "helen": "common", "ibug": "challenging"}
+# What a test set none of whose images is in such a folder is told (the log and the report).
+NO_SUBSETS = (
+    "no test image lies under a folder named lfpw or helen (the common subset) or ibug (the "
+    "challenging subset), so neither subset has a face; only the full set is measured"
+)
+log = logging.getLogger("aanet.data")
 
 
 def parse_pts(path: Path) -> np.ndarray:
@@ -73,6 +80,13 @@ def subset_of(image_path: Path) -> str | None:
     return None
 
 
+def warn_without_subsets(records: list[Record], folder: Path | str) -> None:
+    """Warn when none of the test ``records`` (loaded from ``folder``) is in a 300W subset
+    (:func:`subset_of`); called once where the test set is loaded."""
+    if records and not any(subset_of(record.image_path) for record in records):
+        log.warning("%s: %s", folder, NO_SUBSETS)
+
+
 def _image_for(pts: Path) -> Path:
     for suffix in (*IMAGE_SUFFIXES, *(s.upper() for s in IMAGE_SUFFIXES)):  # A.png, A.JPG, ...
         candidate = pts.with_suffix(suffix)
@@ -81,8 +95,11 @@ def _image_for(pts: Path) -> Path:
     return pts.with_suffix(IMAGE_SUFFIXES[0])  # validate_record reports it missing
 
 
-def load_300w(folder: Path | str, on_error: str = "skip") -> list[Record]:
-    """Every ``*.pts`` under ``folder`` (recursively) with the image beside it.
+def load_300w(
+    folder: Path | str, on_error: str = "skip", normalizations: tuple[str, ...] = ("inter-ocular",)
+) -> list[Record]:
+    """Every ``*.pts`` under ``folder`` (recursively) with the image beside it; a bad file (as
+    ``validate_record`` judges it, with ``normalizations``) is skipped with a count or raises.
 
     300W has no face boxes or attributes: the box is the landmarks' bounding box and the flags
     are zeros. Points are converted from the 1-based ``.pts`` convention to 0-based pixels.
@@ -100,7 +117,7 @@ def load_300w(folder: Path | str, on_error: str = "skip") -> list[Record]:
             points = points - 1.0  # .pts files count pixels from 1
             box = np.concatenate([points.min(axis=0), points.max(axis=0)])
             record = Record(_image_for(pts), points, box, np.zeros(6, np.int64), f"{pts}:1")
-            validate_record(record)
+            validate_record(record, normalizations=normalizations)
         except DataError as error:
             bad.report(error)
             continue

@@ -58,8 +58,14 @@ def parse_line(line: str, where: str, image_root: Path) -> Record:
     )
 
 
-def load_wflw(root: Path | str, split: str, on_error: str = "skip") -> list[Record]:
-    """Read and validate the WFLW ``split``; bad lines are skipped with a count or raise."""
+def load_wflw(
+    root: Path | str,
+    split: str,
+    on_error: str = "skip",
+    normalizations: tuple[str, ...] = ("inter-ocular",),
+) -> list[Record]:
+    """Read and validate the WFLW ``split``; bad lines are skipped with a count or raise. A face
+    whose distance under one of ``normalizations`` is zero is a bad line (``validate_record``)."""
     root = Path(root)
     path = annotation_file(root, split)
     if not path.is_file():
@@ -73,7 +79,7 @@ def load_wflw(root: Path | str, split: str, on_error: str = "skip") -> list[Reco
             where = f"{path}:{number}"
             try:
                 record = parse_line(decode_line(raw, where), where, root / IMAGE_DIR)
-                validate_record(record)
+                validate_record(record, normalizations=normalizations)
             except DataError as error:
                 bad.report(error)
                 continue

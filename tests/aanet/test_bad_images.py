@@ -287,7 +287,7 @@ def test_training_under_skip_replaces_a_face_that_does_not_decode_and_says_so_on
     for image in (bad_train, bad_test):
         assert caplog.text.count(f"cannot decode image {image}") == 1, caplog.text
     assert "training faces whose image does not decode" in caplog.text
-    assert "test NME" in caplog.text and "(7 of 8 faces)" in caplog.text
+    assert "test NME" in caplog.text and "(inter-ocular, 7 of 8 faces)" in caplog.text
     full = result["report"]["full"]
     assert (full["count"], full["left_out"]) == (7, 1)
     assert "skipped_faces" in (Path(config.out) / "log.csv").read_text().splitlines()[0]
@@ -303,6 +303,28 @@ def test_training_under_skip_with_a_bad_face_resumes_exactly(tmp_path):
     b = train(interrupted, resume="auto", progress=False)["model"].state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_a_resumed_run_does_not_name_a_bad_face_again_but_still_tries_it(tmp_path, caplog):
+    """The named files are kept in the checkpoint: until 2026-12-01 a resumed run named them
+    again. They are still read every epoch, so a file replaced before --resume trains again."""
+    caplog.set_level(logging.INFO, "aanet")
+    config = tiny_config(tmp_path, epochs=3, on_error="skip")
+    bad_train, bad_test = _bad_after_loading(config)
+    train(config, progress=False, stop_after=1)
+    for image in (bad_train, bad_test):
+        assert caplog.text.count(f"cannot decode image {image}") == 1, caplog.text
+    named = checkpoint.load(Path(config.out) / "last.pt")["named_bad_faces"]
+    assert [f"cannot decode image {bad_train}" in error for error in named["train"]] == [True]
+    assert [f"cannot decode image {bad_test}" in error for error in named["test"]] == [True]
+    caplog.clear()
+    result = train(config, resume="auto", progress=False, stop_after=1)
+    assert "cannot decode image" not in caplog.text and "test NME" in caplog.text
+    assert result["history"][-1]["skipped_faces"] == 1  # tried again, left out again
+    assert result["report"]["full"]["left_out"] == 1
+    shutil.copy(wflw.load_wflw(config.data_root, "train")[0].image_path, bad_train)
+    result = train(config, resume="auto", progress=False)
+    assert [row["skipped_faces"] for row in result["history"]] == [1, 1, 0]
 
 
 def test_training_under_stop_ends_naming_the_image_and_keeps_the_checkpoint(tmp_path):

@@ -38,6 +38,8 @@ def test_presets_are_valid(preset: str):
         ({"compile": True}, "compile: expected a string"),
         ({"device": "gpu"}, "device: expected auto, cpu, cuda or cuda:N"),
         ({"seed": -1}, "seed: expected at least 0"),
+        ({"normalization": "inter-eye"}, "normalization: expected one of .*'inter-pupil'"),
+        ({"normalization": 1}, "normalization: expected a string"),
     ],
     ids=lambda v: str(v)[:40] if isinstance(v, dict) else "",
 )
@@ -54,11 +56,24 @@ def test_yaml_exponent_strings_are_numbers(tmp_path):
     assert config.lr == 1e-3 and config.weight_decay == 5e-4 and config.device == "cuda:1"
 
 
-def test_cli_refuses_a_bad_flag_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch-size", "0"], "batch_size: expected at least 1"),
+        (["--normalization", "inter-eye"], "normalization: expected one of"),
+    ],
+)
+def test_cli_refuses_a_bad_flag_before_any_work(tmp_path, capsys, flags, message):
     out = tmp_path / "run"
-    assert main(["train", "--batch-size", "0", "--out", str(out), "--no-progress"]) == 2
-    assert "batch_size: expected at least 1" in capsys.readouterr().err
+    assert main(["train", *flags, "--out", str(out), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_normalization_defaults_to_inter_ocular_in_every_preset():
+    assert make_config({}).normalization == "inter-ocular"
+    for preset in preset_names():
+        assert make_config(read_config_file(preset)).normalization == "inter-ocular", preset
 
 
 def test_cli_debug_flag_lets_the_error_through_with_its_traceback(tmp_path):

@@ -132,6 +132,62 @@ def test_a_wflw_face_box_that_is_empty_or_not_finite_is_a_bad_entry(tmp_path, bo
         wflw.load_wflw(root, "train", on_error="stop")
 
 
+def _with_points(line: list[str], moves: dict[int, tuple[float, float]]) -> str:
+    """The annotation line ``line`` (its fields) with points moved (written to full precision)."""
+    fields = list(line)
+    for point, (x, y) in moves.items():
+        fields[2 * point], fields[2 * point + 1] = repr(x), repr(y)
+    return " ".join(fields)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e-5], ids=["coincident", "nearly"])
+def test_coincident_outer_eye_corners_are_a_bad_wflw_entry(tmp_path, caplog, offset):
+    """Until 2026-12-01 such a line loaded, and the evaluation (at the end of the first epoch of
+    training) stopped at it, under --on-error skip too. Nearly coincident: 1e-5 pixels in a box
+    of about 40 (the limit is 1e-6 of the box's longer side)."""
+    root = synthetic.generate(
+        tmp_path, synthetic.SyntheticConfig(num_train=2, num_test=1, image_size=64)
+    )
+    path = wflw.annotation_file(root, "train")
+    good = path.read_text().splitlines()[0].split()
+    x, y = float(good[120]), float(good[121])  # point 60, the left eye's outer corner
+    number = _append_line(root, _with_points(good, {72: (x + offset, y)}))
+    assert len(wflw.load_wflw(root, "train", on_error="skip")) == 2
+    assert "skipped 1 bad entries" in caplog.text
+    assert f"{path}:{number}: the outer eye corners (points 60 and 72) coincide" in caplog.text
+    with pytest.raises(DataError, match=f":{number}: the outer eye corners .* coincide"):
+        wflw.load_wflw(root, "train", on_error="stop")
+    _append_line(root, _with_points(good, {72: (x + 0.01, y)}))  # close, but a distance
+    assert len(wflw.load_wflw(root, "train", on_error="skip")) == 3
+
+
+def test_coincident_pupils_are_a_bad_test_entry_only_when_the_nme_uses_them(tmp_path, caplog):
+    """The training set is the same under either normalisation; the test set loses a face whose
+    pupils coincide when the NME is to be normalised by the pupils, and keeps it otherwise."""
+    from aanet.config import Config
+    from aanet.datasets import sources
+
+    root = synthetic.generate(
+        tmp_path, synthetic.SyntheticConfig(num_train=2, num_test=2, image_size=64)
+    )
+    for split in ("train", "test"):
+        path = wflw.annotation_file(root, split)
+        lines = path.read_text().splitlines()
+        first = lines[0].split()
+        pupil = (float(first[192]), float(first[193]))  # point 96
+        path.write_text("\n".join([*lines, _with_points(first, {97: pupil})]) + "\n")
+    pupils = Config(data_root=str(root), normalization="inter-pupil", on_error="skip")
+    corners = Config(data_root=str(root), on_error="skip")
+    assert len(sources.load_split(pupils, "train")) == 3
+    assert len(sources.load_split(corners, "test")) == 3
+    assert "skipped" not in caplog.text
+    assert len(sources.load_split(pupils, "test")) == 2
+    test_list = wflw.annotation_file(root, "test")
+    assert f"{test_list}:3: the pupils coincide (inter-pupil distance 0 pixels" in caplog.text
+    with pytest.raises(DataError, match=":3: the pupils coincide"):
+        sources.load_split(dataclasses.replace(pupils, on_error="stop"), "test")
+
+
 def test_an_image_whose_data_does_not_decode_is_named_when_read(tmp_path):
     from aanet.datasets.dataset import LandmarkDataset
 
@@ -216,6 +272,26 @@ def test_300w_pts_parsing_good_and_bad(tmp_path):
     with pytest.raises(DataError, match="no '}'"):
         w300.parse_pts(tmp_path / "d.pts")
     assert len(w300.load_300w(tmp_path, on_error="skip")) == 1  # b, c, d skipped; a kept
+
+
+def test_300w_eyes_that_coincide_are_a_bad_entry_named_by_the_file(tmp_path):
+    points = np.random.default_rng(3).uniform(5, 60, size=(68, 2)).round(3)
+    corners, eyes = points.copy(), points.copy()
+    corners[45] = corners[36]
+    eyes[42:48] = eyes[36:42]  # the "pupils" (each eye's mean) coincide, the corners do not
+    for name, face in (("a", points), ("corners", corners), ("eyes", eyes)):
+        _write_pts(tmp_path / f"{name}.pts", face)
+        cv2.imwrite(str(tmp_path / f"{name}.png"), np.zeros((64, 64, 3), np.uint8))
+    kept = w300.load_300w(tmp_path, on_error="skip")
+    assert [r.image_path.name for r in kept] == ["a.png", "eyes.png"]
+    with pytest.raises(DataError, match=r"corners.pts:1: the outer eye corners \(points 36 and 45"):
+        w300.load_300w(tmp_path, on_error="stop")
+    both = ("inter-ocular", "inter-pupil")
+    kept = w300.load_300w(tmp_path, on_error="skip", normalizations=both)
+    assert [r.image_path.name for r in kept] == ["a.png"]
+    (tmp_path / "corners.pts").unlink()
+    with pytest.raises(DataError, match="eyes.pts:1: the pupils coincide"):
+        w300.load_300w(tmp_path, on_error="stop", normalizations=both)
 
 
 @pytest.mark.parametrize("scheme", [WFLW, W300], ids=["98", "68"])

@@ -266,6 +266,57 @@ def test_300w_report_has_the_common_and_challenging_subsets(tmp_path):
     assert not any(name in report for name in WFLW_ATTRIBUTES)
 
 
+def test_a_300w_test_set_without_the_subset_folders_says_so(tmp_path, caplog):
+    """Until 2026-12-01 a 300W test folder whose images are under none of lfpw, helen or ibug
+    gave a report without the common and challenging subsets, without a word. Now a warning
+    names the folders when the test set loads, and the report has both subsets, empty, and says
+    why; a training run warns once, not every epoch."""
+    from aanet.datasets import sources
+    from aanet.evaluate import format_table, write_json
+
+    for seed, folder in enumerate(("01_Indoor", "02_Outdoor")):
+        for k in range(4):
+            _write_300w_face(tmp_path / "test" / folder, f"f{k}", _face_points(68, 10 * seed + k))
+            _write_300w_face(tmp_path / "train" / folder, f"f{k}", _face_points(68, 50 + k))
+    config = Config(
+        data="300w", data_root=str(tmp_path / "train"), test_root=str(tmp_path / "test"),
+        input_size=32, width=16, blocks=[1, 1, 1], batch_size=4, epochs=2, device="cpu",
+        out=str(tmp_path / "run"), on_error="stop",
+    )  # fmt: skip
+    records = sources.load_split(config, "test")
+    expected = "no test image lies under a folder named lfpw or helen (the common subset) or ibug"
+    assert caplog.text.count(expected) == 1
+    assert "aanet.data" in caplog.text and str(tmp_path / "test") in caplog.text
+    loader = DataLoader(LandmarkDataset(records, 32), batch_size=4)
+    model = _FixedModel(torch.from_numpy(_face_points(68, 5, 30.0)))
+    report = subset_report(predict_errors(model, loader, torch.device("cpu")))
+    assert report["full"]["count"] == 8
+    for name in ("common", "challenging"):
+        assert report[name]["count"] == 0 and math.isnan(report[name]["nme"])
+    assert report["subsets_missing"].startswith(expected)
+    assert f"common and challenging: {expected}" in format_table(report)
+    write_json(report, tmp_path / "eval.json")
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["common"]["nme"] is None and written["subsets_missing"].startswith(expected)
+    caplog.clear()
+    result = train(config, progress=False)
+    assert caplog.text.count(expected) == 1
+    assert "subsets_missing" in result["report"]
+
+
+def test_a_300w_test_set_with_one_subset_folder_has_no_missing_note(tmp_path, caplog):
+    for k in range(2):
+        _write_300w_face(tmp_path / "ibug", f"f{k}", _face_points(68, k))
+    records = w300.load_300w(tmp_path, on_error="stop")
+    w300.warn_without_subsets(records, tmp_path)
+    assert "no test image lies" not in caplog.text
+    loader = DataLoader(LandmarkDataset(records, 32), batch_size=2)
+    model = _FixedModel(torch.from_numpy(_face_points(68, 5, 30.0)))
+    report = subset_report(predict_errors(model, loader, torch.device("cpu")))
+    assert (report["common"]["count"], report["challenging"]["count"]) == (0, 2)
+    assert "subsets_missing" not in report
+
+
 # --- the crop's frame against the image's ------------------------------------------------------
 
 
@@ -307,6 +358,51 @@ def test_a_degenerate_annotation_is_named_by_file_and_line(tmp_path):
     model = _FixedModel(torch.from_numpy(_face_points(98, 14, 30.0)))
     with pytest.raises(DataError, match=r"^list.txt:7: the outer eye corners \(points 60 and 72\)"):
         predict_errors(model, DataLoader(LandmarkDataset([record], 32)), torch.device("cpu"))
+
+
+def _move_point(annotations: Path, line: int, point: int, to: int) -> None:
+    """Put point ``point`` of annotation line ``line`` (1-based) on point ``to``."""
+    lines = annotations.read_text().splitlines()
+    fields = lines[line - 1].split()
+    fields[2 * point : 2 * point + 2] = fields[2 * to : 2 * to + 2]
+    lines[line - 1] = " ".join(fields)
+    annotations.write_text("\n".join(lines) + "\n")
+
+
+def test_training_skips_a_test_face_whose_eye_corners_coincide_when_it_loads(tmp_path, caplog):
+    """Until 2026-12-01 the face loaded and the first epoch's evaluation stopped the run at it,
+    under --on-error skip too."""
+    from tests.aanet.test_train import tiny_config, tiny_data
+
+    config = tiny_config(tmp_path, epochs=1)
+    annotations = wflw.annotation_file(tiny_data(config), "test")
+    _move_point(annotations, 2, 72, 60)
+    result = train(config, progress=False)
+    assert result["report"]["full"]["count"] == 7
+    assert f"{annotations}:2: the outer eye corners (points 60 and 72) coincide" in caplog.text
+
+
+def test_evaluate_by_the_pupils_skips_a_face_whose_pupils_coincide_when_it_loads(
+    tiny_run, tmp_path, capsys, caplog
+):
+    """Inter-ocular, the face is measured; inter-pupil, it is a bad entry of the test list (until
+    2026-12-01 the evaluation stopped at it, under --on-error skip too)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_run.data_root, data)
+    annotations = wflw.annotation_file(data, "test")
+    _move_point(annotations, 4, 97, 96)
+    argv = ["evaluate", "--checkpoint", str(Path(tiny_run.out) / "last.pt"),
+            "--data-root", str(data), "--json", str(tmp_path / "eval.json")]  # fmt: skip
+    counts = {}
+    for normalization in ("inter-ocular", "inter-pupil"):
+        assert main([*argv, "--normalization", normalization]) == 0, capsys.readouterr().err
+        counts[normalization] = json.loads((tmp_path / "eval.json").read_text())["full"]["count"]
+    assert counts == {"inter-ocular": 6, "inter-pupil": 5}
+    assert caplog.text.count(f"{annotations}:4: the pupils coincide") == 1
+    assert main([*argv, "--normalization", "inter-pupil", "--on-error", "stop"]) == 2
+    assert f"{annotations}:4: the pupils coincide" in capsys.readouterr().err
 
 
 def test_non_finite_predictions_fail_and_are_logged(tmp_path, caplog):

@@ -129,6 +129,16 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert len(rows) == 3 and (Path(interrupted.out) / "curves.png").stat().st_size > 0
 
 
+def test_worker_processes_augment_each_epoch_as_one_process_does(tmp_path):
+    """Until 2026-12-01 a loader with workers (``--workers``; 8 in the gpu preset) augmented every
+    epoch as its first: the persistent workers kept the copy of the dataset they started with,
+    whose epoch ``set_epoch`` no longer reached (and a resumed run differed from a straight one)."""
+    a = train(tiny_config(tmp_path / "a"), progress=False)["model"].state_dict()
+    b = train(tiny_config(tmp_path / "b", workers=1), progress=False)["model"].state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_resume_with_more_epochs_continues_one_longer_cosine(tmp_path):
     """``--epochs 3 --resume`` after a 1-epoch run: epochs 2 and 3 follow the 3-epoch cosine
     (the loaded 1-epoch schedule would climb back to the peak)."""
@@ -514,6 +524,47 @@ def test_evaluate_cli_writes_table_and_json(trained, tmp_path, capsys):
     confidence = report["confidence"]
     assert 0.0 <= confidence["median"] <= 1.0 and -1.0 <= confidence["rank_correlation"] <= 1.0
     assert "NME %" in capsys.readouterr().out
+
+
+def test_training_evaluates_with_the_configured_normalization_and_records_it(
+    tmp_path, caplog, capsys
+):
+    """Until 2026-12-01 every epoch's evaluation was inter-ocular, whatever the run. The
+    checkpoint's config carries it: ``aanet evaluate`` measures by it unless told otherwise."""
+    import logging
+
+    from aanet.evaluate import predict_errors
+    from aanet.metrics import summarize
+
+    caplog.set_level(logging.INFO, "aanet")
+    config = tiny_config(tmp_path, epochs=1, normalization="inter-pupil")
+    result = train(config, progress=False)
+    (row,) = result["history"]
+    assert (
+        row["normalization"] == "inter-pupil" and result["report"]["normalization"] == "inter-pupil"
+    )
+    assert result["report"]["full"]["nme"] == pytest.approx(row["test_nme"], rel=1e-6)
+    test_set = LandmarkDataset(load_wflw(config.data_root, "test"), config.input_size)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=8)
+    for normalization in ("inter-pupil", "inter-ocular"):
+        tested = predict_errors(result["model"], loader, torch.device("cpu"), False, normalization)
+        nme = summarize(tested.face_errors)["nme"]
+        assert (nme == pytest.approx(row["test_nme"], rel=1e-6)) == (normalization == "inter-pupil")
+    assert f"test NME {100 * row['test_nme']:.2f}% (inter-pupil)" in caplog.text
+    header, values = (Path(config.out) / "log.csv").read_text().splitlines()
+    assert dict(zip(header.split(","), values.split(","), strict=True))["normalization"] == (
+        "inter-pupil"
+    )
+    checkpoint = str(Path(config.out) / "last.pt")
+    for flags, expected in (
+        ([], "inter-pupil"),
+        (["--normalization", "inter-ocular"], "inter-ocular"),
+    ):
+        out = tmp_path / f"{expected}.json"
+        assert main(["evaluate", "--checkpoint", checkpoint, "--json", str(out), *flags]) == 0
+        assert json.loads(out.read_text())["normalization"] == expected
+    assert main(["evaluate", "--checkpoint", checkpoint, "--normalization", "pupils"]) == 2
+    assert "normalization: expected one of" in capsys.readouterr().err
 
 
 def test_evaluate_writes_beside_the_checkpoint_it_was_given(trained, tmp_path):
