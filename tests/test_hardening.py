@@ -321,6 +321,35 @@ def test_non_contiguous_inputs_equal_contiguous_copies(backend: str, kind: str):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+# --- autocast -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_autocast_casts_the_inputs_on_every_backend(dtype: torch.dtype):
+    """Under autocast the op runs in the autocast dtype whichever backend runs it, as
+    ``F.scaled_dot_product_attention`` does, and takes fp32 and low-precision inputs mixed; fp64
+    is left alone. Until 2026-12-02 the fused backends ran fp32 inputs in fp32 and returned fp32
+    where the reference (its matmuls autocast) returned ``dtype``, and mixed inputs were refused."""
+    case = Case(2, 2, 3, 5, 8, 4)
+    inputs = make_inputs(case, torch.float32, requires_grad=True)
+    q, k, v, bias_h, bias_w = inputs
+    mixed = (q.detach().to(dtype), k, v.detach().to(dtype), bias_h, bias_w)
+    rounded = exact(case, [t.detach().to(dtype) for t in inputs])
+    outputs = {}
+    for backend in BACKENDS:
+        with torch.autocast("cpu", dtype=dtype):
+            out = run(backend, case, inputs)
+            assert run(backend, case, mixed).dtype == dtype, backend
+            assert run(backend, case, [t.detach().double() for t in inputs]).dtype == torch.float64
+        assert out.dtype == dtype, backend
+        found = torch.autograd.grad(out.float().square().sum(), inputs)
+        assert all(g.dtype == torch.float32 and g.isfinite().all() for g in found), backend
+        outputs[backend] = out
+    reference_error = max_error(outputs["reference"], rounded)
+    for backend, out in outputs.items():
+        assert max_error(out, rounded) <= 2 * reference_error + 1e-3, backend
+
+
 # --- threads and memory -------------------------------------------------------------------------
 
 
