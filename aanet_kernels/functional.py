@@ -9,6 +9,8 @@ because users of SAM-style relative positions need them too (``resize_rel_table`
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,10 +32,20 @@ def resize_rel_table(table: Tensor, length: int) -> Tensor:
     """
     if not isinstance(table, Tensor):
         raise TypeError(f"table: expected a torch.Tensor, got {type(table).__name__}")
-    if table.dim() != 2:
-        raise ValueError(f"table: expected a 2-D tensor (n, d), got shape {tuple(table.shape)}")
-    if not isinstance(length, int | torch.SymInt) or isinstance(length, bool) or length < 1:
+    if table.dim() != 2 or table.shape[0] < 1:
+        raise ValueError(
+            f"table: expected a 2-D tensor (n, d) with n >= 1, got shape {tuple(table.shape)}"
+        )
+    if not table.is_floating_point():
+        raise TypeError(f"table: expected a floating dtype, got {table.dtype}")
+    # numbers.Integral: NumPy integers too, as for the map sizes elsewhere.
+    if (
+        not isinstance(length, int | numbers.Integral | torch.SymInt)
+        or isinstance(length, bool)
+        or length < 1
+    ):
         raise ValueError(f"length: expected a positive int, got {length!r}")
+    length = length if isinstance(length, int | torch.SymInt) else int(length)
     # Traced, the length may be symbolic (torch.export's SymInt; under Dynamo it even passes for
     # an int): comparing it with the table's rows would pin the map to its nominal size, so a
     # traced call always interpolates, which at equal sizes gives the table's values.
