@@ -86,7 +86,7 @@ def split_heads(qkv: Tensor, dk: int, dv: int, num_heads: int) -> tuple[Tensor, 
             f"qkv: expected shape (B, 2 * dk + dv, H, W) = (B, {2 * dk + dv}, H, W), "
             f"got {tuple(qkv.shape)}"
         )
-    _check_heads(dk, dv, num_heads)
+    num_heads = _check_heads(dk, dv, num_heads)
     flat = qkv.flatten(2)  # (B, C, L): a view in both NCHW and channels_last layouts
     q, k, v = flat.split([dk, dk, dv], dim=1)
 
@@ -117,12 +117,17 @@ def _channels_last(x: Tensor) -> bool:
     return not x.is_contiguous()
 
 
-def _check_heads(dk: int, dv: int, num_heads: int, origin: str = "") -> None:
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+def _check_heads(dk: int, dv: int, num_heads: int, origin: str = "") -> int:
+    """Raise unless ``num_heads`` is a positive int (a NumPy one too) dividing ``dk`` and ``dv``;
+    return it as an int."""
+    integral = isinstance(num_heads, numbers.Integral) and not isinstance(num_heads, bool)
+    if not integral or num_heads < 1:
         raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+    num_heads = int(num_heads)
     for name, size in (("dk", dk), ("dv", dv)):
         if size % num_heads:
             raise ValueError(f"{name} = {size}{origin} does not divide by num_heads = {num_heads}")
+    return num_heads
 
 
 def _check_tensor(
@@ -218,7 +223,7 @@ def aa_conv2d(
             f"and dk >= 1, got {tuple(qkv_weight.shape)}"
         )
     dk = dk2 // 2
-    _check_heads(dk, dv, num_heads, " (from the weights)")
+    num_heads = _check_heads(dk, dv, num_heads, " (from the weights)")
     dkh = dk // num_heads
     rows = 2 * dk + dv
     _check_tensor("qkv_bias", qkv_bias, (rows,), f"(2 * dk + dv,) = ({rows},)", optional=True)

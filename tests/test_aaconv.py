@@ -424,6 +424,30 @@ def test_bad_constructor_arguments(kwargs: dict, error: type, match: str) -> Non
         AAConv2d(**{**args, **kwargs})
 
 
+def test_numpy_integers_and_floats_are_taken_as_the_numbers_they_hold() -> None:
+    """Hyper-parameters from NumPy (a sweep over ``np.arange``, a config read with NumPy) build the
+    same layer as plain ints and floats. Until 2026-12-02 they were refused with "in_channels:
+    expected a positive int, got np.int64(4)", while the op takes NumPy sizes and scales."""
+    plain = AAConv2d(4, 16, 3, stride=(2, 1), dk=8, dv=0.25, num_heads=2, input_size=(6, 5))
+    numpy_args = AAConv2d(
+        np.int64(4), np.int32(16), np.int64(3), stride=(np.int64(2), 1), dk=np.int64(8),
+        dv=np.float32(0.25), num_heads=np.int16(2), input_size=(np.int64(6), 5),
+    )  # fmt: skip
+    assert repr(numpy_args) == repr(plain)
+    assert type(numpy_args.dk) is type(numpy_args.num_heads) is type(numpy_args.dv) is int
+    numpy_args.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 4, 6, 5)
+    torch.testing.assert_close(numpy_args(x), plain(x))
+    c = plain.conv
+    w = (c.weight, c.bias, plain.qkv_conv.weight, None, plain.attn_out.weight, None)
+    torch.testing.assert_close(
+        aa_conv2d(x, *w, num_heads=np.int64(2), stride=(2, 1), padding=1),
+        aa_conv2d(x, *w, num_heads=2, stride=(2, 1), padding=1),
+    )
+    with pytest.raises(TypeError, match=r"dk: expected an int \(channels\) or a float"):
+        AAConv2d(4, 16, 3, dk=np.bool_(True), dv=4, num_heads=2)
+
+
 def test_bad_call_arguments() -> None:
     m = AAConv2d(4, 16, 3, dk=8, dv=4, num_heads=2)
     with pytest.raises(ValueError, match=r"x: expected a 4-D tensor"):
