@@ -350,6 +350,25 @@ def test_autocast_casts_the_inputs_on_every_backend(dtype: torch.dtype):
         assert max_error(out, rounded) <= 2 * reference_error + 1e-3, backend
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modifying_the_output_in_place_is_refused_not_silently_wrong(backend: str):
+    """The fused backwards read the saved output (``delta = rowsum(dO * O)``): an in-place change
+    of it must make autograd refuse, never give gradients of the changed values (README, the op).
+    The reference path keeps no output, so there it is allowed and right."""
+    case = Case(1, 2, 3, 4, 4, 3)
+    inputs = make_inputs(case, torch.float64, requires_grad=True)
+    out = run(backend, case, inputs)
+    out.mul_(2)
+    if backend == "reference":
+        found = torch.autograd.grad(out.sum(), inputs)
+        expected = torch.autograd.grad(2 * run(backend, case, inputs).sum(), inputs)
+        for g, e in zip(found, expected, strict=True):
+            torch.testing.assert_close(g, e)
+    else:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
 # --- threads and memory -------------------------------------------------------------------------
 
 
