@@ -172,14 +172,18 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         )  # fmt: skip
         self.qkv_conv = nn.Conv2d(in_channels, 2 * self.dk + self.dv, 1, bias=bias, **factory)
         self.attn_out = nn.Conv2d(self.dv, self.dv, 1, bias=bias, **factory)
+        # Checked with or without relative tables (until 2026-12-02 a layer without them took
+        # any input_size, even (0, 4) or a string, without a word).
+        grid = None
+        if input_size is not None:
+            grid = self._attention_grid("input_size", _pair("input_size", input_size, 1))
         if not relative:
             self.register_parameter("rel_h", None)
             self.register_parameter("rel_w", None)
-        elif input_size is None:
+        elif grid is None:
             self.rel_h = UninitializedParameter(**factory)
             self.rel_w = UninitializedParameter(**factory)
         else:
-            grid = self._attention_grid("input_size", _pair("input_size", input_size, 1))
             self.rel_h = nn.Parameter(torch.empty(2 * grid[0] - 1, self.dkh, **factory))
             self.rel_w = nn.Parameter(torch.empty(2 * grid[1] - 1, self.dkh, **factory))
             self.reset_parameters()

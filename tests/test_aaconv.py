@@ -407,6 +407,7 @@ def test_fraction_channels() -> None:
         (dict(backend="fast"), ValueError, r"backend: expected one of"),
         (dict(relative=1), TypeError, r"relative: expected a bool"),
         (dict(input_size=(0, 4)), ValueError, r"input_size: expected an int >= 1"),
+        (dict(input_size="big"), ValueError, r"input_size: expected an int >= 1"),
         (
             dict(kernel_size=5, padding=0, input_size=(3, 6)),
             ValueError,
@@ -422,6 +423,9 @@ def test_bad_constructor_arguments(kwargs: dict, error: type, match: str) -> Non
     args = dict(in_channels=4, out_channels=16, kernel_size=3, dk=8, dv=4, num_heads=2)
     with pytest.raises(error, match=match):
         AAConv2d(**{**args, **kwargs})
+    if "input_size" in kwargs:  # checked without relative tables too (was ignored until 2026-12-02)
+        with pytest.raises(error, match=match):
+            AAConv2d(**{**args, **kwargs, "relative": False})
 
 
 def test_numpy_integers_and_floats_are_taken_as_the_numbers_they_hold() -> None:
