@@ -351,6 +351,36 @@ def test_autocast_casts_the_inputs_on_every_backend(dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_the_readme_example_runs_under_autocast(backend: str):
+    """The op's README example in an autocast block: ``relative_logits`` of fp32 queries gives
+    bf16 tables there (its einsum is autocast), which until 2026-12-02 ``attention_2d`` refused
+    beside the fp32 queries ("bias_h: expected dtype torch.float32"), on every backend."""
+    batch, heads, height, width, dkh, dvh = 2, 2, 4, 5, 8, 4
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).requires_grad_()
+
+    q, k = leaf(batch, heads, height * width, dkh), leaf(batch, heads, height * width, dkh)
+    v = leaf(batch, heads, height * width, dvh)
+    rel_h, rel_w = leaf(2 * height - 1, dkh), leaf(2 * width - 1, dkh)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scaled = q * dkh**-0.5
+        bias_h, bias_w = ak.relative_logits(scaled, rel_h, rel_w, height, width)
+        out = ak.attention_2d(
+            scaled, k, v, bias_h, bias_w, height=height, width=width, backend=backend
+        )
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(t.grad.dtype == torch.float32 for t in (q, k, v, rel_h, rel_w))
+    with torch.no_grad():
+        bias_h, bias_w = ak.relative_logits(q * dkh**-0.5, rel_h, rel_w, height, width)
+        wide = [t.double() for t in (q * dkh**-0.5, k, v, bias_h, bias_w)]
+        truth = ak.attention_2d_reference(*wide, height=height, width=width)
+    assert max_error(out, truth) < 0.05
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_modifying_the_output_in_place_is_refused_not_silently_wrong(backend: str):
     """The fused backwards read the saved output (``delta = rowsum(dO * O)``): an in-place change
     of it must make autograd refuse, never give gradients of the changed values (README, the op).
