@@ -226,7 +226,11 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         # layer's, as forward would resize them for an input of this size.
         for name in ("rel_h", "rel_w"):
             own, saved = self._parameters.get(name), state_dict.get(prefix + name)
-            if own is None or is_lazy(own) or not isinstance(saved, Tensor) or saved.dim() != 2:
+            # A lazy saved table (a layer saved before its first forward) is left to PyTorch,
+            # which explains it; saved.dim() here raised a bare "uninitialized parameter" error.
+            if own is None or is_lazy(own) or not isinstance(saved, Tensor) or is_lazy(saved):
+                continue
+            if saved.dim() != 2:
                 continue
             if saved.shape[1] == own.shape[1] and saved.shape[0] != own.shape[0]:
                 state_dict[prefix + name] = resize_rel_table(saved.detach(), own.shape[0])

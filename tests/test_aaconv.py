@@ -163,6 +163,16 @@ def test_state_dict_of_another_grid_is_resized_on_load() -> None:
         )
 
 
+def test_state_dict_of_a_layer_never_run_is_explained_on_load() -> None:
+    """A layer saved before its first forward holds lazy tables; loading them into a built layer
+    gets PyTorch's own explanation (until 2026-12-02 the resizing hook asked the lazy table for
+    its dim first: a bare "Attempted to use an uninitialized parameter in <method 'dim'>")."""
+    never_run = AAConv2d(4, 16, 3, dk=8, dv=4, num_heads=2)
+    built = AAConv2d(4, 16, 3, dk=8, dv=4, num_heads=2, input_size=6)
+    with pytest.raises(RuntimeError, match=r"uninitialized parameter.*Call `forward`"):
+        built.load_state_dict(never_run.state_dict())
+
+
 def test_meta_device_build_then_reset_parameters() -> None:
     # How FSDP and large-model code build a model: on the meta device, then to_empty (garbage
     # memory) and reset_parameters on every module that has parameters of its own.
