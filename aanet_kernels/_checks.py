@@ -33,6 +33,15 @@ def check_map_size(height: int, width: int) -> tuple[int, int]:
     return height, width
 
 
+def check_dense(name: str, t: Tensor) -> None:
+    """Raise ``TypeError`` unless ``t`` is a dense (strided) tensor: a sparse one reached the
+    dispatcher's "Could not run ... with arguments from the 'SparseCPU' backend", a nested one an
+    "Internal error" from its shape (until 2026-12-02)."""
+    if t.is_nested or t.layout != torch.strided:
+        layout = "nested" if t.is_nested else str(t.layout)
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got a {layout} one")
+
+
 def check_attention_2d_inputs(
     q: Tensor,
     k: Tensor,
@@ -48,6 +57,7 @@ def check_attention_2d_inputs(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        check_dense(name, t)
         if t.dim() != 4:
             raise ValueError(
                 f"{name}: expected a 4-D tensor (B, Nh, L, d), "
@@ -60,6 +70,7 @@ def check_attention_2d_inputs(
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+        check_dense(name, t)
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
         if t.device != q.device:

@@ -8,6 +8,7 @@ import contextvars
 import functools
 import importlib.util
 import os
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -24,8 +25,13 @@ _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 # The innermost use_backend of the process, for torch.compile: Dynamo guards on a module global,
 # so entering another use_backend around a compiled model makes it retrace; the ContextVar above
-# (per thread, what eager calls read) torch 2.11's Dynamo cannot trace at all.
+# (per thread, what eager calls read) torch 2.11's Dynamo cannot trace at all. It is the backend of
+# the most recently entered use_backend still open in any thread, kept from the list of open ones
+# (not saved and restored: with two threads whose blocks overlap, the one that exits last would
+# restore what the other had set, and that would outlive both; until 2026-12-02 it did).
 _traced_context_backend: str | None = None
+_open_contexts: list[tuple[object, str]] = []
+_open_contexts_lock = threading.Lock()
 
 
 def triton_interpreted() -> bool:
@@ -154,10 +160,15 @@ def use_backend(backend: str) -> Iterator[None]:
     """Run the enclosed ``attention_2d`` calls (and layers built on it) with ``backend``."""
     check_backend_name(backend)
     global _traced_context_backend
+    entry = (object(), backend)  # identified by the object: equal names may be open at once
     token = _context_backend.set(backend)
-    outer, _traced_context_backend = _traced_context_backend, backend
+    with _open_contexts_lock:
+        _open_contexts.append(entry)
+        _traced_context_backend = backend
     try:
         yield
     finally:
         _context_backend.reset(token)
-        _traced_context_backend = outer
+        with _open_contexts_lock:
+            _open_contexts.remove(entry)
+            _traced_context_backend = _open_contexts[-1][1] if _open_contexts else None

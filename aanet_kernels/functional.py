@@ -9,6 +9,8 @@ because users of SAM-style relative positions need them too (``resize_rel_table`
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,10 +32,20 @@ def resize_rel_table(table: Tensor, length: int) -> Tensor:
     """
     if not isinstance(table, Tensor):
         raise TypeError(f"table: expected a torch.Tensor, got {type(table).__name__}")
-    if table.dim() != 2:
-        raise ValueError(f"table: expected a 2-D tensor (n, d), got shape {tuple(table.shape)}")
-    if not isinstance(length, int | torch.SymInt) or isinstance(length, bool) or length < 1:
+    if table.dim() != 2 or table.shape[0] < 1:
+        raise ValueError(
+            f"table: expected a 2-D tensor (n, d) with n >= 1, got shape {tuple(table.shape)}"
+        )
+    if not table.is_floating_point():
+        raise TypeError(f"table: expected a floating dtype, got {table.dtype}")
+    # numbers.Integral: NumPy integers too, as for the map sizes elsewhere.
+    if (
+        not isinstance(length, int | numbers.Integral | torch.SymInt)
+        or isinstance(length, bool)
+        or length < 1
+    ):
         raise ValueError(f"length: expected a positive int, got {length!r}")
+    length = length if isinstance(length, int | torch.SymInt) else int(length)
     # Traced, the length may be symbolic (torch.export's SymInt; under Dynamo it even passes for
     # an int): comparing it with the table's rows would pin the map to its nominal size, so a
     # traced call always interpolates, which at equal sizes gives the table's values.
@@ -74,7 +86,7 @@ def split_heads(qkv: Tensor, dk: int, dv: int, num_heads: int) -> tuple[Tensor, 
             f"qkv: expected shape (B, 2 * dk + dv, H, W) = (B, {2 * dk + dv}, H, W), "
             f"got {tuple(qkv.shape)}"
         )
-    _check_heads(dk, dv, num_heads)
+    num_heads = _check_heads(dk, dv, num_heads)
     flat = qkv.flatten(2)  # (B, C, L): a view in both NCHW and channels_last layouts
     q, k, v = flat.split([dk, dk, dv], dim=1)
 
@@ -105,12 +117,17 @@ def _channels_last(x: Tensor) -> bool:
     return not x.is_contiguous()
 
 
-def _check_heads(dk: int, dv: int, num_heads: int, origin: str = "") -> None:
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+def _check_heads(dk: int, dv: int, num_heads: int, origin: str = "") -> int:
+    """Raise unless ``num_heads`` is a positive int (a NumPy one too) dividing ``dk`` and ``dv``;
+    return it as an int."""
+    integral = isinstance(num_heads, numbers.Integral) and not isinstance(num_heads, bool)
+    if not integral or num_heads < 1:
         raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+    num_heads = int(num_heads)
     for name, size in (("dk", dk), ("dv", dv)):
         if size % num_heads:
             raise ValueError(f"{name} = {size}{origin} does not divide by num_heads = {num_heads}")
+    return num_heads
 
 
 def _check_tensor(
@@ -206,7 +223,7 @@ def aa_conv2d(
             f"and dk >= 1, got {tuple(qkv_weight.shape)}"
         )
     dk = dk2 // 2
-    _check_heads(dk, dv, num_heads, " (from the weights)")
+    num_heads = _check_heads(dk, dv, num_heads, " (from the weights)")
     dkh = dk // num_heads
     rows = 2 * dk + dv
     _check_tensor("qkv_bias", qkv_bias, (rows,), f"(2 * dk + dv,) = ({rows},)", optional=True)

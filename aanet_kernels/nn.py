@@ -4,6 +4,7 @@ existing (pretrained) CNNs with it."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 
 import torch
@@ -16,29 +17,35 @@ from aanet_kernels.backends import check_backend_name
 from aanet_kernels.functional import _IntPair, aa_conv2d, resize_rel_table
 
 
+def _is_int(value: object) -> bool:
+    """An int or a NumPy integer (``numbers.Integral``), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _pair(name: str, value: _IntPair, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else value
-    ok = (
-        isinstance(pair, tuple | list)
-        and len(pair) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
-    )
+    pair = (value, value) if _is_int(value) else value
+    ok = isinstance(pair, tuple | list) and len(pair) == 2 and all(_is_int(v) for v in pair)
     if not ok or min(pair) < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum} or a pair of them, got {value!r}")
-    return tuple(pair)  # type: ignore[return-value]
+    return int(pair[0]), int(pair[1])
 
 
 def _positive_int(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def resolve_channels(name: str, value: int | float, out_channels: int, num_heads: int) -> int:
     """``dk`` or ``dv`` as a channel count: an int is taken as is, a float is a fraction of
     ``out_channels`` (the paper's kappa / upsilon) rounded to the nearest multiple of
     ``num_heads``. Raises if the count is not a positive multiple of ``num_heads``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    # NumPy scalars are taken as the int or float they hold.
+    if _is_int(value):
+        value = int(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = float(value)
+    else:
         raise TypeError(
             f"{name}: expected an int (channels) or a float (fraction of out_channels), "
             f"got {type(value).__name__}"
@@ -136,9 +143,9 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _positive_int("in_channels", in_channels)
-        _positive_int("out_channels", out_channels)
-        _positive_int("num_heads", num_heads)
+        in_channels = _positive_int("in_channels", in_channels)
+        out_channels = _positive_int("out_channels", out_channels)
+        num_heads = _positive_int("num_heads", num_heads)
         kernel = _pair("kernel_size", kernel_size, 1)
         strides = _pair("stride", stride, 1)
         dilations = _pair("dilation", dilation, 1)
@@ -165,14 +172,18 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         )  # fmt: skip
         self.qkv_conv = nn.Conv2d(in_channels, 2 * self.dk + self.dv, 1, bias=bias, **factory)
         self.attn_out = nn.Conv2d(self.dv, self.dv, 1, bias=bias, **factory)
+        # Checked with or without relative tables (until 2026-12-02 a layer without them took
+        # any input_size, even (0, 4) or a string, without a word).
+        grid = None
+        if input_size is not None:
+            grid = self._attention_grid("input_size", _pair("input_size", input_size, 1))
         if not relative:
             self.register_parameter("rel_h", None)
             self.register_parameter("rel_w", None)
-        elif input_size is None:
+        elif grid is None:
             self.rel_h = UninitializedParameter(**factory)
             self.rel_w = UninitializedParameter(**factory)
         else:
-            grid = self._attention_grid("input_size", _pair("input_size", input_size, 1))
             self.rel_h = nn.Parameter(torch.empty(2 * grid[0] - 1, self.dkh, **factory))
             self.rel_w = nn.Parameter(torch.empty(2 * grid[1] - 1, self.dkh, **factory))
             self.reset_parameters()
@@ -215,7 +226,11 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         # layer's, as forward would resize them for an input of this size.
         for name in ("rel_h", "rel_w"):
             own, saved = self._parameters.get(name), state_dict.get(prefix + name)
-            if own is None or is_lazy(own) or not isinstance(saved, Tensor) or saved.dim() != 2:
+            # A lazy saved table (a layer saved before its first forward) is left to PyTorch,
+            # which explains it; saved.dim() here raised a bare "uninitialized parameter" error.
+            if own is None or is_lazy(own) or not isinstance(saved, Tensor) or is_lazy(saved):
+                continue
+            if saved.dim() != 2:
                 continue
             if saved.shape[1] == own.shape[1] and saved.shape[0] != own.shape[0]:
                 state_dict[prefix + name] = resize_rel_table(saved.detach(), own.shape[0])

@@ -82,6 +82,33 @@ if extension_loaded():
     )
 
 
+# What autocast casts to its dtype (``cached_cast``'s rule: floating, but not fp64).
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def autocast_inputs(*tensors: object) -> tuple[object, ...]:
+    """Under autocast for the device of the first tensor, the floating tensors among ``tensors``
+    (fp64 excepted) cast to the autocast dtype, as for ``F.scaled_dot_product_attention``; else
+    ``tensors`` as they are. Anything that is not a tensor is passed on for the checks to name.
+
+    The op has no autocast kernel of its own, so without this the fused backends would run fp32
+    inputs in fp32 and return fp32 where the reference's matmuls, autocast themselves, run and
+    return the autocast dtype; and mixed fp32/bf16 inputs, which autocast would reconcile, were
+    refused (until 2026-12-02). Meta tensors have no autocast (``is_autocast_enabled`` refuses
+    their device type)."""
+    first = tensors[0]
+    if not isinstance(first, Tensor) or first.device.type == "meta":
+        return tensors
+    device = first.device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+        for t in tensors
+    )
+
+
 def attention_2d(
     q: Tensor,
     k: Tensor,
@@ -106,9 +133,13 @@ def attention_2d(
         scale: multiplies ``q . k`` only (the biases are added as given).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
+    Under ``torch.autocast`` the fp16/bf16/fp32 inputs are cast to the autocast dtype first (on
+    every backend, as ``F.scaled_dot_product_attention`` is), so the output has that dtype.
+
     Returns:
         ``(B, Nh, L, dvh)``. A query whose logits are all ``-inf`` gets zeros (and zero gradients).
     """
+    q, k, v, bias_h, bias_w = autocast_inputs(q, k, v, bias_h, bias_w)
     height, width = check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale)
     scale = float(scale)
     name = resolve_backend_for_call(backend, q, k, v)

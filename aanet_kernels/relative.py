@@ -52,6 +52,13 @@ def relative_logits(
                 f"{name}: expected dtype {q.dtype} (the dtype of q; another floating dtype only "
                 f"under autocast), got {table.dtype}"
             )
+    for name, table in (("rel_h", rel_h), ("rel_w", rel_w)):
+        # Not left to indexing and einsum: a table on another device gave a bias table there (a
+        # meta table, a meta bias_h beside a CPU bias_w) or an error that named neither table.
+        if table.device != q.device:
+            raise ValueError(
+                f"{name}: expected device {q.device} (the device of q), got {table.device}"
+            )
     height, width = check_map_size(height, width)
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-D tensor (B, Nh, L, dkh), got shape {tuple(q.shape)}")

@@ -163,6 +163,16 @@ def test_state_dict_of_another_grid_is_resized_on_load() -> None:
         )
 
 
+def test_state_dict_of_a_layer_never_run_is_explained_on_load() -> None:
+    """A layer saved before its first forward holds lazy tables; loading them into a built layer
+    gets PyTorch's own explanation (until 2026-12-02 the resizing hook asked the lazy table for
+    its dim first: a bare "Attempted to use an uninitialized parameter in <method 'dim'>")."""
+    never_run = AAConv2d(4, 16, 3, dk=8, dv=4, num_heads=2)
+    built = AAConv2d(4, 16, 3, dk=8, dv=4, num_heads=2, input_size=6)
+    with pytest.raises(RuntimeError, match=r"uninitialized parameter.*Call `forward`"):
+        built.load_state_dict(never_run.state_dict())
+
+
 def test_meta_device_build_then_reset_parameters() -> None:
     # How FSDP and large-model code build a model: on the meta device, then to_empty (garbage
     # memory) and reset_parameters on every module that has parameters of its own.
@@ -407,6 +417,7 @@ def test_fraction_channels() -> None:
         (dict(backend="fast"), ValueError, r"backend: expected one of"),
         (dict(relative=1), TypeError, r"relative: expected a bool"),
         (dict(input_size=(0, 4)), ValueError, r"input_size: expected an int >= 1"),
+        (dict(input_size="big"), ValueError, r"input_size: expected an int >= 1"),
         (
             dict(kernel_size=5, padding=0, input_size=(3, 6)),
             ValueError,
@@ -422,6 +433,33 @@ def test_bad_constructor_arguments(kwargs: dict, error: type, match: str) -> Non
     args = dict(in_channels=4, out_channels=16, kernel_size=3, dk=8, dv=4, num_heads=2)
     with pytest.raises(error, match=match):
         AAConv2d(**{**args, **kwargs})
+    if "input_size" in kwargs:  # checked without relative tables too (was ignored until 2026-12-02)
+        with pytest.raises(error, match=match):
+            AAConv2d(**{**args, **kwargs, "relative": False})
+
+
+def test_numpy_integers_and_floats_are_taken_as_the_numbers_they_hold() -> None:
+    """Hyper-parameters from NumPy (a sweep over ``np.arange``, a config read with NumPy) build the
+    same layer as plain ints and floats. Until 2026-12-02 they were refused with "in_channels:
+    expected a positive int, got np.int64(4)", while the op takes NumPy sizes and scales."""
+    plain = AAConv2d(4, 16, 3, stride=(2, 1), dk=8, dv=0.25, num_heads=2, input_size=(6, 5))
+    numpy_args = AAConv2d(
+        np.int64(4), np.int32(16), np.int64(3), stride=(np.int64(2), 1), dk=np.int64(8),
+        dv=np.float32(0.25), num_heads=np.int16(2), input_size=(np.int64(6), 5),
+    )  # fmt: skip
+    assert repr(numpy_args) == repr(plain)
+    assert type(numpy_args.dk) is type(numpy_args.num_heads) is type(numpy_args.dv) is int
+    numpy_args.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 4, 6, 5)
+    torch.testing.assert_close(numpy_args(x), plain(x))
+    c = plain.conv
+    w = (c.weight, c.bias, plain.qkv_conv.weight, None, plain.attn_out.weight, None)
+    torch.testing.assert_close(
+        aa_conv2d(x, *w, num_heads=np.int64(2), stride=(2, 1), padding=1),
+        aa_conv2d(x, *w, num_heads=2, stride=(2, 1), padding=1),
+    )
+    with pytest.raises(TypeError, match=r"dk: expected an int \(channels\) or a float"):
+        AAConv2d(4, 16, 3, dk=np.bool_(True), dv=4, num_heads=2)
 
 
 def test_bad_call_arguments() -> None:

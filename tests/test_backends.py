@@ -182,3 +182,44 @@ def test_compiled_code_follows_the_use_backend_in_force():
     assert len(graphs) == 2, "the second use_backend('cpu') should reuse the first graph"
     assert "aanet_kernels.attention_2d_fwd" in graphs[0]
     assert "aanet_kernels.attention_2d_fwd" not in graphs[1]
+
+
+def test_use_backend_blocks_overlapping_in_two_threads_leave_nothing_behind():
+    """The process-wide backend that compiled code reads is the most recent use_backend still
+    open; once every block has closed it is none. Until 2026-12-02 each block saved and restored
+    it, so two threads whose blocks overlapped (A enters, B enters, A exits, B exits) left B's
+    saved value, A's backend, in force for every later trace with no use_backend open."""
+    import threading
+
+    from aanet_kernels import backends
+
+    a_in, b_in, a_out, b_out = (threading.Event() for _ in range(4))
+
+    def block(backend: str, entered: threading.Event, leave: threading.Event) -> None:
+        with ak.use_backend(backend):
+            entered.set()
+            assert leave.wait(10)
+
+    thread_a = threading.Thread(target=block, args=("reference", a_in, a_out))
+    thread_b = threading.Thread(target=block, args=("auto", b_in, b_out))
+    thread_a.start()
+    try:
+        assert a_in.wait(10)
+        thread_b.start()
+        assert b_in.wait(10)
+        assert backends._traced_context_backend == "auto"  # the innermost open one
+        a_out.set()
+        thread_a.join()
+        assert backends._traced_context_backend == "auto"  # B's block is still open
+    finally:
+        a_out.set()
+        b_out.set()
+        thread_a.join()
+        if thread_b.is_alive() or b_in.is_set():
+            thread_b.join()
+    assert backends._traced_context_backend is None
+    with ak.use_backend("reference"):
+        with ak.use_backend("auto"):
+            assert backends._traced_context_backend == "auto"
+        assert backends._traced_context_backend == "reference"
+    assert backends._traced_context_backend is None

@@ -321,6 +321,84 @@ def test_non_contiguous_inputs_equal_contiguous_copies(backend: str, kind: str):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+# --- autocast -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_autocast_casts_the_inputs_on_every_backend(dtype: torch.dtype):
+    """Under autocast the op runs in the autocast dtype whichever backend runs it, as
+    ``F.scaled_dot_product_attention`` does, and takes fp32 and low-precision inputs mixed; fp64
+    is left alone. Until 2026-12-02 the fused backends ran fp32 inputs in fp32 and returned fp32
+    where the reference (its matmuls autocast) returned ``dtype``, and mixed inputs were refused."""
+    case = Case(2, 2, 3, 5, 8, 4)
+    inputs = make_inputs(case, torch.float32, requires_grad=True)
+    q, k, v, bias_h, bias_w = inputs
+    mixed = (q.detach().to(dtype), k, v.detach().to(dtype), bias_h, bias_w)
+    rounded = exact(case, [t.detach().to(dtype) for t in inputs])
+    outputs = {}
+    for backend in BACKENDS:
+        with torch.autocast("cpu", dtype=dtype):
+            out = run(backend, case, inputs)
+            assert run(backend, case, mixed).dtype == dtype, backend
+            assert run(backend, case, [t.detach().double() for t in inputs]).dtype == torch.float64
+        assert out.dtype == dtype, backend
+        found = torch.autograd.grad(out.float().square().sum(), inputs)
+        assert all(g.dtype == torch.float32 and g.isfinite().all() for g in found), backend
+        outputs[backend] = out
+    reference_error = max_error(outputs["reference"], rounded)
+    for backend, out in outputs.items():
+        assert max_error(out, rounded) <= 2 * reference_error + 1e-3, backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_readme_example_runs_under_autocast(backend: str):
+    """The op's README example in an autocast block: ``relative_logits`` of fp32 queries gives
+    bf16 tables there (its einsum is autocast), which until 2026-12-02 ``attention_2d`` refused
+    beside the fp32 queries ("bias_h: expected dtype torch.float32"), on every backend."""
+    batch, heads, height, width, dkh, dvh = 2, 2, 4, 5, 8, 4
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).requires_grad_()
+
+    q, k = leaf(batch, heads, height * width, dkh), leaf(batch, heads, height * width, dkh)
+    v = leaf(batch, heads, height * width, dvh)
+    rel_h, rel_w = leaf(2 * height - 1, dkh), leaf(2 * width - 1, dkh)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scaled = q * dkh**-0.5
+        bias_h, bias_w = ak.relative_logits(scaled, rel_h, rel_w, height, width)
+        out = ak.attention_2d(
+            scaled, k, v, bias_h, bias_w, height=height, width=width, backend=backend
+        )
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(t.grad.dtype == torch.float32 for t in (q, k, v, rel_h, rel_w))
+    with torch.no_grad():
+        bias_h, bias_w = ak.relative_logits(q * dkh**-0.5, rel_h, rel_w, height, width)
+        wide = [t.double() for t in (q * dkh**-0.5, k, v, bias_h, bias_w)]
+        truth = ak.attention_2d_reference(*wide, height=height, width=width)
+    assert max_error(out, truth) < 0.05
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modifying_the_output_in_place_is_refused_not_silently_wrong(backend: str):
+    """The fused backwards read the saved output (``delta = rowsum(dO * O)``): an in-place change
+    of it must make autograd refuse, never give gradients of the changed values (README, the op).
+    The reference path keeps no output, so there it is allowed and right."""
+    case = Case(1, 2, 3, 4, 4, 3)
+    inputs = make_inputs(case, torch.float64, requires_grad=True)
+    out = run(backend, case, inputs)
+    out.mul_(2)
+    if backend == "reference":
+        found = torch.autograd.grad(out.sum(), inputs)
+        expected = torch.autograd.grad(2 * run(backend, case, inputs).sum(), inputs)
+        for g, e in zip(found, expected, strict=True):
+            torch.testing.assert_close(g, e)
+    else:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
 # --- threads and memory -------------------------------------------------------------------------
 
 

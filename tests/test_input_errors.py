@@ -169,3 +169,42 @@ def test_sam_relative_logits_takes_numpy_sizes():
 def test_resize_rel_table_names_a_table_that_is_not_a_tensor():
     with pytest.raises(TypeError, match="table: expected a torch.Tensor, got list"):
         resize_rel_table([[0.0, 1.0]], 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["q", "k", "v", "bias_h", "bias_w"])
+def test_sparse_and_nested_inputs_are_named(backend: str, name: str):
+    """Until 2026-12-02 a sparse input reached the dispatcher ("Could not run
+    'aanet_kernels::attention_2d_fwd' with arguments from the 'SparseCPU' backend") and a nested
+    one failed with an "Internal error" of its shape."""
+    inputs = _inputs()
+    sparse = _inputs(**{name: inputs[name].to_sparse()})
+    with pytest.raises(TypeError, match=rf"{name}: expected a dense \(strided\) tensor, .*sparse"):
+        ak.attention_2d(**sparse, height=3, width=4, backend=backend)
+    if name == "q":
+        nested = torch.nested.nested_tensor(list(inputs["q"]), layout=torch.jagged)
+        with pytest.raises(TypeError, match=r"q: expected a dense \(strided\) tensor, .*nested"):
+            ak.attention_2d(**_inputs(q=nested), height=3, width=4, backend=backend)
+
+
+def test_relative_logits_names_a_table_on_another_device():
+    """Until 2026-12-02 a table on another device than q was indexed and contracted there: a
+    meta ``rel_h`` with CPU ``q`` gave a meta ``bias_h`` beside a CPU ``bias_w``."""
+    q, table = torch.randn(1, 1, 4, 2), torch.randn(3, 2)
+    with pytest.raises(
+        ValueError, match=r"rel_h: expected device cpu \(the device of q\), got meta"
+    ):
+        ak.relative_logits(q, table.to("meta"), table, 2, 2)
+    with pytest.raises(ValueError, match=r"rel_w: expected device cpu .* got meta"):
+        ak.relative_logits(q, table, table.to("meta"), 2, 2)
+
+
+def test_resize_rel_table_checks_its_table_and_takes_numpy_lengths():
+    """Until 2026-12-02 an empty or integer table failed inside ``F.interpolate`` without naming
+    it, and a NumPy length was refused where every map size takes one."""
+    table = torch.randn(3, 2)
+    torch.testing.assert_close(resize_rel_table(table, np.int64(5)), resize_rel_table(table, 5))
+    with pytest.raises(ValueError, match=r"table: expected a 2-D tensor \(n, d\) with n >= 1"):
+        resize_rel_table(torch.randn(0, 2), 5)
+    with pytest.raises(TypeError, match=r"table: expected a floating dtype, got torch.int64"):
+        resize_rel_table(torch.arange(6).view(3, 2), 5)
