@@ -73,15 +73,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from aanet.datasets.dataset import LandmarkDataset
     from aanet.datasets.records import BadDataLog
     from aanet.evaluate import format_table, predict_errors, subset_report, write_json
-    from aanet.inference import model_from_state
+    from aanet.inference import model_from_state, saved_config
     from aanet.train import attention_backend, pick_device
 
     saved = checkpoint.load(args.checkpoint)
     checkpoint.require(saved, ("model", "config"), args.checkpoint)
+    trained = saved_config(saved, args.checkpoint)
     config = config_from_args(args, base=saved["config"])
-    config.check_same_model(make_config(saved["config"]), args.checkpoint)
+    config.check_same_model(trained, args.checkpoint)
     device = pick_device(config.device)
-    model = model_from_state(saved, device)
+    model = model_from_state(saved, device, args.checkpoint)
     try:
         records = sources.load_split(config, "test")
     except FileNotFoundError as error:
@@ -113,7 +114,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     image = Path(args.image)
     out = Path(args.output or image.with_name(f"{image.stem}_landmarks.png"))
-    check_image_output(out)
+    check_image_output(out, image)
     device = pick_device(args.device)
     model = load_model(args.checkpoint, device)
     with attention_backend(args.backend):
@@ -121,12 +122,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             model, args.image, device, detect=not args.no_detect, box=args.box
         )
     json_path = out.with_suffix(".json") if args.json else None
-    write_results(annotated, faces, out, json_path)
+    report = write_results(annotated, faces, out, json_path, image)
     # With --json, stdout is the JSON alone (for a pipe), so the summary goes to stderr.
-    summary = f"{len(faces)} face(s); wrote {out}" + (f" and {json_path}" if json_path else "")
+    fell_back = not args.no_detect and faces[0]["source"] == "whole image"
+    how = " (no face found: the whole image as its box)" if fell_back else ""
+    summary = f"{len(faces)} face(s){how}; wrote {out}" + (f" and {json_path}" if json_path else "")
     print(summary, file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps({"faces": faces}))
+        print(json.dumps(report))
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

@@ -1,0 +1,176 @@
+"""``aanet predict`` and ``aanet export`` as a user meets them: where the points land in the photo
+(EXIF orientation included), what the JSON says, the errors for wrong files, and exported files
+loaded in a fresh interpreter that never imports ``aanet`` or ``aanet_kernels``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aanet.cli import main
+from aanet.datasets import synthetic
+from aanet.model import ModelConfig
+from aanet.predict import predict_image
+from aanet.train import train
+from tests.aanet.test_train import tiny_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    config = tiny_config(tmp_path_factory.mktemp("predict"), epochs=1, num_train=8, num_test=2)
+    train(config, progress=False)
+    return Path(config.out) / "last.pt"
+
+
+class _DotFinder(torch.nn.Module):
+    """Answers, for every landmark, the centroid of the crop's brightness above black: the crop
+    position of a white dot on a black photo, whatever network would have found it."""
+
+    def __init__(self, input_size: int = 32) -> None:
+        super().__init__()
+        self.config = ModelConfig(input_size=input_size)
+
+    def forward(self, images: torch.Tensor):
+        weight = (images.mean(dim=1) + 2.0).clamp(min=0)  # black is -2 after normalisation
+        ys, xs = torch.meshgrid(
+            *(torch.arange(n, dtype=images.dtype) for n in images.shape[-2:]), indexing="ij"
+        )
+        total = weight.sum(dim=(1, 2))
+        centre = torch.stack([(weight * xs).sum((1, 2)) / total, (weight * ys).sum((1, 2)) / total])
+        coords = centre.T[:, None, :].expand(-1, 98, -1)
+        return coords, torch.ones(coords.shape[:2]), None
+
+
+# For each EXIF orientation, the transpose that stores an upright image so that Pillow's
+# exif_transpose (and any photo viewer) shows it upright again.
+_STORED = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(_STORED))
+def test_predicted_points_are_in_the_pixels_of_the_photo_as_displayed(tmp_path, orientation):
+    """A white dot at a known pixel of a non-square photo, stored turned by its EXIF orientation
+    as a phone does: the point comes back at that pixel of the upright photo (OpenCV's convention,
+    pixel centres at integers), through the crop and its inverse, and ``--box`` is read in the
+    same upright pixels. The crop is at about one photo pixel per crop pixel, so half a pixel of
+    convention error or a crop mapped back the wrong way would show."""
+    upright = np.zeros((48, 80, 3), np.uint8)
+    dot = (51.0, 20.0)  # x, y
+    upright[19:22, 50:53] = 255
+    stored = Image.fromarray(upright[:, :, ::-1])
+    if _STORED[orientation] is not None:
+        stored = stored.transpose(_STORED[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    photo = tmp_path / f"phone {orientation}.png"
+    stored.save(photo, exif=exif)
+    box = np.array([dot[0] - 12.8, dot[1] - 12.8, dot[0] + 12.8, dot[1] + 12.8])  # crop 1:1
+    annotated, faces = predict_image(_DotFinder(), photo, CPU, box=box)
+    assert annotated.shape == upright.shape  # drawn on the photo as displayed
+    points = np.array(faces[0]["landmarks"])
+    np.testing.assert_allclose(points, np.broadcast_to(dot, points.shape), atol=0.2)
+    # An off-centre box: the same pixel, through another crop.
+    _, faces = predict_image(_DotFinder(), photo, CPU, box=box + [5, -3, 5, -3])
+    np.testing.assert_allclose(faces[0]["landmarks"][0], dot, atol=0.2)
+
+
+def test_predict_json_names_the_image_its_size_and_where_each_box_came_from(
+    checkpoint, tmp_path, capsys
+):
+    """Until 2026-12-02 the JSON was ``{"faces": [...]}`` alone: a face box the detector found
+    and the whole-image stand-in used when it found none read the same."""
+    photo = tmp_path / "photo.png"
+    image, _, _ = synthetic.render_face(np.random.default_rng(5), 96)
+    cv2.imwrite(str(photo), cv2.copyMakeBorder(image, 0, 0, 0, 20, cv2.BORDER_REPLICATE))
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((40, 50, 3), 127, np.uint8))
+    cases = {
+        "detected": [str(photo)],
+        "given": [str(photo), "--box", "20", "4", "76", "60"],
+        "whole image": [str(photo), "--no-detect"],
+        "whole image (none found)": [str(blank)],
+    }
+    for source, argv in cases.items():
+        out = tmp_path / f"{source}.png"
+        code = main(["predict", *argv, "--checkpoint", str(checkpoint), "--json", "--output",
+                     str(out)])  # fmt: skip
+        assert code == 0, source
+        printed = capsys.readouterr()
+        report = json.loads(printed.out)
+        assert report == json.loads(out.with_suffix(".json").read_text())
+        size = (116, 96) if argv[0] == str(photo) else (50, 40)
+        assert (report["image"], report["width"], report["height"]) == (argv[0], *size)
+        assert [face["source"] for face in report["faces"]] == [source.split(" (")[0]]
+        assert ("no face found" in printed.err) == source.endswith("(none found)"), printed.err
+
+
+def test_predict_refuses_to_overwrite_its_photo_and_names_folders_and_files_in_the_way(
+    checkpoint, tmp_path, capsys
+):
+    """Until 2026-12-02 ``--output photo.png`` on ``photo.png`` replaced the photo with its
+    annotated copy; a file where the output's folder should be gave ``[Errno 17] File exists``
+    after the model had run; a folder given as the image was 'no such file'."""
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), np.full((40, 50, 3), 127, np.uint8))
+    before = photo.read_bytes()
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "folder.png").mkdir()
+    cases = [
+        ([str(photo), "--output", str(tmp_path / "." / "photo.png")], "is the input image"),
+        ([str(photo), "--output", str(tmp_path / "a_file" / "out.png")],
+         "a_file is a file, not a folder"),
+        ([str(photo), "--output", str(tmp_path / "folder.png")], "folder.png is a folder"),
+        ([str(tmp_path)], f"image: {tmp_path} is a folder, not an image file"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(["predict", *argv, "--checkpoint", str(checkpoint)]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert photo.read_bytes() == before
+
+
+def test_checkpoint_errors_name_the_file_and_say_what_it_is(checkpoint, tmp_path, capsys):
+    """A file that is not the training checkpoint ``aanet predict`` / ``evaluate`` / ``export``
+    want: one line naming it. Until 2026-12-02 an exported model gave torch's loader message (a
+    paragraph on ``weights_only``), weights of another width a RuntimeError of some 130 lines
+    naming no file, and a config option this version lacks named no file either."""
+    state = torch.load(checkpoint, weights_only=False)
+    wider = tmp_path / "wider.pt"
+    torch.save(dict(state, config=dict(state["config"], width=32)), wider)
+    newer = tmp_path / "newer.pt"
+    torch.save(dict(state, config=dict(state["config"], option_from_the_future=1)), newer)
+    exported = tmp_path / "model.pt2"
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exported)]) == 0
+    scripted = tmp_path / "model.ts.pt"
+    argv = ["export", "--checkpoint", str(checkpoint), "--format", "torchscript"]
+    assert main([*argv, "--output", str(scripted)]) == 0
+    capsys.readouterr()
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), np.full((40, 50, 3), 127, np.uint8))
+    cases = {
+        wider: "wider.pt: its weights do not fit the network its config describes (size mismatch",
+        newer: "newer.pt: its saved config does not read here: config: unknown options",
+        exported: "model.pt2: an exported model (torch.export, what `aanet export` writes), not",
+        scripted: "model.ts.pt: an exported model (TorchScript, what `aanet export` writes), not",
+    }
+    for path, message in cases.items():
+        for command in (["predict", str(photo), "--no-detect"], ["export"], ["evaluate"]):
+            assert main([*command, "--checkpoint", str(path)]) == 2, (command, path)
+            err = capsys.readouterr().err
+            assert message in err and err.count("\n") == 1, (command, err)
