@@ -133,13 +133,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from aanet.export import export
+    from aanet.export import SUFFIXES, check_output_name, export, format_for
     from aanet.inference import load_model
 
-    suffix = {"torchscript": ".ts.pt", "export": ".pt2", "onnx": ".onnx"}[args.format]
-    out = Path(args.output or Path(args.checkpoint).with_suffix(suffix))
-    error = export(load_model(args.checkpoint), out, args.format, args.backend)
-    print(f"wrote {out} ({args.format}); max output difference from eager: {error:.3g}")
+    fmt = format_for(args.output, args.format)
+    out = Path(args.output or Path(args.checkpoint).with_suffix(SUFFIXES[fmt]))
+    check_output_name(out, fmt)  # before the checkpoint is read
+    error = export(load_model(args.checkpoint), out, fmt, args.backend)
+    print(f"wrote {out} ({fmt}); max output difference from eager: {error:.3g}")
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -200,8 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="TorchScript / torch.export / ONNX, checked against eager")
     ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--format", choices=("torchscript", "export", "onnx"), default="export")
-    ex.add_argument("--output")
+    ex.add_argument(
+        "--format", choices=("torchscript", "export", "onnx"),
+        help="default: the one --output names (.pt2, .onnx, .ts.pt or .ts), else export",
+    )  # fmt: skip
+    ex.add_argument(
+        "--output", help="default: the checkpoint's name with .pt2, .ts.pt or .onnx for --format"
+    )
     ex.add_argument("--backend", default="reference", help="attention backend recorded in the file")
     ex.set_defaults(func=_cmd_export)
 

@@ -4,7 +4,11 @@ loaded in a fresh interpreter that never imports ``aanet`` or ``aanet_kernels``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -15,9 +19,12 @@ from PIL import Image
 
 from aanet.cli import main
 from aanet.datasets import synthetic
+from aanet.export import export, format_for
+from aanet.inference import load_model
 from aanet.model import ModelConfig
 from aanet.predict import predict_image
 from aanet.train import train
+from aanet_kernels import available_backends, use_backend
 from tests.aanet.test_train import tiny_config
 
 CPU = torch.device("cpu")
@@ -174,3 +181,149 @@ def test_checkpoint_errors_name_the_file_and_say_what_it_is(checkpoint, tmp_path
             assert main([*command, "--checkpoint", str(path)]) == 2, (command, path)
             err = capsys.readouterr().err
             assert message in err and err.count("\n") == 1, (command, err)
+
+
+# --- export -----------------------------------------------------------------------------------
+
+# Run in a fresh interpreter, from a folder outside the repository, with aanet and aanet_kernels
+# made unimportable: the exported file must load and run on torch alone.
+_FRESH = """
+import importlib.abc, sys
+class _Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("aanet", "aanet_kernels"):
+            raise ImportError(f"{name} must not be needed to run an exported model")
+sys.meta_path.insert(0, _Refuse())
+import torch
+path, inputs, out = sys.argv[1:]
+model = torch.export.load(path).module() if path.endswith(".pt2") else torch.jit.load(path)
+images = torch.load(inputs)
+torch.save([model(images[:1]), model(images)], out)
+assert not [m for m in sys.modules if m.split(".")[0] in ("aanet", "aanet_kernels")]
+"""
+
+
+def _model_with_peaked_maps(checkpoint: Path) -> torch.nn.Module:
+    """The checkpoint's model with a head that gives each point its own input-dependent place
+    (a barely trained one puts every point near the centre: any file would match it)."""
+    model = load_model(checkpoint)
+    torch.nn.init.normal_(
+        model.head[-1].weight, std=10.0, generator=torch.Generator().manual_seed(0)
+    )
+    return model
+
+
+def _run_fresh(tmp_path: Path, exported: Path, images: torch.Tensor) -> list:
+    inputs, out = tmp_path / "images.pt", tmp_path / "outputs.pt"
+    torch.save(images, inputs)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "AANET_KERNELS_BACKEND")}
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _FRESH, str(exported), str(inputs), str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("name", ["model.pt2", "model.ts.pt"])
+def test_exported_files_run_on_torch_alone_at_batch_1_and_7_as_the_eager_model(
+    checkpoint, tmp_path, name
+):
+    """What the README promises: reloaded in a fresh Python that cannot import aanet or
+    aanet_kernels, each file takes a batch of 1 and of 7 (traced at 2) and gives the eager
+    model's coordinates and confidences."""
+    model = _model_with_peaked_maps(checkpoint)
+    exported = tmp_path / name
+    assert export(model, exported, format_for(exported, None)) <= 1e-4
+    images = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), use_backend("reference"):
+        eager = [model(images[:1])[:2], model(images)[:2]]
+    assert eager[1][0].std() > 2.0  # points spread over the crop: a real comparison
+    for want, got in zip(eager, _run_fresh(tmp_path, exported, images), strict=True):
+        for a, b in zip(want, got, strict=True):
+            assert a.shape == b.shape
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(
+    "cpu" not in available_backends("cpu"), reason="the C++ extension is not built here"
+)
+def test_a_file_recording_the_compiled_kernels_says_it_needs_aanet_kernels(
+    checkpoint, tmp_path, caplog, capsys
+):
+    """``--backend cpu`` (or ``auto``, which picks it where the extension is built) records the
+    extension's operators: the in-process check passes, but torch alone cannot load the file.
+    Until 2026-12-02 nothing said so."""
+    for fmt, name in (("export", "cpu.pt2"), ("torchscript", "cpu.ts.pt")):
+        argv = ["export", "--checkpoint", str(checkpoint), "--format", fmt, "--backend", "auto"]
+        assert main([*argv, "--output", str(tmp_path / name)]) == 0
+        assert f"{name} records aanet_kernels' compiled operators (backend 'auto')" in caplog.text
+        inputs = tmp_path / "images.pt"
+        torch.save(torch.zeros(1, 3, 32, 32), inputs)
+        done = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", _FRESH, str(tmp_path / name), str(inputs),
+             str(tmp_path / "out.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode != 0 and "aanet_kernels" in done.stderr
+        caplog.clear()
+    assert (
+        main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "r.pt2")]) == 0
+    )
+    assert "compiled operators" not in caplog.text
+
+
+def test_export_takes_its_format_from_the_output_name_and_refuses_a_name_of_another(
+    checkpoint, tmp_path, capsys
+):
+    """Until 2026-12-02 ``--output model.ts.pt`` without ``--format`` was refused as not .pt2, and
+    ``--format torchscript --output model.pt2`` wrote a TorchScript file that torch.export.load
+    then failed on."""
+    out = tmp_path / "model.ts.pt"
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(out)]) == 0
+    assert "(torchscript)" in capsys.readouterr().out
+    torch.jit.load(str(out))
+    cases = [
+        (["--format", "torchscript", "--output", "m.pt2"],
+         "'m.pt2' is the name of a torch.export file, not TorchScript: give a name such as "
+         "'m.ts.pt', or --format export"),
+        (["--format", "onnx", "--output", "m.ts.pt"], "'m.ts.pt' is the name of a TorchScript"),
+        (["--format", "export", "--output", "m.onnx"], "a torch.export file is a .pt2 archive"),
+        (["--output", "m.bin"], "a torch.export file is a .pt2 archive, got 'm.bin'"),
+    ]  # fmt: skip
+    for flags, message in cases:
+        flags = [str(tmp_path / f) if f.startswith("m.") else f for f in flags]
+        # The name is refused before the checkpoint is read: this one does not exist.
+        assert main(["export", "--checkpoint", str(tmp_path / "none.pt"), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ts.pt"]
+
+
+def test_a_file_that_fails_its_check_is_not_left_behind(checkpoint, tmp_path):
+    """Until 2026-12-02 the file was written, then checked: one that failed stayed where a user
+    would take it for the export (over an earlier good one)."""
+    model = load_model(checkpoint)
+    earlier = tmp_path / "model.pt2"
+    earlier.write_bytes(b"an earlier export")
+    for fmt, path in (("export", earlier), ("torchscript", tmp_path / "new.ts.pt")):
+        with pytest.raises(RuntimeError, match="differs from the eager one .* not written"):
+            export(model, path, fmt, atol=-1.0)
+    assert earlier.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]  # no temporary files
+
+
+def test_onnx_names_the_package_it_lacks(checkpoint, tmp_path, monkeypatch):
+    """torch.onnx.export needs onnxscript as well; until 2026-12-02 only onnx and onnxruntime were
+    checked (and in the ``[onnx]`` extra), so with those two installed the export ended in a
+    ModuleNotFoundError traceback."""
+    model = load_model(checkpoint)
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):  # onnx and onnxruntime installed, onnxscript not
+        if name == "onnxscript":
+            return None
+        return object() if name in ("onnx", "onnxruntime") else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(RuntimeError, match="onnxscript cannot be imported here: pip install"):
+        export(model, tmp_path / "m.onnx", "onnx")
+    assert not list(tmp_path.iterdir())
