@@ -126,6 +126,11 @@ def predict_image(
     faces = []
     for box in boxes:
         points, confidence = landmarks_in_box(model, image, box, device)
+        if not (np.isfinite(points).all() and np.isfinite(confidence).all()):
+            raise FloatingPointError(
+                f"the model gave non-finite landmarks for {image_path} (box "
+                f"{[round(float(v), 1) for v in box]}); {_weights_note(model)}"
+            )
         faces.append(
             {
                 "box": [float(v) for v in box],
@@ -135,6 +140,17 @@ def predict_image(
             }
         )
     return draw(image, faces), faces
+
+
+def _weights_note(model: torch.nn.Module) -> str:
+    """Whether ``model``'s weights are finite, in words (for the error on non-finite output)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    bad = sum(int((~torch.isfinite(t)).any()) for t in tensors)
+    if bad:
+        return (
+            f"{bad} of its {len(tensors)} weight tensors hold NaN or inf (a diverged training run?)"
+        )
+    return "its weights are finite"
 
 
 def check_image_output(out: Path, image: Path | str | None = None) -> None:

@@ -183,6 +183,22 @@ def test_checkpoint_errors_name_the_file_and_say_what_it_is(checkpoint, tmp_path
             assert message in err and err.count("\n") == 1, (command, err)
 
 
+def test_predict_with_non_finite_weights_says_so(checkpoint, tmp_path, capsys):
+    """Until 2026-12-02 a checkpoint holding NaN weights ended ``aanet predict`` with ``error:
+    cannot convert float NaN to integer`` (from drawing the points)."""
+    state = torch.load(checkpoint, weights_only=False)
+    weights = dict(state["model"], **{"head.1.bias": state["model"]["head.1.bias"] * np.nan})
+    diverged = tmp_path / "diverged.pt"
+    torch.save(dict(state, model=weights), diverged)
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), np.full((40, 50, 3), 127, np.uint8))
+    assert main(["predict", str(photo), "--checkpoint", str(diverged), "--no-detect"]) == 2
+    err = capsys.readouterr().err
+    assert "the model gave non-finite landmarks for" in err
+    assert "1 of its" in err and "weight tensors hold NaN or inf" in err
+    assert not (tmp_path / "photo_landmarks.png").exists()
+
+
 # --- export -----------------------------------------------------------------------------------
 
 # Run in a fresh interpreter, from a folder outside the repository, with aanet and aanet_kernels
