@@ -152,6 +152,20 @@ def test_predict_refuses_to_overwrite_its_photo_and_names_folders_and_files_in_t
     assert photo.read_bytes() == before
 
 
+def test_an_unreadable_photo_is_named_as_unreadable(tmp_path, monkeypatch):
+    """A photo without read permission (tests run as root here, so the denial is simulated): until
+    2026-12-02 it was 'not an image that decodes'."""
+    photo = tmp_path / "private.png"
+    cv2.imwrite(str(photo), np.zeros((8, 8, 3), np.uint8))
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("aanet.predict.read_image", denied)
+    with pytest.raises(PermissionError, match=r"image: cannot read .*private.png \(Permission"):
+        predict_image(_DotFinder(), photo, CPU)
+
+
 def test_checkpoint_errors_name_the_file_and_say_what_it_is(checkpoint, tmp_path, capsys):
     """A file that is not the training checkpoint ``aanet predict`` / ``evaluate`` / ``export``
     want: one line naming it. Until 2026-12-02 an exported model gave torch's loader message (a
