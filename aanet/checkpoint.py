@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,12 @@ def load(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    exported = exported_kind(path)
+    if exported:
+        raise ValueError(
+            f"{path}: an exported model ({exported}, what `aanet export` writes), not a "
+            "training checkpoint: give the checkpoint it was exported from (last.pt)"
+        )
     try:
         # weights_only: a checkpoint is tensors and plain Python data, so torch's restricted
         # unpickler suffices, and a hostile file cannot run code when it is loaded.
@@ -56,6 +63,29 @@ def load(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str
         keys = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: not an aanet checkpoint (no 'model' entry; found {keys})")
     return state
+
+
+def exported_kind(path: Path | str) -> str | None:
+    """``"torch.export"``, ``"TorchScript"`` or ``"ONNX"`` when ``path`` looks like a file of that
+    format (a model for deployment, not a checkpoint), else ``None``."""
+    path = Path(path)
+    with open(path, "rb") as stream:
+        head = stream.read(4)
+    # An ONNX ModelProto starts with its ir_version (field 1, a varint: byte 0x08, then 3 to 20
+    # or so); torch.save writes a zip ("PK") or, in the legacy format, a pickle (0x80).
+    looks_onnx = len(head) >= 2 and head[0] == 0x08 and 3 <= head[1] <= 20
+    if looks_onnx or (path.suffix == ".onnx" and head[:2] != b"PK"):
+        return "ONNX"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if any(name.endswith("/archive_format") for name in names):
+        return "torch.export"
+    if any("/code/__torch__/" in name for name in names):
+        return "TorchScript"
+    return None
 
 
 def require(state: dict[str, Any], keys: tuple[str, ...], path: Path | str) -> None:

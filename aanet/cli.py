@@ -72,15 +72,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from aanet.datasets.dataset import LandmarkDataset
     from aanet.datasets.records import BadDataLog
     from aanet.evaluate import format_table, predict_errors, subset_report, write_json
-    from aanet.inference import model_from_state
+    from aanet.inference import model_from_state, saved_config
     from aanet.train import attention_backend, pick_device
 
     saved = checkpoint.load(args.checkpoint)
     checkpoint.require(saved, ("model", "config"), args.checkpoint)
+    trained = saved_config(saved, args.checkpoint)
     config = config_from_args(args, base=saved["config"])
-    config.check_same_model(make_config(saved["config"]), args.checkpoint)
+    config.check_same_model(trained, args.checkpoint)
     device = pick_device(config.device)
-    model = model_from_state(saved, device)
+    model = model_from_state(saved, device, args.checkpoint)
     try:
         records = sources.load_split(config, "test")
     except FileNotFoundError as error:
@@ -112,7 +113,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     image = Path(args.image)
     out = Path(args.output or image.with_name(f"{image.stem}_landmarks.png"))
-    check_image_output(out)
+    check_image_output(out, image)
     device = pick_device(args.device)
     model = load_model(args.checkpoint, device)
     with attention_backend(args.backend):
@@ -120,22 +121,25 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             model, args.image, device, detect=not args.no_detect, box=args.box
         )
     json_path = out.with_suffix(".json") if args.json else None
-    write_results(annotated, faces, out, json_path)
+    report = write_results(annotated, faces, out, json_path, image)
     # With --json, stdout is the JSON alone (for a pipe), so the summary goes to stderr.
-    summary = f"{len(faces)} face(s); wrote {out}" + (f" and {json_path}" if json_path else "")
+    fell_back = not args.no_detect and faces[0]["source"] == "whole image"
+    how = " (no face found: the whole image as its box)" if fell_back else ""
+    summary = f"{len(faces)} face(s){how}; wrote {out}" + (f" and {json_path}" if json_path else "")
     print(summary, file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps({"faces": faces}))
+        print(json.dumps(report))
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from aanet.export import export
+    from aanet.export import SUFFIXES, check_output_name, export, format_for
     from aanet.inference import load_model
 
-    suffix = {"torchscript": ".ts.pt", "export": ".pt2", "onnx": ".onnx"}[args.format]
-    out = Path(args.output or Path(args.checkpoint).with_suffix(suffix))
-    error = export(load_model(args.checkpoint), out, args.format, args.backend)
-    print(f"wrote {out} ({args.format}); max output difference from eager: {error:.3g}")
+    fmt = format_for(args.output, args.format)
+    out = Path(args.output or Path(args.checkpoint).with_suffix(SUFFIXES[fmt]))
+    check_output_name(out, fmt)  # before the checkpoint is read
+    error = export(load_model(args.checkpoint), out, fmt, args.backend)
+    print(f"wrote {out} ({fmt}); max output difference from eager: {error:.3g}")
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -192,8 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="TorchScript / torch.export / ONNX, checked against eager")
     ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--format", choices=("torchscript", "export", "onnx"), default="export")
-    ex.add_argument("--output")
+    ex.add_argument(
+        "--format", choices=("torchscript", "export", "onnx"),
+        help="default: the one --output names (.pt2, .onnx, .ts.pt or .ts), else export",
+    )  # fmt: skip
+    ex.add_argument(
+        "--output", help="default: the checkpoint's name with .pt2, .ts.pt or .onnx for --format"
+    )
     ex.add_argument("--backend", default="reference", help="attention backend recorded in the file")
     ex.set_defaults(func=_cmd_export)
 

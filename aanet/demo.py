@@ -53,7 +53,9 @@ def run_demo(config: Config, progress: bool = True) -> dict[str, dict[str, float
         box = known_box
     with attention_backend(config.backend):
         annotated, faces = predict_image(model, photo, device, box=box)
-    write_results(annotated, faces, out / "photo_landmarks.png", out / "photo_landmarks.json")
+    write_results(
+        annotated, faces, out / "photo_landmarks.png", out / "photo_landmarks.json", photo
+    )
     error = export(model.cpu(), out / "aanet.pt2", "export")
     full = report["full"]
     print(format_table(report))

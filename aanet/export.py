@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from aanet.checkpoint import _umask
 from aanet.model import AANet
 from aanet_kernels import use_backend
 
+log = logging.getLogger("aanet.export")
+
 FORMATS = ("torchscript", "export", "onnx")
+# The file name each format gets by default, and the suffixes that say which format a file is.
+SUFFIXES = {"torchscript": ".ts.pt", "export": ".pt2", "onnx": ".onnx"}
+_NAMES = {"torchscript": "TorchScript", "export": "torch.export", "onnx": "ONNX"}
 # The batch dim of ``images`` stays free in torch.export and ONNX files (a TorchScript trace
 # records shape arithmetic, so its batch is free too); the image size is fixed by the model.
 _DYNAMIC_BATCH = {"images": {0: torch.export.Dim("batch", min=1)}}
+# What torch.onnx.export (dynamo=True, the only exporter of current torch) needs, and onnxruntime
+# to run the file for the check.
+_ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
 class _Landmarks(torch.nn.Module):
@@ -29,6 +41,41 @@ class _Landmarks(torch.nn.Module):
         return coords, confidence
 
 
+def named_format(path: Path | str) -> str | None:
+    """The format ``path``'s name says: ``.pt2`` torch.export, ``.onnx`` ONNX, ``.ts.pt`` or
+    ``.ts`` TorchScript; else ``None``."""
+    name = Path(path).name
+    if name.endswith((".ts.pt", ".ts")):
+        return "torchscript"
+    return {".pt2": "export", ".onnx": "onnx"}.get(Path(path).suffix)
+
+
+def format_for(path: Path | str | None, fmt: str | None) -> str:
+    """The format to write: ``fmt`` if given, else the one ``path``'s name says
+    (:func:`named_format`), else torch.export."""
+    if fmt is not None:
+        return fmt
+    return (named_format(path) if path is not None else None) or "export"
+
+
+def check_output_name(path: Path, fmt: str) -> None:
+    """Raise ``ValueError`` naming ``output`` when ``path``'s suffix says another format than
+    ``fmt`` (a TorchScript file named ``.pt2`` would be taken for a torch.export archive)."""
+    if fmt == "export" and path.suffix != ".pt2":
+        # torch.export.save writes a .pt2 archive whatever the name; load then warns on others.
+        raise ValueError(
+            f"output: a torch.export file is a .pt2 archive, got {path.name!r} "
+            "(--format torchscript or onnx for another format)"
+        )
+    named = named_format(path)
+    if named is not None and named != fmt:
+        stem = path.name.removesuffix(".ts.pt").removesuffix(path.suffix)
+        raise ValueError(
+            f"output: {path.name!r} is the name of a {_NAMES[named]} file, not {_NAMES[fmt]}: "
+            f"give a name such as {stem + SUFFIXES[fmt]!r}, or --format {named}"
+        )
+
+
 def export(
     model: AANet,
     path: Path | str,
@@ -37,57 +84,104 @@ def export(
     atol: float = 1e-4,
 ) -> float:
     """Write ``model`` in ``fmt`` to ``path``, reload it, and return the largest difference of its
-    outputs from the eager model on a fresh random batch of another size than the traced one
-    (raises if above ``atol``).
+    outputs from the eager model on fresh random batches of 1 and 3 (another size than the traced
+    one); raises if above ``atol``. ``path`` is replaced only by a file that passed the check.
 
     ``backend="reference"`` (the default) records attention as plain ATen operations, so the
-    file runs where ``aanet_kernels``'s compiled extension is absent.
+    file runs where ``aanet_kernels``'s compiled extension is absent; another backend records its
+    compiled operators, and the file then loads only after ``import aanet_kernels`` (a warning
+    says so).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
     path = Path(path)
-    if fmt == "export" and path.suffix != ".pt2":
-        # torch.export.save writes a .pt2 archive whatever the name; load then warns on others.
-        raise ValueError(f"output: a torch.export file is a .pt2 archive, got {path.name!r}")
+    check_output_name(path, fmt)
+    if path.is_dir():
+        raise IsADirectoryError(f"output: {path} is a folder; give a file name")
+    if fmt == "onnx":
+        missing = [name for name in _ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise RuntimeError(
+                f"format 'onnx' needs the packages {', '.join(_ONNX_PACKAGES)}, and "
+                f"{', '.join(missing)} cannot be imported here: pip install 'aanet-kernels[onnx]'"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _Landmarks(model.eval())
     size = model.config.input_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    # Another batch size than the example's: the file must take any batch.
-    check = torch.randn(3, 3, size, size)
-    with use_backend(backend), torch.no_grad():
-        expected = wrapper(check)
-        if fmt == "torchscript":
-            with warnings.catch_warnings():
-                # "the trace might not generalize", once per shape read in Python (some 25):
-                # the file is checked on another batch size just below, which is the answer.
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                traced = torch.jit.trace(wrapper, example)
-            torch.jit.save(traced, str(path))
-            got = torch.jit.load(str(path))(check)
-        elif fmt == "export":
-            program = torch.export.export(wrapper, (example,), dynamic_shapes=_DYNAMIC_BATCH)
-            torch.export.save(program, str(path))
-            got = torch.export.load(str(path)).module()(check)
-        else:
-            got = _onnx(wrapper, example, check, path)
-    error = max(float((a - b).abs().max()) for a, b in zip(expected, got, strict=True))
-    if error > atol:
-        raise RuntimeError(f"exported model differs from the eager one by {error:.3g} > {atol}")
+    # Other batch sizes than the example's: the file must take any batch, a single image too.
+    checks = [torch.randn(n, 3, size, size) for n in (1, 3)]
+    # Written beside the target under a temporary name with the same suffix, then renamed: a
+    # file that fails the check (or an export that raises) leaves any earlier file in place.
+    handle, tmp_name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix
+    )
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        with use_backend(backend), torch.no_grad():
+            expected = [wrapper(check) for check in checks]
+            if fmt == "torchscript":
+                with warnings.catch_warnings():
+                    # "the trace might not generalize", once per shape read in Python (some 25):
+                    # the file is checked on other batch sizes just below, which is the answer.
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    traced = torch.jit.trace(wrapper, example)
+                compiled_ops = "aanet_kernels::" in str(traced.inlined_graph)
+                torch.jit.save(traced, str(tmp))
+                loaded = torch.jit.load(str(tmp))
+                got = [loaded(check) for check in checks]
+            elif fmt == "export":
+                program = torch.export.export(wrapper, (example,), dynamic_shapes=_DYNAMIC_BATCH)
+                compiled_ops = any(
+                    str(node.target).startswith("aanet_kernels.")
+                    for node in program.graph.nodes
+                    if node.op == "call_function"
+                )
+                torch.export.save(program, str(tmp))
+                loaded = torch.export.load(str(tmp)).module()
+                got = [loaded(check) for check in checks]
+            else:
+                compiled_ops = False  # the ONNX exporter has no translation for them: it raises
+                got = _onnx(wrapper, example, checks, tmp)
+        error = max(
+            float((a - b).abs().max())
+            for want, have in zip(expected, got, strict=True)
+            for a, b in zip(want, have, strict=True)
+        )
+        if error > atol:
+            raise RuntimeError(
+                f"exported model differs from the eager one by {error:.3g} > {atol}; "
+                f"{path} not written"
+            )
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; give it the usual mode
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if compiled_ops:
+        log.warning(
+            "%s records aanet_kernels' compiled operators (backend %r): it loads only after "
+            "`import aanet_kernels`, with its extension built; the default --backend reference "
+            "writes a file that needs neither",
+            path,
+            backend,
+        )
     return error
 
 
-def _onnx(wrapper: torch.nn.Module, example: torch.Tensor, check: torch.Tensor, path: Path):
-    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
-        raise RuntimeError(
-            "format 'onnx' needs the onnx and onnxruntime packages: "
-            "pip install 'aanet-kernels[onnx]' (or the two packages)"
-        )
+def _onnx(
+    wrapper: torch.nn.Module, example: torch.Tensor, checks: list[torch.Tensor], path: Path
+) -> list[list[torch.Tensor]]:
     import onnxruntime
 
+    # external_data=False: one self-contained file (torch's default writes the weights to a
+    # second file, <name>.data, which a copy of the .onnx alone would lack; past 2 GB torch
+    # writes it anyway).
     torch.onnx.export(wrapper, (example,), str(path), input_names=["images"],
                       output_names=["coords", "confidence"], dynamo=True,
-                      dynamic_shapes=_DYNAMIC_BATCH)  # fmt: skip
+                      dynamic_shapes=_DYNAMIC_BATCH, external_data=False)  # fmt: skip
     session = onnxruntime.InferenceSession(str(path))
-    outputs = session.run(None, {"images": check.numpy()})
-    return [torch.from_numpy(o) for o in outputs]
+    return [
+        [torch.from_numpy(o) for o in session.run(None, {"images": check.numpy()})]
+        for check in checks
+    ]

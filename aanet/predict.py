@@ -91,24 +91,34 @@ def predict_image(
     detect: bool = True,
     box: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Annotated image and per-face results (box, landmarks, confidence).
+    """Annotated image and per-face results (box, where the box came from, landmarks,
+    confidence), all in the pixels of the image as displayed (turned upright by its EXIF
+    orientation; pixel centres at integers).
 
-    The face boxes are ``box`` if given, else the detector's, else the whole image (with a
-    warning when detection was asked for and found nothing).
+    The face boxes are ``box`` if given (``"source": "given"``), else the detector's
+    (``"detected"``), else the whole image (``"whole image"``, with a warning when detection was
+    asked for and found nothing).
     """
-    if not Path(image_path).is_file():
+    path = Path(image_path)
+    if path.is_dir():
+        raise IsADirectoryError(f"image: {image_path} is a folder, not an image file")
+    if not path.is_file():
         raise FileNotFoundError(f"image: no such file: {image_path}")
     try:
         image = read_image(image_path)
+    except PermissionError as exc:
+        raise PermissionError(f"image: cannot read {image_path} ({exc.strerror})") from exc
     except OSError as exc:
         raise ValueError(f"image: {image_path} is not an image that decodes ({exc})") from exc
+    source = "given"
     if box is not None:
         boxes = [checked_box(box, image.shape[1], image.shape[0])]
     else:
-        boxes = detect_faces(image) if detect else []
+        boxes, source = (detect_faces(image) if detect else []), "detected"
     if not boxes:
         if detect and box is None:
             log.warning("%s: no face found; using the whole image as the face box", image_path)
+        source = "whole image"
         h, w = image.shape[:2]
         half = max(w, h) / 2 / 1.25  # the crop adds a 1.25 margin: this box's crop is the image
         cx, cy = (w - 1) / 2, (h - 1) / 2
@@ -116,9 +126,15 @@ def predict_image(
     faces = []
     for box in boxes:
         points, confidence = landmarks_in_box(model, image, box, device)
+        if not (np.isfinite(points).all() and np.isfinite(confidence).all()):
+            raise FloatingPointError(
+                f"the model gave non-finite landmarks for {image_path} (box "
+                f"{[round(float(v), 1) for v in box]}); {_weights_note(model)}"
+            )
         faces.append(
             {
                 "box": [float(v) for v in box],
+                "source": source,
                 "landmarks": points.round(2).tolist(),
                 "confidence": confidence.round(4).tolist(),
             }
@@ -126,20 +142,56 @@ def predict_image(
     return draw(image, faces), faces
 
 
-def check_image_output(out: Path) -> None:
-    """Raise naming ``output`` unless OpenCV can write an image named ``out`` (by its extension)."""
+def _weights_note(model: torch.nn.Module) -> str:
+    """Whether ``model``'s weights are finite, in words (for the error on non-finite output)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    bad = sum(int((~torch.isfinite(t)).any()) for t in tensors)
+    if bad:
+        return (
+            f"{bad} of its {len(tensors)} weight tensors hold NaN or inf (a diverged training run?)"
+        )
+    return "its weights are finite"
+
+
+def check_image_output(out: Path, image: Path | str | None = None) -> None:
+    """Raise naming ``output`` unless OpenCV can write an image named ``out`` (by its extension),
+    ``out`` is not the input ``image`` (which it would overwrite) and no file stands where its
+    folder would be."""
     if not cv2.haveImageWriter(str(out)):
         raise ValueError(
             f"output: expected an image file name OpenCV can write (.png, .jpg, .bmp, .tif, ...), "
             f"got {str(out)!r}"
         )
+    if image is not None and Path(out).resolve() == Path(image).resolve():
+        raise ValueError(f"output: {out} is the input image, which it would overwrite")
+    if Path(out).is_dir():
+        raise IsADirectoryError(f"output: {out} is a folder; give an image file name")
+    for folder in Path(out).parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"output: {folder} is a file, not a folder, in {out}")
+            break
+
+
+def results(image_path: Path | str, annotated: np.ndarray, faces: list[dict[str, Any]]) -> dict:
+    """What ``--json`` writes: the image, its size as displayed, and each face's results."""
+    height, width = annotated.shape[:2]
+    return {"image": str(image_path), "width": width, "height": height, "faces": faces}
 
 
 def write_results(
-    annotated: np.ndarray, faces: list[dict[str, Any]], out: Path, as_json: Path | None
-) -> None:
+    annotated: np.ndarray,
+    faces: list[dict[str, Any]],
+    out: Path,
+    as_json: Path | None,
+    image_path: Path | str,
+) -> dict[str, Any]:
+    """Write the annotated image to ``out`` and, if ``as_json``, the :func:`results` there;
+    returns those results."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), annotated):
         raise OSError(f"output: cannot write {out}")
+    report = results(image_path, annotated, faces)
     if as_json is not None:
-        as_json.write_text(json.dumps({"faces": faces}, indent=1) + "\n")
+        as_json.write_text(json.dumps(report, indent=1) + "\n")
+    return report
