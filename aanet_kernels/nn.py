@@ -343,9 +343,45 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         return layer.train(conv.training)
 
 
+def _input_sizes(
+    model: nn.Module, convs: dict[str, nn.Conv2d], example_input: object
+) -> dict[str, tuple[int, int]]:
+    """The ``(H, W)`` of the input each of ``convs`` sees in a forward of ``model`` on
+    ``example_input`` (a tensor, or a tuple of positional arguments), run under ``torch.no_grad``
+    in eval mode (so BatchNorm statistics are not updated; training flags are restored)."""
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    sizes: dict[int, tuple[int, int]] = {}
+
+    def record(conv: nn.Module, inputs: tuple[object, ...]) -> None:
+        x = inputs[0] if inputs else None
+        if isinstance(x, Tensor) and x.dim() >= 3:
+            sizes.setdefault(id(conv), (int(x.shape[-2]), int(x.shape[-1])))
+
+    modes = {module: module.training for module in model.modules()}
+    hooks = [conv.register_forward_pre_hook(record) for conv in set(convs.values())]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+    missing = [name for name, conv in convs.items() if id(conv) not in sizes]
+    if missing:
+        raise ValueError(
+            f"example_input: the model's forward on it never called {missing}, so their input "
+            "sizes are unknown"
+        )
+    return {name: sizes[id(conv)] for name, conv in convs.items()}
+
+
 def augment_model(
     model: nn.Module,
     where: Callable[[str, nn.Conv2d], bool] | Iterable[str],
+    *,
+    example_input: object = None,
     **kwargs: object,
 ) -> nn.Module:
     """Replace chosen ``nn.Conv2d`` layers of ``model`` (in place) by ``AAConv2d.from_conv2d``.
@@ -356,6 +392,15 @@ def augment_model(
             convolutions to replace, or a predicate ``where(name, conv) -> bool``. A convolution
             registered under several names is chosen by any of them and replaced by one shared
             ``AAConv2d`` at all of them.
+        example_input: an input of ``model`` (a tensor, or a tuple of positional arguments). When
+            given, the model runs once on it (``torch.no_grad``, eval mode) to learn the input
+            size of each chosen convolution, and every replacement is built with its relative
+            tables at that size (``input_size``), now, from the global RNG. Without it (and
+            without ``input_size``) the tables are lazy: drawn at the first forward, so a
+            ``copy.deepcopy`` of the model made before that (an EMA copy, a second run "from the
+            same seed") draws different ones. ``input_size`` in ``kwargs`` is one size for every
+            replacement, the layer's own input: not the image size for a layer deeper than a
+            stride.
         kwargs: passed to ``AAConv2d.from_conv2d`` (``dk``, ``dv``, ``num_heads``, ...).
 
     Every chosen convolution is converted before any is swapped in: if one is refused (the error
@@ -386,12 +431,21 @@ def augment_model(
         raise ValueError("where: the model itself is an nn.Conv2d; use AAConv2d.from_conv2d")
     # Build every replacement before swapping any in, so that a refused conv leaves the model as
     # it was.
+    sizes: dict[str, tuple[int, int]] = {}
+    if example_input is not None:
+        if "input_size" in kwargs:
+            raise ValueError(
+                "example_input, input_size: pass one of them (example_input gives each "
+                "replacement its own input size)"
+            )
+        sizes = _input_sizes(model, {name: convs[name] for name in targets}, example_input)
     replacements: dict[int, AAConv2d] = {}
     for name in targets:
         conv = convs[name]
         if id(conv) not in replacements:
+            extra = {"input_size": sizes[name]} if name in sizes else {}
             try:
-                replacements[id(conv)] = AAConv2d.from_conv2d(conv, **kwargs)
+                replacements[id(conv)] = AAConv2d.from_conv2d(conv, **kwargs, **extra)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"where: {name!r} cannot be replaced: {error}") from error
     for name, conv in convs.items():

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from aanet_kernels import available_backends
 from aanet_kernels.functional import aa_conv2d, resize_rel_table, split_heads
@@ -588,6 +589,58 @@ def test_augment_model_refusing_a_conv_changes_nothing(refused: nn.Conv2d, match
         with pytest.raises(ValueError, match=match):
             augment_model(model, where=where, dk=8, dv=4, num_heads=2)
         assert list(model) == before  # the same modules, the first one not replaced either
+
+
+def test_augment_model_example_input_builds_each_layer_at_its_own_size() -> None:
+    """Without it the tables are lazy: a deepcopy made before the first forward (an EMA copy, a
+    second run from the same seed) draws other tables, and ``input_size=`` is one size for every
+    layer, the image's for a layer past a stride."""
+
+    def make() -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.Conv2d(16, 16, 3, stride=2, padding=1),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.Dropout(0.5),
+        )
+
+    x = torch.randn(2, 3, 12, 10)
+    models = []
+    for _ in range(2):
+        model = make().train()
+        torch.manual_seed(4)
+        augment_model(model, where=["2", "3"], example_input=x, dk=8, dv=4, num_heads=2)
+        models.append(model)
+    model = models[0]
+    # Layer "2" sees the 12 x 10 input and attends at its 6 x 5 output; "3" sees 6 x 5.
+    assert model[2].nominal_size == (6, 5) and model[3].nominal_size == (6, 5)
+    assert model[2].rel_h.shape == (11, 4) and not is_lazy(model[3].rel_w)
+    # The probe forward ran in eval mode: BatchNorm statistics untouched, training restored.
+    assert model.training and model[1].training and model[1].num_batches_tracked == 0
+    torch.testing.assert_close(model[1].running_mean, torch.zeros(16))
+    ema = copy.deepcopy(model).eval()
+    model.eval()
+    torch.testing.assert_close(ema(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(models[1].eval()(x), model(x), rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match=r"example_input, input_size: pass one of them"):
+        augment_model(make(), where=["2"], example_input=x, input_size=6, dk=8, dv=4, num_heads=2)
+
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Conv2d(3, 16, 3, padding=1)
+            self.spare = nn.Conv2d(16, 16, 3, padding=1)  # never called by forward
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.used(x)
+
+    unused = Unused()
+    with pytest.raises(ValueError, match=r"example_input: .* never called \['spare'\]"):
+        augment_model(unused, where=["spare"], example_input=x, dk=8, dv=4, num_heads=2)
+    assert type(unused.spare) is nn.Conv2d
 
 
 def test_from_conv2d_keeps_frozen_filters_frozen() -> None:

@@ -40,3 +40,4 @@ def test_readme_example_runs(index):
         kept = upgraded.conv.weight
         assert kept.shape[0] == 112 and torch.equal(kept, conv.weight[:112])
         assert any(type(m).__name__ == "AAConv2d" for m in namespace["cnn"].modules())
+        assert namespace["net"][2].nominal_size == (32, 32)  # example_input: its own size
