@@ -72,10 +72,16 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def check_same_model(self, trained: Config, checkpoint: Path | str) -> None:
+    def check_same_model(
+        self,
+        trained: Config,
+        checkpoint: Path | str,
+        uses: str = "evaluation runs that model as saved",
+    ) -> None:
         """Refuse options that describe another network than the one ``checkpoint`` holds
         (trained with ``trained``): evaluation runs that model as it is, so a crop size it was
-        not trained at, say, would only give a wrong NME."""
+        not trained at, say, would only give a wrong NME; ``--resume`` continues that model.
+        ``uses`` says, in the error, what is done with it."""
         mine, theirs = self.model_config(), trained.model_config()
         if mine.num_points != theirs.num_points:
             raise ValueError(
@@ -86,7 +92,7 @@ class Config:
             if value != getattr(theirs, name):
                 raise ValueError(
                     f"{name}: {checkpoint} was trained with {name}={getattr(theirs, name)}; "
-                    f"evaluation runs that model as saved, got {name}={value}"
+                    f"{uses}, got {name}={value}"
                 )
 
 

@@ -7,6 +7,7 @@ import csv
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,15 @@ from aanet_kernels import resolve_backend, use_backend
 
 log = logging.getLogger("aanet.train")
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "config")
+# Options that, changed on --resume, make the rest of the run differ from an uninterrupted one
+# (other images, order, augmentation, loss or arithmetic): it goes on with them, and says so.
+# Options of the network's shape are refused instead; epochs, lr and weight_decay are followed
+# (follow_config); the others (paths, workers, policies, backend) do not change the training.
+NOT_EXACT_ON_RESUME = (
+    "data", "num_train", "num_test", "image_size", "seed", "batch_size", "loss", "heatmap_reg",
+    "amp",
+)  # fmt: skip
+LOCK_NAME = ".aanet-train.lock"
 CSV_FIELDS = (
     "epoch",
     "train_loss",
@@ -228,6 +238,74 @@ def report_left_out(errors: list[str], reported: set[str], source: str, faces: i
 
 
 @contextlib.contextmanager
+def claim_out(out: Path) -> Iterator[None]:
+    """Rank 0's hold on the run folder ``out`` while the run lasts (a lock the system drops when
+    the process ends, however it ends). Refused at once, before any data is read: a folder that
+    cannot be written (found otherwise at the first checkpoint, an epoch later) and one another
+    run holds (two runs would interleave their epochs in one ``last.pt`` and ``log.csv``).
+    Temporary checkpoints a run killed while writing left behind are removed."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out: {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise OSError(f"out: cannot write to {out} ({error.strerror or error})") from error
+    try:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(handle, 32, 0).decode(errors="replace").strip()
+                raise RuntimeError(
+                    f"out: another aanet train{f' (pid {holder})' if holder else ''} is writing "
+                    f"to {out}; wait for it to end or give another --out"
+                ) from None
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+        try:
+            tempfile.TemporaryFile(dir=out).close()  # the lock may be an old file: try a new one
+        except OSError as error:
+            raise OSError(f"out: cannot write to {out} ({error.strerror or error})") from error
+        for stale in out.glob(".last.pt.*.tmp"):
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(handle)  # and with it the lock
+
+
+def check_resume(state: dict[str, Any], config: Config, path: Path, group: Dist) -> None:
+    """Refuse a checkpoint whose network ``config`` does not describe (its weights would not
+    load), and warn (rank 0) when the run goes on with options that make it differ from an
+    uninterrupted one: another data set, seed, batch size, loss, ``--amp`` or number of
+    processes."""
+    checkpoint.require(state, RESUME_KEYS, path)
+    from aanet.inference import saved_config
+
+    trained = saved_config(state, path)
+    config.check_same_model(trained, path, uses="--resume continues that network")
+    changed = [
+        (name, getattr(trained, name), getattr(config, name))
+        for name in NOT_EXACT_ON_RESUME
+        if getattr(config, name) != getattr(trained, name)
+    ]
+    world = state.get("world")  # absent from checkpoints before 2026-12-02
+    if world is not None and world != group.world:
+        changed.append(("processes", world, group.world))
+    if changed and is_main_process():
+        log.warning(
+            "resuming with %s (%s was trained with %s): the run goes on with them, but not as "
+            "the uninterrupted run would have",
+            ", ".join(f"{name}={new}" for name, _, new in changed), path,
+            ", ".join(f"{name}={old}" for name, old, _ in changed),
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path`` to write to; it replaces ``path`` when the block ends
     without an error (else it is removed), so ``path`` is never half-written."""
@@ -298,10 +376,22 @@ def train(
         resolve_backend(config.backend, device)
     group = init_distributed(device)
     out = Path(config.out)
-    if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
+    with claim_out(out) if is_main_process() else contextlib.nullcontext():
+        return _train(config, resume, progress, stop_after, device, group, out)
+
+
+def _train(
+    config: Config, resume: str | None, progress: bool, stop_after: int | None,
+    device: torch.device, group: Dist, out: Path,
+) -> dict[str, Any]:  # fmt: skip
     torch.manual_seed(config.seed)
     model = build_model(config.model_config()).to(device)  # before the data: a bad shape fails fast
+    state: dict[str, Any] = {}
+    if resume:  # read before the data too: a missing, damaged or unfitting file fails fast
+        path = out / "last.pt" if resume == "auto" else Path(resume)
+        state = checkpoint.load(path, map_location=device)
+        check_resume(state, config, path, group)
+        model.load_state_dict(state["model"])
     train_loader, test_loader, sampler = make_loaders(config, group)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -313,10 +403,6 @@ def train(
     train_left_out: set[str] = set()
     test_left_out: set[str] = set()
     if resume:
-        path = out / "last.pt" if resume == "auto" else Path(resume)
-        state = checkpoint.load(path, map_location=device)
-        checkpoint.require(state, RESUME_KEYS, path)
-        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         follow_config(scheduler, config)
@@ -326,8 +412,14 @@ def train(
         named = state.get("named_bad_faces", {})  # absent from checkpoints before 2026-12-01
         train_left_out.update(named.get("train", ()))
         test_left_out.update(named.get("test", ()))
-        if is_main_process():
-            log.info("resumed from %s at epoch %d", path, start)
+        if is_main_process() and start < config.epochs:
+            log.info("resumed from %s after epoch %d of %d", path, start, config.epochs)
+        elif is_main_process():
+            log.warning(
+                "%s: its %d epoch(s) are done and --epochs is %d: nothing to train (give a "
+                "larger --epochs to train on); evaluating it",
+                path, start, config.epochs,
+            )  # fmt: skip
     net = (
         DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         if group.world > 1
@@ -411,7 +503,7 @@ def train(
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "rng": checkpoint.rng_state(), "epoch": epoch, "history": history,
-                    "config": config.to_dict(),
+                    "config": config.to_dict(), "world": group.world,
                     "named_bad_faces": {
                         "train": sorted(train_left_out), "test": sorted(test_left_out)
                     },

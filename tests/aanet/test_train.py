@@ -227,6 +227,105 @@ def test_compiled_training_follows_eager_training(tmp_path, monkeypatch):
     assert saved["config"]["compile"] == "aot_eager" and list(saved["model"]) == list(a)
 
 
+def resumable_copy(trained: Config, tmp: Path, **changes) -> Config:
+    """``trained``'s config with ``changes``, its ``last.pt`` copied to a fresh ``out``."""
+    config = dataclasses.replace(trained, out=str(tmp / "run"), **changes)
+    Path(config.out).mkdir(parents=True)
+    shutil.copy(Path(trained.out) / "last.pt", Path(config.out) / "last.pt")
+    return config
+
+
+def test_resume_refuses_another_network_or_a_missing_file_before_the_data_is_read(
+    trained, tmp_path
+):
+    """Until 2026-12-02 ``--resume --width 32`` on a width-16 checkpoint drew (or read) the data
+    first and then ended with torch's ``load_state_dict`` error, some 130 lines; a missing
+    ``last.pt`` was found after the data too."""
+    config = resumable_copy(trained, tmp_path, width=32, data_root=str(tmp_path / "data"))
+    with pytest.raises(ValueError, match=r"width: .* was trained with width=16; --resume contin"):
+        train(config, resume="auto", progress=False)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nothing.pt"):
+        train(config, resume=str(tmp_path / "nothing.pt"), progress=False)
+    assert not (tmp_path / "data").exists()
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(trained, tmp_path, caplog):
+    """Until 2026-12-02 it logged "resumed ... at epoch 1" (the next epoch, counted from 0) and
+    evaluated without a word. A temporary checkpoint that a run killed while writing it left
+    behind is removed."""
+    import logging
+
+    config = resumable_copy(trained, tmp_path)
+    stale = Path(config.out) / ".last.pt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    caplog.set_level(logging.INFO, "aanet")
+    result = train(config, resume="auto", progress=False)
+    assert "its 1 epoch(s) are done and --epochs is 1: nothing to train" in caplog.text
+    assert "resumed from" not in caplog.text and len(result["history"]) == 1
+    assert not stale.exists()
+
+
+def test_resume_with_options_that_change_the_run_says_so(trained, tmp_path, caplog):
+    """Another batch size, loss or number of processes trains on (the README's promise of an
+    exact continuation is for the same options), with a warning naming them."""
+    config = resumable_copy(trained, tmp_path)
+    train(config, resume="auto", progress=False, stop_after=0)
+    assert "resuming with" not in caplog.text  # the same options, 1 process: nothing to say
+    saved = torch.load(Path(config.out) / "last.pt", weights_only=False)
+    saved["world"] = 2  # as a 2-process run writes it
+    torch.save(saved, Path(config.out) / "last.pt")
+    changed = dataclasses.replace(config, batch_size=4, loss="l1")
+    train(changed, resume="auto", progress=False, stop_after=0)
+    assert re.search(
+        r"resuming with batch_size=4, loss=l1, processes=1 \(.* was trained with batch_size=8, "
+        r"loss=mse, processes=2\): the run goes on with them",
+        caplog.text,
+    ), caplog.text
+
+
+def test_a_second_run_into_the_same_out_is_refused(tmp_path):
+    """Until 2026-12-02 two runs given one ``--out`` both trained, each replacing the other's
+    ``last.pt``, ``log.csv`` and ``curves.png`` every epoch. The lock (what a running ``aanet
+    train`` holds) is taken here by the test."""
+    import fcntl
+
+    config = tiny_config(tmp_path)
+    Path(config.out).mkdir(parents=True)
+    held = os.open(Path(config.out) / ".aanet-train.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(held, b"4242\n")
+        with pytest.raises(RuntimeError, match=r"another aanet train \(pid 4242\) is writing to"):
+            train(config, progress=False)
+    finally:
+        os.close(held)
+    assert not (tmp_path / "data").exists()  # refused before the data was drawn
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch):
+    """Until 2026-12-02 a read-only ``--out`` was found at the first checkpoint, after a whole
+    epoch. (As root, which may write anywhere, a refused file creation stands in for it.)"""
+    import tempfile
+
+    config = tiny_config(tmp_path)
+    Path(config.out).mkdir(parents=True)
+    real = tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == Path(config.out):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    Path(config.out).chmod(0o555)
+    try:
+        with pytest.raises(OSError, match=r"out: cannot write to .*run \(Permission denied\)"):
+            train(config, progress=False)
+    finally:
+        Path(config.out).chmod(0o755)
+    assert not (tmp_path / "data").exists()
+
+
 def test_checkpoint_is_written_atomically(tmp_path):
     from aanet.checkpoint import save_atomic
 
