@@ -1,10 +1,8 @@
-"""Checkpoints written atomically (temporary file + ``os.replace``) and read back."""
+"""Checkpoints written atomically (``aanet.files.replacing``) and read back."""
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -12,29 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
-    os.umask(mask)
-    return mask
+from aanet.files import replacing
 
 
 def save_atomic(state: dict[str, Any], path: Path | str) -> None:
     """Write ``state`` with ``torch.save`` so that ``path`` is never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); give it the mode any other file would get.
-        os.fchmod(handle, 0o666 & ~_umask())
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

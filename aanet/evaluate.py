@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from aanet.datasets import w300
 from aanet.datasets.records import DataError
+from aanet.files import replacing
 from aanet.landmarks import WFLW_ATTRIBUTES
 from aanet.metrics import DegenerateFaceError, confidence_summary, point_errors, summarize
 
@@ -167,5 +168,6 @@ def write_json(report: dict[str, Any], path: Path | str) -> None:
             return None
         return value
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(strict(report), indent=2, allow_nan=False) + "\n")
+    text = json.dumps(strict(report), indent=2, allow_nan=False) + "\n"
+    with replacing(path) as tmp:
+        tmp.write_text(text)

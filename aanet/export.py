@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from aanet.checkpoint import _umask
+from aanet.files import replacing
 from aanet.model import AANet
 from aanet_kernels import use_backend
 
@@ -111,14 +109,9 @@ def export(
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     # Other batch sizes than the example's: the file must take any batch, a single image too.
     checks = [torch.randn(n, 3, size, size) for n in (1, 3)]
-    # Written beside the target under a temporary name with the same suffix, then renamed: a
-    # file that fails the check (or an export that raises) leaves any earlier file in place.
-    handle, tmp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix
-    )
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
+    # Written under a temporary name and renamed only once checked: a file that fails the check
+    # (or an export that raises) leaves any earlier file in place.
+    with replacing(path) as tmp:
         with use_backend(backend), torch.no_grad():
             expected = [wrapper(check) for check in checks]
             if fmt == "torchscript":
@@ -154,10 +147,6 @@ def export(
                 f"exported model differs from the eager one by {error:.3g} > {atol}; "
                 f"{path} not written"
             )
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; give it the usual mode
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     if compiled_ops:
         log.warning(
             "%s records aanet_kernels' compiled operators (backend %r): it loads only after "

@@ -27,6 +27,7 @@ from aanet.datasets.augment import AugmentConfig
 from aanet.datasets.dataset import EpochIndices, LandmarkDataset
 from aanet.datasets.records import BadDataLog, DataError
 from aanet.evaluate import amp_dtype, predict_errors, subset_report
+from aanet.files import remove_stale_temporaries, replacing
 from aanet.losses import build_training_loss
 from aanet.metrics import summarize
 from aanet.model import HEATMAP_STRIDE, build_model
@@ -44,6 +45,8 @@ NOT_EXACT_ON_RESUME = (
     "amp",
 )  # fmt: skip
 LOCK_NAME = ".aanet-train.lock"
+# What a run writes into --out each epoch.
+OUTPUTS = ("last.pt", "log.csv", "curves.png")
 CSV_FIELDS = (
     "epoch",
     "train_loss",
@@ -271,8 +274,8 @@ def claim_out(out: Path) -> Iterator[None]:
             tempfile.TemporaryFile(dir=out).close()  # the lock may be an old file: try a new one
         except OSError as error:
             raise OSError(f"out: cannot write to {out} ({error.strerror or error})") from error
-        for stale in out.glob(".last.pt.*.tmp"):
-            stale.unlink(missing_ok=True)
+        for written in OUTPUTS:  # a run killed while writing one left its temporary file
+            remove_stale_temporaries(out / written)
         yield
     finally:
         os.close(handle)  # and with it the lock
@@ -305,20 +308,8 @@ def check_resume(state: dict[str, Any], config: Config, path: Path, group: Dist)
         )  # fmt: skip
 
 
-@contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary name beside ``path`` to write to; it replaces ``path`` when the block ends
-    without an error (else it is removed), so ``path`` is never half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    with _replacing(path) as tmp, tmp.open("w", newline="") as handle:
+    with replacing(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, CSV_FIELDS)
         writer.writeheader()
         writer.writerows(history)
@@ -354,7 +345,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     for axis in (left, right):
         axis.grid(alpha=0.3)
     fig.tight_layout()
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 

@@ -256,7 +256,7 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_train(trained, tmp_pa
     import logging
 
     config = resumable_copy(trained, tmp_path)
-    stale = Path(config.out) / ".last.pt.k1ll3d.tmp"
+    stale = Path(config.out) / ".last.pt.k1ll3d.tmp.pt"  # as aanet.files names it
     stale.write_bytes(b"half a checkpoint")
     caplog.set_level(logging.INFO, "aanet")
     result = train(config, resume="auto", progress=False)

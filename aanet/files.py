@@ -1,0 +1,52 @@
+"""Files that are never half-written: each is written under a temporary name beside its target,
+flushed to disk, and renamed over the target (``os.replace``, atomic on one file system)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _temporary_affixes(path: Path) -> tuple[str, str]:
+    """Prefix and suffix of ``path``'s temporary names: hidden, and ending with the target's
+    suffix, so writers that go by the name (savefig, torch.export.save) take its format."""
+    return f".{path.name}.", f".tmp{path.suffix}"
+
+
+@contextlib.contextmanager
+def replacing(path: Path | str) -> Iterator[Path]:
+    """A new temporary file beside ``path`` to write to. When the block ends without an error the
+    file is flushed to disk and replaces ``path``; otherwise it is removed and ``path`` stays as
+    it was. The file gets the mode any new file there gets (the umask's)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix, suffix = _temporary_affixes(path)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+    tmp = Path(name)
+    try:
+        # mkstemp makes the file private (0600); give it the mode any other file would get.
+        os.fchmod(handle, 0o666 & ~_umask())
+        os.close(handle)
+        yield tmp
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: Path | str) -> None:
+    """Remove what a :func:`replacing` of ``path`` left when its process was killed mid-write."""
+    path = Path(path)
+    prefix, suffix = _temporary_affixes(path)
+    for stale in path.parent.glob(f"{prefix}*{suffix}"):
+        stale.unlink(missing_ok=True)
