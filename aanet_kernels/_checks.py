@@ -34,9 +34,9 @@ def check_map_size(height: int, width: int) -> tuple[int, int]:
 
 
 def check_dense(name: str, t: Tensor) -> None:
-    """Raise ``TypeError`` unless ``t`` is a dense (strided) tensor: a sparse one reached the
+    """Raise ``TypeError`` unless ``t`` is a dense (strided) tensor: a sparse one would reach the
     dispatcher's "Could not run ... with arguments from the 'SparseCPU' backend", a nested one an
-    "Internal error" from its shape (until 2026-12-02)."""
+    "Internal error" from its shape."""
     if t.is_nested or t.layout != torch.strided:
         layout = "nested" if t.is_nested else str(t.layout)
         raise TypeError(f"{name}: expected a dense (strided) tensor, got a {layout} one")

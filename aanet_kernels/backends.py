@@ -28,7 +28,7 @@ _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 # (per thread, what eager calls read) torch 2.11's Dynamo cannot trace at all. It is the backend of
 # the most recently entered use_backend still open in any thread, kept from the list of open ones
 # (not saved and restored: with two threads whose blocks overlap, the one that exits last would
-# restore what the other had set, and that would outlive both; until 2026-12-02 it did).
+# restore what the other had set, and that would outlive both).
 _traced_context_backend: str | None = None
 _open_contexts: list[tuple[object, str]] = []
 _open_contexts_lock = threading.Lock()

@@ -172,8 +172,8 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         )  # fmt: skip
         self.qkv_conv = nn.Conv2d(in_channels, 2 * self.dk + self.dv, 1, bias=bias, **factory)
         self.attn_out = nn.Conv2d(self.dv, self.dv, 1, bias=bias, **factory)
-        # Checked with or without relative tables (until 2026-12-02 a layer without them took
-        # any input_size, even (0, 4) or a string, without a word).
+        # Checked with or without relative tables: a layer without them has no use for it, but
+        # (0, 4) or a string is a mistake all the same.
         grid = None
         if input_size is not None:
             grid = self._attention_grid("input_size", _pair("input_size", input_size, 1))

@@ -93,8 +93,8 @@ def autocast_inputs(*tensors: object) -> tuple[object, ...]:
 
     The op has no autocast kernel of its own, so without this the fused backends would run fp32
     inputs in fp32 and return fp32 where the reference's matmuls, autocast themselves, run and
-    return the autocast dtype; and mixed fp32/bf16 inputs, which autocast would reconcile, were
-    refused (until 2026-12-02). Meta tensors have no autocast (``is_autocast_enabled`` refuses
+    return the autocast dtype; and mixed fp32/bf16 inputs, which autocast would reconcile, would
+    be refused. Meta tensors have no autocast (``is_autocast_enabled`` refuses
     their device type)."""
     first = tensors[0]
     if not isinstance(first, Tensor) or first.device.type == "meta":
