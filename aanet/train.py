@@ -246,7 +246,7 @@ def claim_out(out: Path) -> Iterator[None]:
     the process ends, however it ends). Refused at once, before any data is read: a folder that
     cannot be written (found otherwise at the first checkpoint, an epoch later) and one another
     run holds (two runs would interleave their epochs in one ``last.pt`` and ``log.csv``).
-    Temporary checkpoints a run killed while writing left behind are removed."""
+    What a run killed while writing an output left (its temporary file) is removed."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out: {out} exists and is not a folder")
     try:
@@ -296,7 +296,7 @@ def check_resume(state: dict[str, Any], config: Config, path: Path, group: Dist)
         for name in NOT_EXACT_ON_RESUME
         if getattr(config, name) != getattr(trained, name)
     ]
-    world = state.get("world")  # absent from checkpoints before 2026-12-02
+    world = state.get("world")  # absent from older checkpoints
     if world is not None and world != group.world:
         changed.append(("processes", world, group.world))
     if changed and is_main_process():
@@ -400,7 +400,7 @@ def _train(
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         history, start = state["history"], state["epoch"] + 1
-        named = state.get("named_bad_faces", {})  # absent from checkpoints before 2026-12-01
+        named = state.get("named_bad_faces", {})  # absent from older checkpoints
         train_left_out.update(named.get("train", ()))
         test_left_out.update(named.get("test", ()))
         if is_main_process() and start < config.epochs:
