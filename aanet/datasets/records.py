@@ -31,10 +31,12 @@ class DataError(ValueError):
         self.where = where
 
 
-def decode_line(raw: bytes, where: str) -> str:
-    """One annotation line as text; bytes that are not UTF-8 are a ``DataError`` at ``where``."""
+def decode_line(raw: bytes, where: str, first: bool = False) -> str:
+    """One annotation line as text; bytes that are not UTF-8 are a ``DataError`` at ``where``.
+    The ``first`` line of a file loses a UTF-8 byte order mark (what Windows editors such as
+    Notepad put before a file they save), which would otherwise stick to its first field."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(where, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 

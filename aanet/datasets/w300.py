@@ -32,7 +32,10 @@ log = logging.getLogger("aanet.data")
 def parse_pts(path: Path) -> np.ndarray:
     """The ``(n_points, 2)`` array of a ``.pts`` file (``version``, ``n_points``, ``{ ... }``)."""
     raw_lines = Path(path).read_bytes().splitlines()
-    lines = [decode_line(raw, f"{path}:{n}").strip() for n, raw in enumerate(raw_lines, start=1)]
+    lines = [
+        decode_line(raw, f"{path}:{n}", first=n == 1).strip()
+        for n, raw in enumerate(raw_lines, start=1)
+    ]
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln]
     header = {}
     body_start = None
@@ -87,36 +90,58 @@ def warn_without_subsets(records: list[Record], folder: Path | str) -> None:
         log.warning("%s: %s", folder, NO_SUBSETS)
 
 
-def _image_for(pts: Path) -> Path:
-    for suffix in (*IMAGE_SUFFIXES, *(s.upper() for s in IMAGE_SUFFIXES)):  # A.png, A.JPG, ...
-        candidate = pts.with_suffix(suffix)
-        if candidate.is_file():
-            return candidate
+def _image_for(pts: Path, names: dict[str, list[Path]]) -> Path:
+    """The image beside ``pts``: its stem with one of ``IMAGE_SUFFIXES`` in any case (``a.jpg``,
+    ``a.JPG``, ``a.Jpg``), the suffixes tried in that order and, within one, the lower-case
+    spelling first; ``names`` maps the lower-cased names of the files in its folder to them."""
+    for suffix in IMAGE_SUFFIXES:
+        candidates = names.get((pts.stem + suffix).lower(), [])
+        if candidates:
+            return min(candidates, key=lambda p: (p.suffix != suffix, p.name))
     return pts.with_suffix(IMAGE_SUFFIXES[0])  # validate_record reports it missing
+
+
+def _annotations(folder: Path) -> tuple[list[Path], dict[Path, dict[str, list[Path]]]]:
+    """The ``.pts`` files under ``folder`` in any case of the suffix (``a.PTS`` too), sorted, and
+    for each folder holding one, its files by lower-cased name."""
+    pts_files, names = [], {}
+    for path in folder.rglob("*"):
+        if path.suffix.lower() == ".pts" and path.is_file():
+            pts_files.append(path)
+            names.setdefault(path.parent, {})
+    for parent, by_name in names.items():
+        for entry in parent.iterdir():
+            by_name.setdefault(entry.name.lower(), []).append(entry)
+    return sorted(pts_files), names
 
 
 def load_300w(
     folder: Path | str, on_error: str = "skip", normalizations: tuple[str, ...] = ("inter-ocular",)
 ) -> list[Record]:
-    """Every ``*.pts`` under ``folder`` (recursively) with the image beside it; a bad file (as
+    """Every ``.pts`` file under ``folder`` (recursively, the suffix in any case) with the image
+    beside it (:func:`_image_for`); a bad file (as
     ``validate_record`` judges it, with ``normalizations``) is skipped with a count or raises.
 
     300W has no face boxes or attributes: the box is the landmarks' bounding box and the flags
-    are zeros. Points are converted from the 1-based ``.pts`` convention to 0-based pixels.
+    are zeros. Points are converted from the 1-based ``.pts`` convention (the one menpo, the
+    iBUG group's reader, assumes) to 0-based pixels.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"300W folder not found: {folder}")
     bad = BadDataLog(on_error)
     records = []
-    for pts in sorted(folder.rglob("*.pts")):
+    pts_files, names = _annotations(folder)
+    for pts in pts_files:
         try:
             points = parse_pts(pts)
             if len(points) != NUM_POINTS:
                 raise DataError(f"{pts}:1", f"expected {NUM_POINTS} points, got {len(points)}")
             points = points - 1.0  # .pts files count pixels from 1
             box = np.concatenate([points.min(axis=0), points.max(axis=0)])
-            record = Record(_image_for(pts), points, box, np.zeros(6, np.int64), f"{pts}:1")
+            record = Record(
+                _image_for(pts, names[pts.parent]), points, box, np.zeros(6, np.int64), f"{pts}:1"
+            )
             validate_record(record, normalizations=normalizations)
         except DataError as error:
             bad.report(error)

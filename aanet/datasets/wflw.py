@@ -78,7 +78,8 @@ def load_wflw(
                 continue
             where = f"{path}:{number}"
             try:
-                record = parse_line(decode_line(raw, where), where, root / IMAGE_DIR)
+                text = decode_line(raw, where, first=number == 1)
+                record = parse_line(text, where, root / IMAGE_DIR)
                 validate_record(record, normalizations=normalizations)
             except DataError as error:
                 bad.report(error)

@@ -337,6 +337,45 @@ def test_300w_points_on_the_image_edge_and_upper_case_suffixes(tmp_path):
         w300.load_300w(tmp_path, on_error="stop")
 
 
+def test_annotation_files_saved_on_windows_read_as_published(tmp_path):
+    """A UTF-8 byte order mark, CRLF line ends, trailing blanks, tabs and blank lines (a file
+    re-saved by a Windows editor) read as the published files. Until 2026-12-02 the mark stuck
+    to the first field: WFLW's first line was "non-numeric", and a ``.pts`` file starting with
+    ``n_points`` (no ``version`` line) had "missing 'n_points:' header"."""
+    rng = np.random.default_rng(4)
+    root = tmp_path / "wflw"
+    (root / wflw.IMAGE_DIR / "0--Parade").mkdir(parents=True)
+    cv2.imwrite(str(root / wflw.IMAGE_DIR / "0--Parade" / "a.jpg"), np.zeros((64, 64, 3), np.uint8))
+    face = rng.uniform(5, 60, size=(98, 2))
+    line = wflw.format_line(face, np.array([2, 2, 62, 62]), np.zeros(6), "0--Parade/a.jpg")
+    path = wflw.annotation_file(root, "train")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\xef\xbb\xbf" + f"{line} \t\r\n{line}\r\n\r\n".encode())
+    records = wflw.load_wflw(root, "train", on_error="stop")
+    assert len(records) == 2
+    np.testing.assert_allclose(records[0].landmarks, face, atol=1e-3)
+
+    points = rng.uniform(5, 60, size=(68, 2)).round(3)
+    body = "\r\n".join(f"{x}\t{y} " for x, y in points)
+    text = f"n_points:  68\r\n\r\n{{\r\n{body}\r\n}}\r\n\r\n"
+    (tmp_path / "a.pts").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    np.testing.assert_allclose(w300.parse_pts(tmp_path / "a.pts"), points, atol=1e-4)
+
+
+def test_300w_suffixes_in_any_case(tmp_path):
+    """``a.Jpg`` beside ``a.pts`` and ``b.png`` beside ``b.PTS`` are found: until 2026-12-02 only
+    all-lower and all-upper image suffixes were tried ("image not found"), and ``*.PTS`` files
+    were not read at all."""
+    points = np.random.default_rng(5).uniform(5, 60, size=(68, 2)).round(3)
+    _write_pts(tmp_path / "a.pts", points)
+    _write_pts(tmp_path / "b.PTS", points)
+    for name in ("a.Jpg", "b.png"):
+        cv2.imwrite(str(tmp_path / "x.png"), np.zeros((64, 64, 3), np.uint8))
+        (tmp_path / "x.png").rename(tmp_path / name)
+    records = w300.load_300w(tmp_path, on_error="stop")
+    assert [r.image_path.name for r in records] == ["a.Jpg", "b.png"]
+
+
 def test_300w_flip_map_semantics():
     """Points named by 300W's index meanings: the map pairs them across the face."""
     mapping = W300.flip_map
