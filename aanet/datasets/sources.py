@@ -49,7 +49,7 @@ def load_split(config: Config, split: str) -> list[Record]:
         folder = config.data_root if split == "train" else config.test_root
         if not folder:
             raise ValueError("test_root: the 300W test folder is needed for evaluation")
-        records = w300.load_300w(Path(folder), config.on_error, distances)
+        records = w300.load_300w(Path(folder), config.on_error, distances, split)
         if split == "test":
             w300.warn_without_subsets(records, folder)
         return records

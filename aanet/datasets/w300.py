@@ -21,6 +21,12 @@ SUBSETS = ("common", "challenging")
 # The folders of the 300W release: the common subset is the LFPW and HELEN test sets, the
 # challenging one iBUG.
 _SUBSET_OF_FOLDER = {"lfpw": "common", "helen": "common", "ibug": "challenging"}
+# The 300W release (the iBUG archives unpacked side by side): the training set is AFW and the
+# LFPW and HELEN training sets, the test set the LFPW and HELEN test sets and iBUG.
+RELEASE_FOLDERS = {
+    "train": ("afw", "helen/trainset", "lfpw/trainset"),
+    "test": ("helen/testset", "lfpw/testset", "ibug"),
+}
 # What a test set none of whose images is in such a folder is told (the log and the report).
 NO_SUBSETS = (
     "no test image lies under a folder named lfpw or helen (the common subset) or ibug (the "
@@ -115,23 +121,50 @@ def _annotations(folder: Path) -> tuple[list[Path], dict[Path, dict[str, list[Pa
     return sorted(pts_files), names
 
 
+def release_folders(folder: Path, split: str) -> list[Path] | None:
+    """The folders of ``split`` (``RELEASE_FOLDERS``) under ``folder`` when it is the 300W release
+    (a ``helen`` or ``lfpw`` folder there holds ``trainset`` or ``testset``), those that exist;
+    None for any other folder, which is read whole."""
+    if split not in RELEASE_FOLDERS:
+        raise ValueError(f"split: expected one of {tuple(RELEASE_FOLDERS)}, got {split!r}")
+    if not any(
+        (folder / a / b).is_dir() for a in ("helen", "lfpw") for b in ("trainset", "testset")
+    ):
+        return None
+    return [folder / name for name in RELEASE_FOLDERS[split] if (folder / name).is_dir()]
+
+
 def load_300w(
-    folder: Path | str, on_error: str = "skip", normalizations: tuple[str, ...] = ("inter-ocular",)
+    folder: Path | str,
+    on_error: str = "skip",
+    normalizations: tuple[str, ...] = ("inter-ocular",),
+    split: str | None = None,
 ) -> list[Record]:
     """Every ``.pts`` file under ``folder`` (recursively, the suffix in any case) with the image
-    beside it (:func:`_image_for`); a bad file (as
-    ``validate_record`` judges it, with ``normalizations``) is skipped with a count or raises.
+    beside it (:func:`_image_for`); a bad file (as ``validate_record`` judges it, with
+    ``normalizations``) is skipped with a count or raises.
 
     300W has no face boxes or attributes: the box is the landmarks' bounding box and the flags
-    are zeros. Points are converted from the 1-based ``.pts`` convention (the one menpo, the
-    iBUG group's reader, assumes) to 0-based pixels.
+    are zeros. With ``split`` (``train`` or ``test``), a ``folder`` that is the 300W release
+    (:func:`release_folders`) gives only that split's folders. Points are converted from the
+    1-based ``.pts`` convention (the one menpo, the iBUG group's reader, assumes) to 0-based
+    pixels.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"300W folder not found: {folder}")
     bad = BadDataLog(on_error)
     records = []
-    pts_files, names = _annotations(folder)
+    roots = release_folders(folder, split) if split else None
+    if roots is None:
+        roots = [folder]
+    else:
+        log.info("%s: the 300W release; the %s set is %s", folder, split, RELEASE_FOLDERS[split])
+    pts_files, names = [], {}
+    for root in roots:
+        found, beside = _annotations(root)
+        pts_files += found
+        names.update(beside)
     for pts in pts_files:
         try:
             points = parse_pts(pts)

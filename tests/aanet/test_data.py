@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from aanet.datasets import synthetic, w300, wflw
+from aanet.config import Config
+from aanet.datasets import sources, synthetic, w300, wflw
 from aanet.datasets.augment import AugmentConfig, augment_sample
 from aanet.datasets.records import DataError
 from aanet.landmarks import W300, WFLW
@@ -374,6 +375,31 @@ def test_300w_suffixes_in_any_case(tmp_path):
         (tmp_path / "x.png").rename(tmp_path / name)
     records = w300.load_300w(tmp_path, on_error="stop")
     assert [r.image_path.name for r in records] == ["a.Jpg", "b.png"]
+
+
+def test_the_300w_release_folder_gives_each_split_its_own_folders(tmp_path):
+    """``--data-root`` and ``--test-root`` may both be the unpacked release (afw, helen and lfpw
+    with trainset and testset, ibug): training reads afw, helen/trainset and lfpw/trainset, the
+    test set helen/testset, lfpw/testset and ibug. Until 2026-12-02 each read every ``.pts``
+    file below it: training took in the test faces, and the test set the training ones (those of
+    helen/trainset and lfpw/trainset counted in the common subset)."""
+    points = np.random.default_rng(6).uniform(5, 60, size=(68, 2)).round(3)
+    names = ("afw", "helen/trainset", "lfpw/trainset", "helen/testset", "lfpw/testset", "ibug")
+    for name in names:
+        (tmp_path / name).mkdir(parents=True)
+        _write_pts(tmp_path / name / "a.pts", points)
+        cv2.imwrite(str(tmp_path / name / "a.jpg"), np.zeros((64, 64, 3), np.uint8))
+
+    config = Config(data="300w", data_root=str(tmp_path), test_root=str(tmp_path))
+
+    def folders(split):
+        records = sources.load_split(config, split)
+        return sorted(r.image_path.parent.relative_to(tmp_path).as_posix() for r in records)
+
+    assert folders("train") == ["afw", "helen/trainset", "lfpw/trainset"]
+    assert folders("test") == ["helen/testset", "ibug", "lfpw/testset"]
+    assert len(w300.load_300w(tmp_path, on_error="stop")) == 6  # no split: the whole folder
+    assert len(w300.load_300w(tmp_path / "helen", on_error="stop", split="test")) == 2
 
 
 def test_300w_flip_map_semantics():
