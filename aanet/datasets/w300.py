@@ -121,17 +121,31 @@ def _annotations(folder: Path) -> tuple[list[Path], dict[Path, dict[str, list[Pa
     return sorted(pts_files), names
 
 
+def _child(folder: Path, relative: str) -> Path | None:
+    """The folder ``relative`` (``helen/testset``) under ``folder``, each name in any case
+    (``HELEN/testset``); None if there is none."""
+    for name in relative.split("/"):
+        if not folder.is_dir():
+            return None
+        found = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.lower() == name)
+        if not found:
+            return None
+        folder = found[0]
+    return folder
+
+
 def release_folders(folder: Path, split: str) -> list[Path] | None:
     """The folders of ``split`` (``RELEASE_FOLDERS``) under ``folder`` when it is the 300W release
-    (a ``helen`` or ``lfpw`` folder there holds ``trainset`` or ``testset``), those that exist;
-    None for any other folder, which is read whole."""
+    (a ``helen`` or ``lfpw`` folder there holds ``trainset`` or ``testset``; names in any case),
+    those that exist; None for any other folder, which is read whole."""
     if split not in RELEASE_FOLDERS:
         raise ValueError(f"split: expected one of {tuple(RELEASE_FOLDERS)}, got {split!r}")
     if not any(
-        (folder / a / b).is_dir() for a in ("helen", "lfpw") for b in ("trainset", "testset")
+        _child(folder, f"{a}/{b}") for a in ("helen", "lfpw") for b in ("trainset", "testset")
     ):
         return None
-    return [folder / name for name in RELEASE_FOLDERS[split] if (folder / name).is_dir()]
+    found = (_child(folder, name) for name in RELEASE_FOLDERS[split])
+    return [child for child in found if child is not None]
 
 
 def load_300w(

@@ -384,8 +384,15 @@ def test_the_300w_release_folder_gives_each_split_its_own_folders(tmp_path):
     file below it: training took in the test faces, and the test set the training ones (those of
     helen/trainset and lfpw/trainset counted in the common subset)."""
     points = np.random.default_rng(6).uniform(5, 60, size=(68, 2)).round(3)
-    names = ("afw", "helen/trainset", "lfpw/trainset", "helen/testset", "lfpw/testset", "ibug")
-    for name in names:
+    names_on_disk = (  # folder names in any case: HELEN
+        "afw",
+        "HELEN/trainset",
+        "lfpw/trainset",
+        "HELEN/testset",
+        "lfpw/testset",
+        "ibug",
+    )
+    for name in names_on_disk:
         (tmp_path / name).mkdir(parents=True)
         _write_pts(tmp_path / name / "a.pts", points)
         cv2.imwrite(str(tmp_path / name / "a.jpg"), np.zeros((64, 64, 3), np.uint8))
@@ -396,10 +403,10 @@ def test_the_300w_release_folder_gives_each_split_its_own_folders(tmp_path):
         records = sources.load_split(config, split)
         return sorted(r.image_path.parent.relative_to(tmp_path).as_posix() for r in records)
 
-    assert folders("train") == ["afw", "helen/trainset", "lfpw/trainset"]
-    assert folders("test") == ["helen/testset", "ibug", "lfpw/testset"]
+    assert folders("train") == ["HELEN/trainset", "afw", "lfpw/trainset"]
+    assert folders("test") == ["HELEN/testset", "ibug", "lfpw/testset"]
     assert len(w300.load_300w(tmp_path, on_error="stop")) == 6  # no split: the whole folder
-    assert len(w300.load_300w(tmp_path / "helen", on_error="stop", split="test")) == 2
+    assert len(w300.load_300w(tmp_path / "HELEN", on_error="stop", split="test")) == 2
 
 
 def test_300w_flip_map_semantics():
