@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,11 @@ def _temporary_affixes(path: Path) -> tuple[str, str]:
 def replacing(path: Path | str) -> Iterator[Path]:
     """A new temporary file beside ``path`` to write to. When the block ends without an error the
     file is flushed to disk and replaces ``path``; otherwise it is removed and ``path`` stays as
-    it was. The file gets the mode any new file there gets (the umask's)."""
+    it was. The file gets the mode any new file there gets (the umask's).
+
+    A failed write is raised naming ``path`` and the free space beside it: the writers' own
+    errors name the temporary (``open``) or nothing (``torch.save`` on a full disk: "unexpected
+    pos 832 vs 726")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix, suffix = _temporary_affixes(path)
@@ -40,8 +45,25 @@ def replacing(path: Path | str) -> Iterator[Path]:
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        # OSError(errno, ...) is the errno's subclass again (FileNotFoundError, PermissionError).
+        if error.errno is None:
+            raise OSError(_failed_write(path, str(error))) from error
+        raise OSError(error.errno, _failed_write(path, error.strerror)) from error
+    except RuntimeError as error:
+        if type(error) is not RuntimeError:  # a subclass means something of its own: keep it
+            raise
+        raise RuntimeError(_failed_write(path, str(error))) from error
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _failed_write(path: Path, reason: str) -> str:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"could not write {path} ({free}): {reason}"
 
 
 def remove_stale_temporaries(path: Path | str) -> None:

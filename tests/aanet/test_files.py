@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "eval.json"
     path.write_text("old")
-    with pytest.raises(OSError, match="disk full"), replacing(path) as tmp:
+    with (
+        pytest.raises(OSError, match=r"^could not write .*eval.json .*: disk full$"),
+        replacing(path) as tmp,
+    ):
         tmp.write_text("half")
         raise OSError("disk full")
     assert path.read_text() == "old"
@@ -58,3 +61,44 @@ def test_what_a_killed_writer_left_is_found_and_removed(tmp_path):
     remove_stale_temporaries(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "last.pt"]
     assert path.read_text() == "complete"
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "write_text"])
+def test_a_failed_write_names_the_target_and_its_free_space(tmp_path, monkeypatch, writer):
+    """torch.save on a full disk says only "unexpected pos 832 vs 726", open() names the
+    temporary: the error names the file being written and the space left beside it."""
+    import torch
+
+    path = tmp_path / "last.pt"
+
+    def full_disk(*args, **kwargs):
+        if writer == "torch.save":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832")
+        raise OSError(28, "No space left on device", str(args[0]))
+
+    if writer == "write_text":
+        monkeypatch.setattr(Path, "write_text", full_disk)
+    else:
+        monkeypatch.setattr(torch, "save", full_disk)
+    expected = RuntimeError if writer == "torch.save" else OSError
+    with pytest.raises(expected) as raised, replacing(path) as tmp:
+        if writer == "torch.save":
+            torch.save({}, tmp)
+        else:
+            tmp.write_text("x")
+    message = str(raised.value)
+    assert f"could not write {path}" in message and "MiB free there" in message
+    assert isinstance(raised.value.__cause__, expected)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_kind_of_a_failed_write_is_kept(tmp_path):
+    missing = tmp_path / "gone"
+    with pytest.raises(PermissionError, match="could not write"), replacing(missing / "x") as tmp:
+        raise PermissionError(13, "Permission denied", str(tmp))
+
+    class OwnError(RuntimeError):
+        pass
+
+    with pytest.raises(OwnError, match="^mine$"), replacing(tmp_path / "y"):
+        raise OwnError("mine")
