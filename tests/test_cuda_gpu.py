@@ -349,6 +349,10 @@ EMULATION_PARAMS = [(case, "contiguous") for case in EMULATION_CASES] + [
 ]
 
 
+# The dtypes whose emulated blocks run their warps in descending order (the others ascending).
+DESCENDING_WARP_DTYPES = (torch.float64, torch.float16)
+
+
 def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """``t``'s values in ``layout`` (one of ``STRIDED_LAYOUTS``, or ``"contiguous"``)."""
     if layout == "positions_fastest":
@@ -400,7 +404,10 @@ def emulated_kernels():
 @pytest.mark.parametrize(("case", "layout"), EMULATION_PARAMS, ids=str)
 def test_kernels_in_host_emulation(emulated_kernels, case, layout, dtype):
     """The kernels' tiling, masking, softmax and bias reductions, run on the CPU (the fp16/bf16
-    kernels' mma and ldmatrix fragments included)."""
+    kernels' mma and ldmatrix fragments included). The warps of a block take turns between
+    barriers, in descending order for one dtype of each kernel family (fp64 for the FMA kernels,
+    fp16 for the mma ones) and ascending for the other, so every case meets both orders and a
+    missing ``__syncthreads`` between warps fails it."""
     q, k, v, bh, bw = make_inputs(case, dtype, seed=25)
     gen = torch.Generator().manual_seed(26)
     shape = (case.batch, case.heads, case.length, case.dvh)
@@ -413,6 +420,7 @@ def test_kernels_in_host_emulation(emulated_kernels, case, layout, dtype):
         case.width,
         0.7,
         in_layout(grad_out, layout),
+        descending_warps=dtype in DESCENDING_WARP_DTYPES,
     )
     exact_in = [None if t is None else t.double().requires_grad_() for t in (q, k, v, bh, bw)]
     kwargs = dict(height=case.height, width=case.width, scale=0.7)

@@ -216,7 +216,9 @@ def attention_2d_triton_bwd(
     """Backward: ``(dq, dk, dv, dbias_h, dbias_w)``, contiguous; a bias gradient is full size
     ``(B, Nh, L, height|width)``, or a 0-element tensor when that bias is absent."""
     _check_supported(q, v)
-    _check_slice_offsets(q=q, k=k, v=v, grad_out=grad_out)
+    # out too: the preprocess kernel reads it through its strides (a caller of the op may pass
+    # a strided view of the forward output).
+    _check_slice_offsets(q=q, k=k, v=v, grad_out=grad_out, out=out)
     batch, heads, length, _ = q.shape
     dkh, dvh = _head_dims(q, v)
     lse = lse.contiguous()

@@ -314,6 +314,19 @@ def test_a_query_slice_past_2_31_elements_is_refused_naming_it():
         ak.attention_2d(q, k, k, None, None, height=3, width=3, backend="triton")
 
 
+def test_backward_refuses_an_out_slice_past_2_31_elements_naming_it():
+    """The backward's preprocess reads ``out`` through its strides in int32 too: a strided ``out``
+    handed to the op directly was not checked (only q, k, v and grad_out were)."""
+    buffer = torch.empty(9 * _WIDE_ROW_STRIDE, dtype=torch.float16)
+    out = _rows_far_apart(buffer, 9, 4, 0)
+    q = torch.randn(1, 1, 9, 4).half()
+    lse = torch.zeros(1, 1, 9)
+    from aanet_kernels._triton.op import attention_2d_triton_bwd
+
+    with pytest.raises(ValueError, match=r"out: one \(batch, head\) slice .* 32-bit offsets"):
+        attention_2d_triton_bwd(q, q, q, q, None, None, out, lse, 3, 3, 1.0)
+
+
 def test_auto_passes_such_a_slice_to_the_next_backend(monkeypatch: pytest.MonkeyPatch):
     """With triton first in auto's order (as on a GPU), auto steps past its size refusal."""
     from aanet_kernels import backends

@@ -2,7 +2,10 @@
 // index math, masking, online softmax and reductions on a machine without a GPU
 // (tests/test_cuda_gpu.py builds it with torch.utils.cpp_extension.load). One OS thread per CUDA
 // thread; std::barrier stands in for __syncthreads and for warp shuffles; shared memory is a
-// global buffer filled with 0xFF before each block. The register-resident fp16/bf16 kernels run
+// global buffer filled with 0xFF before each block. Between two __syncthreads the warps of a
+// block take turns, one whole warp at a time, in ascending or descending order (WarpTurns), so
+// that a missing barrier between one warp's shared-memory write and another's read (or the
+// other way round) gives wrong data in one of the two orders instead of passing by luck. The register-resident fp16/bf16 kernels run
 // their mma.sync fragments through emulated_mma_m16n8k16 below, which gathers a warp's fragments
 // and multiplies them by the PTX ISA's fragment layout, and their ldmatrix.trans loads through
 // emulated_ldmatrix_trans, so their fragment index math is checked too; the fp32/fp64 kernels
@@ -17,8 +20,10 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <condition_variable>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -39,8 +44,53 @@ std::barrier<>* g_block_barrier = nullptr;
 std::barrier<>* g_warp_barrier[kMaxWarps] = {};
 alignas(16) unsigned char g_shuffle[kMaxWarps][32][8];
 
+// The warps of the running block take turns between barriers: warp order[position] runs (all
+// its lanes at once, since they meet at warp barriers), and when every lane of it has reached
+// the next __syncthreads (or the end of the kernel) the turn passes to the next warp of the
+// order; the last one's hands it back to the first for the next stretch. On a GPU any
+// interleaving may happen; these two orders are the extremes for every pair of warps.
+struct WarpTurns {
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::vector<int> order;      // warps, in the order they run each stretch
+  size_t position = 0;         // index into order of the warp whose turn it is
+  std::vector<int> lanes;      // lanes per warp
+  std::vector<int> remaining;  // lanes of each warp still running in this stretch
+
+  WarpTurns(int threads, bool descending) {
+    for (int w = 0; w * 32 < threads; ++w) {
+      lanes.push_back(std::min(32, threads - 32 * w));
+      order.push_back(w);
+    }
+    if (descending) {
+      std::reverse(order.begin(), order.end());
+    }
+    remaining = lanes;
+  }
+
+  void begin() {
+    std::unique_lock<std::mutex> lock(mutex);
+    const int warp = threadIdx.x / 32;
+    changed.wait(lock, [&] { return order[position] == warp; });
+  }
+
+  void end() {
+    std::lock_guard<std::mutex> lock(mutex);
+    const int warp = threadIdx.x / 32;
+    if (--remaining[warp] == 0) {
+      remaining[warp] = lanes[warp];
+      position = (position + 1) % order.size();
+      changed.notify_all();
+    }
+  }
+};
+WarpTurns* g_warp_turns = nullptr;
+bool g_descending_warps = false;  // the order of the next launches (forward_backward sets it)
+
 inline void __syncthreads() {
+  g_warp_turns->end();
   g_block_barrier->arrive_and_wait();
+  g_warp_turns->begin();
 }
 
 // Every lane publishes its value, the warp meets, each lane reads its partner's, the warp meets
@@ -178,6 +228,8 @@ void run_grid(
         std::memset(detail::smem + smem_bytes, kBeyond, sizeof(detail::smem) - smem_bytes);
         std::barrier<> block_barrier(threads);
         g_block_barrier = &block_barrier;
+        WarpTurns turns(threads, g_descending_warps);
+        g_warp_turns = &turns;
         std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
         for (int w = 0; w * 32 < threads; ++w) {
           warp_barriers.emplace_back(new std::barrier<>(std::min(32, threads - 32 * w)));
@@ -187,7 +239,9 @@ void run_grid(
         for (int t = 0; t < threads; ++t) {
           pool.emplace_back([&, t] {
             threadIdx = {static_cast<unsigned>(t), 0, 0};
+            turns.begin();
             kernel(p);
+            turns.end();
           });
         }
         for (auto& thread : pool) {
@@ -312,11 +366,14 @@ std::vector<at::Tensor> forward_backward_typed(
 }
 
 // Returns out, lse, dq, dk, dv, dbias_h, dbias_w (bias grads full size in the accumulator
-// dtype, or empty when the bias is absent). CPU tensors; no input checks (tests only).
+// dtype, or empty when the bias is absent). CPU tensors; no input checks (tests only). The warps
+// of every block take turns in descending order where descending_warps, else ascending.
 std::vector<at::Tensor> forward_backward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias_h, const std::optional<at::Tensor>& bias_w,
-    int64_t height, int64_t width, double scale, const at::Tensor& grad_out) {
+    int64_t height, int64_t width, double scale, const at::Tensor& grad_out,
+    bool descending_warps) {
+  g_descending_warps = descending_warps;
   switch (q.scalar_type()) {
     case at::kDouble:
       return forward_backward_typed<double>(q, k, v, bias_h, bias_w, height, width, scale, grad_out);
@@ -332,5 +389,7 @@ std::vector<at::Tensor> forward_backward(
 } // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward_backward", &forward_backward);
+  m.def("forward_backward", &forward_backward, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("bias_h"), py::arg("bias_w"), py::arg("height"), py::arg("width"),
+        py::arg("scale"), py::arg("grad_out"), py::arg("descending_warps") = false);
 }
