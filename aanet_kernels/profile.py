@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from aanet_kernels.backends import BACKENDS
+from aanet_kernels.backends import BACKENDS, _why_unavailable, available_backends
 from aanet_kernels.nn import AAConv2d
 from aanet_kernels.ops import attention_2d
 from aanet_kernels.relative import relative_logits
@@ -200,13 +200,17 @@ def profile_steps(
             with phase(f"step_{i}", device):
                 run_step(step, mode)
         _sync(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # aanet's atomic writer, imported here: only the profiler's files need it, not the kernels.
+    from aanet.files import replacing
+
     trace = out_dir / f"{stem}.trace.json"
-    prof.export_chrome_trace(str(trace))
+    with replacing(trace) as tmp:  # whole or not at all, as every result file of the repository
+        prof.export_chrome_trace(str(tmp))
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
     table_path = out_dir / f"{stem}.top.txt"
-    table_path.write_text(table + "\n")
+    with replacing(table_path) as tmp:
+        tmp.write_text(table + "\n")
     return trace, table_path, table
 
 
@@ -217,6 +221,19 @@ def _shape(text: str) -> tuple[int, ...]:
             f"expected six positive ints B,Nh,H,W,dkh,dvh, got {text!r}"
         )
     return tuple(int(p) for p in parts)
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+        return value
+
+    return parse
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -232,10 +249,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--mode", choices=MODES, default="fwdbwd")
     parser.add_argument(
-        "--warmup", type=int, default=2, help="untimed steps first (compile, autotune)"
+        "--warmup", type=_at_least(0), default=2, help="untimed steps first (compile, autotune)"
     )
-    parser.add_argument("--steps", type=int, default=3, help="profiled steps")
-    parser.add_argument("--row-limit", type=int, default=25)
+    parser.add_argument("--steps", type=_at_least(1), default=3, help="profiled steps")
+    parser.add_argument("--row-limit", type=_at_least(1), default=25)
     parser.add_argument("--out-dir", type=Path, default=Path("profiles"))
     parser.add_argument(
         "--single-launch", action="store_true", help="one launch for Nsight Compute"
@@ -245,11 +262,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device: expected cpu or cuda, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available on this machine")
+    if args.backend != "auto" and args.backend not in available_backends(device):
+        raise SystemExit(f"--backend {args.backend}: {_why_unavailable(args.backend, device)}")
     if args.op == "aaconv" and args.mode == "bwd":
         raise SystemExit("--mode bwd: the aaconv step profiles fwd or fwdbwd")
+    if not args.single_launch:  # checked before the warm-up, which may autotune for minutes
+        if args.out_dir.exists() and not args.out_dir.is_dir():
+            raise SystemExit(f"--out-dir {args.out_dir}: expected a folder, got a file")
+        try:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SystemExit(
+                f"--out-dir {args.out_dir}: cannot create the folder ({error.strerror})"
+            ) from None
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     step = build_step(args.op, args.shape, args.backend, device, dtype)
     for _ in range(args.warmup):

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from aanet.config import Config, make_config, read_config_file  # noqa: E402
 from aanet.evaluate import NOT_SUBSETS  # noqa: E402
+from aanet.files import replacing  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 VARIANTS = {"attention": True, "no-attention": False}
@@ -85,7 +86,7 @@ def subset_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
-    """Training loss and test NME per epoch, one line per variant."""
+    """Training loss and test NME per epoch, one line per variant; written whole or not at all."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,14 +110,17 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         axis.yaxis.set_minor_formatter(plain)
         axis.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=100)  # the temporary name ends in .png: savefig's format
+    finally:
+        plt.close(fig)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="cpu", help="preset name or YAML/JSON file")
-    parser.add_argument("--epochs", type=int, help="default: the preset's")
+    parser.add_argument("--epochs", type=common.positive_int, help="default: the preset's")
     parser.add_argument("--heatmap-reg", type=float, help="default: the preset's or Config's")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="default: the preset's")
@@ -125,7 +129,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="default: the preset's; give each --seed its own (the synthetic set follows the seed)",
     )
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/ablation"))
-    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--name", default="synthetic_cpu", help="suffix of the result files")
     parser.add_argument("--resume", action="store_true", help="continue the variants' checkpoints")
     parser.add_argument("--no-progress", action="store_true")
@@ -135,7 +139,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    configs = {name: variant_config(args, on, name) for name, on in VARIANTS.items()}
+    try:  # a bad preset or value is refused here, by name, before either variant trains
+        configs = {name: variant_config(args, on, name) for name, on in VARIANTS.items()}
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"ablation_aanet.py: {error}") from None
+    out_dir = common.out_dir(args.out_dir)  # checked now, not after the training
     results = {
         name: run_variant(config, args.resume, not args.no_progress)
         for name, config in configs.items()
@@ -143,8 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     config = configs["attention"]
     meta = common.run_metadata(torch.device(config.device if config.device != "auto" else "cpu"))
     stem = f"aanet_ablation_{args.name}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    plot(results, args.out_dir / f"{stem}.png")
+    plot(results, out_dir / f"{stem}.png")
     md = (
         f"# AANet with and without attention: {config.data} set, {meta['device_name']}\n\n"
         f"{meta['date']}; torch {meta['torch']}, {meta['cpu_threads']} CPU threads. Same data "
@@ -157,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         f".\n\n" + summary_table(results) + "\n\nPer WFLW subset (NME % / FR@0.1 % / AUC@0.1):\n\n"
         + subset_table(results) + f"\n\n![curves]({stem}.png)\n"
     )  # fmt: skip
-    (args.out_dir / f"{stem}.md").write_text(md)
+    common.write_text(md, out_dir / f"{stem}.md")
     print(md)
     return results
 

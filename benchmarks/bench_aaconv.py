@@ -52,6 +52,8 @@ from aanet_kernels.nn import AAConv2d  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 BASELINE = "conv2d"
+CHANNELS = (256, 512)
+SIZES = (56, 28, 14)
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class Row:
 
 def cases_for(device: torch.device, batch: int | None) -> list[Case]:
     b = batch or (8 if device.type == "cpu" else 32)
-    return [Case(b, c, s) for c in (256, 512) for s in (56, 28, 14)]
+    return [Case(b, c, s) for c in CHANNELS for s in SIZES]
 
 
 def methods_for(device: torch.device) -> list[str]:
@@ -153,7 +155,7 @@ def measure_memory(
         step = make_step(case, method, device, amp_dtype)
         step()  # one-time costs (thread pools, code pages, lazy init) are not the layer's
         return common.peak_memory(step, device)
-    except (RuntimeError, ValueError, TypeError) as error:
+    except Exception as error:  # recorded in the row's status; the other cases go on
         return common.error_status(error)
     finally:
         if device.type == "cuda":
@@ -196,7 +198,7 @@ def run(
             if not skip_reason(case, method, args.max_dense_gib):
                 try:
                     steps[method] = (make_step(case, method, device, amp_dtype), None)
-                except (RuntimeError, ValueError, TypeError) as error:
+                except Exception as error:  # recorded; the other methods are still timed
                     failed[method] = common.error_status(error)
         timings = common.time_interleaved(
             steps, device, warmup=args.warmup, repeats=args.repeats,
@@ -302,21 +304,27 @@ def render_markdown(rows: Sequence[Row], meta: dict[str, str]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--batch", type=int, default=None, help="default: 8 on cpu, 32 on cuda")
-    p.add_argument("--channels", type=int, nargs="*", default=None, help="subset of 256 512")
-    p.add_argument("--sizes", type=int, nargs="*", default=None, help="subset of 56 28 14")
+    p.add_argument(
+        "--batch", type=common.positive_int, default=None, help="default: 8 on cpu, 32 on cuda"
+    )
+    p.add_argument("--channels", type=int, nargs="*", default=None, choices=CHANNELS,
+                   metavar="C", help="subset of 256 512")  # fmt: skip
+    p.add_argument("--sizes", type=int, nargs="*", default=None, choices=SIZES, metavar="S",
+                   help="subset of 56 28 14")  # fmt: skip
     p.add_argument("--methods", nargs="*", default=None, help="default: every backend + conv2d")
     p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"),
                    help="autocast dtype on cuda (the CPU runs fp32)")  # fmt: skip
     p.add_argument(
         "--max-dense-gib",
-        type=float,
+        type=common.non_negative_float,
         default=None,
         help="skip the reference above this logits GiB (default: 1 cpu, 8 cuda)",
     )
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=10.0, help="stop repeating after this")
+    p.add_argument("--warmup", type=common.non_negative_int, default=1)
+    p.add_argument("--repeats", type=common.positive_int, default=5)
+    p.add_argument(
+        "--budget-s", type=common.non_negative_float, default=10.0, help="stop repeating after this"
+    )
     p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -336,17 +344,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         if (not args.channels or c.channels in args.channels)
         and (not args.sizes or c.size in args.sizes)
     ]
-    methods = args.methods or methods_for(device)
+    available = methods_for(device)
+    methods = list(dict.fromkeys(args.methods)) if args.methods else available
+    unknown = [m for m in methods if m not in available]
+    if unknown:
+        raise SystemExit(f"--methods: expected some of {available}, got {unknown}")
+    out_dir = common.out_dir(args.out_dir)
     meta = common.run_metadata(device)
     rows = run(cases, methods, device, args)
     meta["load_avg_1m_end"] = common.run_metadata(device)["load_avg_1m"]
     stem = f"aaconv_{common.device_slug(device)}"
     keyed = [{**meta, **{f.name: getattr(r, f.name) for f in fields(Row)}} for r in rows]
-    csv_path = common.write_csv(keyed, args.out_dir / f"{stem}.csv")
+    csv_path = common.write_csv(keyed, out_dir / f"{stem}.csv")
     md = render_markdown(rows, meta)
-    (args.out_dir / f"{stem}.md").write_text(md)
+    md_path = common.write_text(md, out_dir / f"{stem}.md")
     print(md)
-    print(f"wrote {csv_path} and {csv_path.with_suffix('.md')}")
+    print(f"wrote {csv_path} and {md_path}")
 
 
 if __name__ == "__main__":

@@ -385,7 +385,7 @@ def measure_memory(
             # The first call pays one-time costs (code pages, thread pools) that are not the op's.
             for measured in (False, True):
                 results[mode] = _one_call_memory(fn, setup, device, measured)
-        except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError) as error:
+        except Exception as error:  # recorded in the row's status; the other cases go on
             results[mode] = common.error_status(error)
         finally:
             _release(device)
@@ -609,19 +609,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--families", help="comma-separated subset of the preset's shape families")
     parser.add_argument(
-        "--max-dense-length", type=int, help="skip reference and sdpa_dense above this L"
+        "--max-dense-length",
+        type=common.positive_int,
+        help="skip reference and sdpa_dense above this L",
     )
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--min-repeats", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per case")
+    parser.add_argument("--warmup", type=common.non_negative_int, default=1)
+    parser.add_argument("--repeats", type=common.positive_int, default=10)
+    parser.add_argument("--min-repeats", type=common.positive_int, default=3)
+    parser.add_argument(
+        "--budget",
+        type=common.non_negative_float,
+        default=2.0,
+        help="seconds of timed calls per case",
+    )
     parser.add_argument(
         "--no-memory", action="store_true", help="skip the peak-memory measurements"
     )
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.min_repeats > args.repeats:
+        parser.error(
+            f"--min-repeats: expected at most --repeats ({args.repeats}), got {args.min_repeats}"
+        )
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
@@ -645,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         getattr(torch, dtype_name), args.warmup, args.repeats, args.min_repeats, args.budget,
         args.max_dense_length,
     )  # fmt: skip
+    out_dir = common.out_dir(args.out_dir)
 
     meta = common.run_metadata(device)
     print(f"attention_2d on {meta['device_name']}: preset {preset}, {dtype_name}, {methods}")
@@ -670,15 +683,12 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     rows = build_rows(shapes, methods, modes, timings, memory, ceilings, settings)
     stem = f"attention_{common.device_slug(device)}"
     extra = {**meta, **{f"ceiling_{k}": v for k, v in ceilings.as_dict().items()}, "preset": preset}
-    csv_path = common.write_csv(
-        [{**asdict(r), **extra} for r in rows], args.out_dir / f"{stem}.csv"
-    )
+    csv_path = common.write_csv([{**asdict(r), **extra} for r in rows], out_dir / f"{stem}.csv")
     md = render_markdown(rows, meta, ceilings, preset, modes)
-    md_path = args.out_dir / f"{stem}.md"
-    md_path.write_text(md)
+    md_path = common.write_text(md, out_dir / f"{stem}.md")
     written = [csv_path, md_path]
     if not args.no_plot:
-        written += write_plots(rows, modes, stem, args.out_dir)
+        written += write_plots(rows, modes, stem, out_dir)
     print(md)
     print("wrote " + ", ".join(str(p) for p in written))
     return rows

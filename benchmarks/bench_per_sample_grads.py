@@ -65,6 +65,12 @@ class Case:
     def label(self) -> str:
         return f"N{self.samples} C{self.channels} {self.size}x{self.size}"
 
+    def layer(self, device: torch.device, backend: str) -> AAConv2d:
+        return AAConv2d(
+            self.channels, self.channels, 3, dk=self.dk, dv=self.dv, num_heads=self.heads,
+            backend=backend, input_size=self.size, device=device,
+        )  # fmt: skip
+
 
 # torch.compile of vmap(grad) over the layer, where Inductor gets it right (module docstring).
 COMPILES = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
@@ -83,10 +89,7 @@ def make_per_sample_grads(
     random inputs and weights (the same for every method)."""
     kind, backend = method.split("_", 1)
     torch.manual_seed(0)
-    layer = AAConv2d(
-        case.channels, case.channels, 3, dk=case.dk, dv=case.dv, num_heads=case.heads,
-        backend=backend, input_size=case.size, device=device,
-    )  # fmt: skip
+    layer = case.layer(device, backend)
     x = torch.randn(case.samples, case.channels, case.size, case.size, device=device)
     target = torch.randn_like(x)
     params = {name: p.detach() for name, p in layer.named_parameters()}
@@ -122,14 +125,37 @@ def disagreement(found: dict[str, Tensor], expected: dict[str, Tensor]) -> float
     )
 
 
-def measure_memory(case: Case, method: str, device: torch.device) -> int:
-    fn = make_per_sample_grads(case, method, device)
-    fn()  # one-time costs (thread pools, code pages, lazy init) are not the method's
-    return common.peak_memory(fn, device)
+def measure_memory(case: Case, method: str, device: torch.device) -> int | str:
+    """Peak extra bytes of one call (after an unmeasured one), or why there is none."""
+    try:
+        fn = make_per_sample_grads(case, method, device)
+        fn()  # one-time costs (thread pools, code pages, lazy init) are not the method's
+        return common.peak_memory(fn, device)
+    except Exception as error:  # recorded in the row's status; the other cases go on
+        return common.error_status(error)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def check_method(
+    case: Case, method: str, device: torch.device, expected: dict[str, Tensor]
+) -> tuple[Callable[[], dict[str, Tensor]] | None, str]:
+    """``method``'s function and ``"ok"`` when its per-sample gradients match ``expected``; else
+    no function and why (wrong gradients, or the error it raised)."""
+    try:
+        fn = make_per_sample_grads(case, method, device)
+        error = disagreement(fn(), expected)
+    except Exception as failure:  # e.g. a compiler error: recorded, the other methods go on
+        return None, common.error_status(failure)
+    if error < 1e-4:
+        return fn, "ok"
+    return None, f"wrong: relative error {error:.2g}"
 
 
 def memory_worker_main() -> None:
-    """CPU memory worker: a JSON job on stdin, ``{"label|method": bytes}`` on stdout."""
+    """CPU memory worker: a JSON job on stdin, ``{"label|method": bytes or why none}`` on
+    stdout."""
     if not common.in_memory_worker():
         raise RuntimeError("--memory-worker: start it with benchmarks.common.run_worker")
     out = {}
@@ -144,23 +170,25 @@ def memory_worker_main() -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=common.default_device())
-    parser.add_argument("--samples", type=int, default=None, help="N (default: 16 CPU, 64 GPU)")
-    parser.add_argument("--channels", type=int, default=64)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 28])
+    parser.add_argument(
+        "--samples", type=common.positive_int, default=None, help="N (default: 16 CPU, 64 GPU)"
+    )
+    parser.add_argument("--channels", type=common.positive_int, default=64)
+    parser.add_argument("--sizes", type=common.positive_int, nargs="+", default=[16, 28])
     parser.add_argument("--methods", help="comma-separated, e.g. vmap_cpu,loop_cpu")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--budget", type=float, default=10.0, help="seconds per method")
+    parser.add_argument("--warmup", type=common.non_negative_int, default=1)
+    parser.add_argument("--repeats", type=common.positive_int, default=7)
+    parser.add_argument(
+        "--budget", type=common.non_negative_float, default=10.0, help="seconds per method"
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("samples", "channels", "warmup", "repeats"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup" else 1):
-            parser.error(f"--{name}: expected a positive number, got {value}")
-    if any(size < 1 for size in args.sizes):
-        parser.error(f"--sizes: expected positive map sizes, got {args.sizes}")
+    try:  # the layer's own rules (dv < channels, ...), before anything runs
+        Case(1, args.channels, 1).layer(torch.device("meta"), "reference")
+    except ValueError as error:
+        parser.error(f"--channels {args.channels}: {error}")
     return args
 
 
@@ -178,14 +206,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
 
     rows: list[dict[str, object]] = []
     measured: list[tuple[Case, dict[str, object]]] = []  # the timed rows, for memory
+    out_dir = common.out_dir(args.out_dir)
     for case in cases:
-        expected = make_per_sample_grads(case, ORACLE, device)()
         timed, status = {}, {}
-        for method in methods:
-            fn = make_per_sample_grads(case, method, device)
-            error = disagreement(fn(), expected)
-            status[method] = "ok" if error < 1e-4 else f"wrong: relative error {error:.2g}"
-            if status[method] == "ok":
+        try:
+            expected = make_per_sample_grads(case, ORACLE, device)()
+        except Exception as error:  # nothing to check the methods against: none is timed
+            expected = None
+            status = dict.fromkeys(methods, f"{ORACLE} failed: {common.error_status(error)}")
+        for method in methods if expected is not None else ():
+            fn, status[method] = check_method(case, method, device, expected)
+            if fn is not None:
                 timed[method] = (fn, None)
         timings = common.time_interleaved(
             timed, device, warmup=args.warmup, repeats=args.repeats,
@@ -214,8 +245,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                 for case, row in measured
             }
         for case, row in measured:
-            row["peak_mib"] = peaks[f"{case.label}|{row['method']}"] / 2**20
-    write_results(rows, meta, args.out_dir, device)
+            peak = peaks[f"{case.label}|{row['method']}"]
+            if isinstance(peak, int):
+                row["peak_mib"] = peak / 2**20
+            else:
+                row["status"] = f"memory {peak}"
+    write_results(rows, meta, out_dir, device)
     return rows
 
 
@@ -258,7 +293,7 @@ def write_results(
     common.write_csv(
         [{**{k: r.get(k) for k in keys}, **meta} for r in rows], out_dir / f"{stem}.csv"
     )
-    (out_dir / f"{stem}.md").write_text(md)
+    common.write_text(md, out_dir / f"{stem}.md")
     print(md)
 
 

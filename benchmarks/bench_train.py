@@ -124,6 +124,15 @@ def largest_batch(job: Job, device: torch.device, limit: int) -> int:
     return low
 
 
+def largest_batch_cell(job: Job, device: torch.device, limit: int) -> int | str:
+    """``largest_batch``, or why the search failed (an error other than running out of memory,
+    e.g. a kernel refusing a grid that large): the row keeps its numbers either way."""
+    try:
+        return largest_batch(job, device, limit)
+    except Exception as error:
+        return f"search failed: {common.error_status(error)}"
+
+
 def memory_worker_main() -> None:
     """CPU memory worker: a JSON list of jobs on stdin, ``{label: bytes}`` on stdout."""
     if not common.in_memory_worker():
@@ -145,25 +154,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=common.default_device())
     parser.add_argument("--variants", help=f"comma-separated backends and/or {PLAIN}")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--input-size", type=int, default=defaults.input_size)
+    parser.add_argument("--batch-size", type=common.positive_int, default=defaults.batch_size)
+    parser.add_argument("--input-size", type=common.positive_int, default=defaults.input_size)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--min-repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=common.non_negative_int, default=2)
+    parser.add_argument("--repeats", type=common.positive_int, default=10)
+    parser.add_argument("--min-repeats", type=common.positive_int, default=3)
     parser.add_argument(
-        "--budget", type=float, default=5.0, help="seconds of timed steps per variant"
+        "--budget",
+        type=common.non_negative_float,
+        default=5.0,
+        help="seconds of timed steps per variant",
     )
     parser.add_argument(
         "--compile", choices=("inductor", "aot_eager"),
         help="also measure each variant under torch.compile with this compiler",
     )  # fmt: skip
     parser.add_argument("--max-batch", action="store_true", help="(CUDA) find the largest batch")
-    parser.add_argument("--max-batch-limit", type=int, default=4096)
+    parser.add_argument("--max-batch-limit", type=common.positive_int, default=4096)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.min_repeats > args.repeats:
+        parser.error(
+            f"--min-repeats: expected at most --repeats ({args.repeats}), got {args.min_repeats}"
+        )
+    try:  # the model's own size rules (a multiple of 16), before any variant runs
+        from aanet.model import build_model
+
+        with torch.device("meta"):
+            build_model(Config(input_size=args.input_size).model_config())
+    except ValueError as error:
+        parser.error(f"--input-size: {error}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
@@ -174,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         return []
     device = common.benchmark_device(args.device)
     variants = common.pick_subset(args.variants, variants_for(device), "variants")
+    out_dir = common.out_dir(args.out_dir)
     compilers = ("none", args.compile) if args.compile else ("none",)
     jobs = [
         Job(v, args.batch_size, args.input_size, args.dtype, c) for c in compilers for v in variants
@@ -184,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     for job in jobs:
         try:
             steps[job.label], by_label[job.label]["first_step_s"] = first_step(job, device)
-        except (RuntimeError, ValueError) as error:  # OOM included: recorded, not fatal
+        except Exception as error:  # OOM included: recorded, not fatal
             by_label[job.label]["status"] = common.error_status(error)
     # The variants' steps in interleaved rounds, so that a shared machine's changing load falls on
     # all of them alike and their ratios hold.
@@ -201,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
             if device.type == "cuda":
                 row["peak_mib"] = common.cuda_peak_bytes(steps[job.label], device) / 2**20
         if args.max_batch and device.type == "cuda" and row["status"] == "ok":
-            row["largest_batch"] = largest_batch(job, device, args.max_batch_limit)
+            row["largest_batch"] = largest_batch_cell(job, device, args.max_batch_limit)
         print(row, flush=True)
     steps.clear()
     rows = list(by_label.values())
@@ -241,9 +266,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     )
     keys = list(dict.fromkeys(k for r in rows for k in r))
     common.write_csv(
-        [{**{k: r.get(k) for k in keys}, **meta} for r in rows], args.out_dir / f"{stem}.csv"
+        [{**{k: r.get(k) for k in keys}, **meta} for r in rows], out_dir / f"{stem}.csv"
     )
-    (args.out_dir / f"{stem}.md").write_text(md)
+    common.write_text(md, out_dir / f"{stem}.md")
     print(md)
     return rows
 

@@ -12,11 +12,15 @@ are measured and written the same way:
   measured in a worker process started with ``memory_worker_env``).
 - ``run_metadata``, ``device_slug``: what keys a result (device, versions, date) and names its
   files.
-- ``write_csv``, ``markdown_table``, ``plot_family``: the files under ``benchmarks/results/``.
+- ``write_csv``, ``write_text``, ``markdown_table``, ``plot_family``: the files under
+  ``benchmarks/results/``, each written whole or not at all (``aanet.files.replacing``).
+- ``positive_int``, ``non_negative_int``, ``non_negative_float``, ``out_dir``, ``benchmark_device``:
+  the command lines' checks, so that a bad argument is refused by name before anything is measured.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import gc
@@ -35,6 +39,8 @@ from typing import Any
 
 import torch
 
+from aanet.files import replacing
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
@@ -50,11 +56,55 @@ def default_device() -> str:
 
 
 def benchmark_device(name: str) -> torch.device:
-    """The ``--device`` of a benchmark; exits with a message when it asks for an absent GPU."""
-    device = torch.device(name)
+    """The ``--device`` of a benchmark; exits with a message when it names anything but the CPU or
+    a GPU of this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device: expected cpu or cuda, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     return device
+
+
+def _number(kind: type, least: float, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= least:  # NaN included
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+# argparse ``type=``s: "argument --repeats: expected a positive integer, got '0'".
+positive_int = _number(int, 1, "a positive integer")
+non_negative_int = _number(int, 0, "an integer >= 0")
+non_negative_float = _number(float, 0.0, "a number >= 0")
+
+
+def out_dir(path: Path, option: str = "--out-dir") -> Path:
+    """``path`` created now, so that a run that would end unable to write its tables is refused
+    before it measures anything: exits with a message naming ``option`` when ``path`` is a file,
+    cannot be created, or cannot be written to."""
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"{option} {path}: expected a folder, got a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"{option} {path}: cannot create the folder ({error.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SystemExit(f"{option} {path}: the folder is not writable")
+    return path
 
 
 def pick_subset(requested: str | None, available: Sequence[str], option: str) -> list[str]:
@@ -246,7 +296,7 @@ def time_interleaved(
                 continue
             try:
                 one_call(name, timed=round_index >= 0)
-            except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:
+            except Exception as error:  # one failing case must not cost the others' numbers
                 failed[name] = error_status(error)
     return {
         name: failed.get(name) or Timing(statistics.median(got), min(got), max(got), len(got))
@@ -335,14 +385,21 @@ def run_worker(args: Sequence[str], payload: Any, timeout_s: float | None = None
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Write ``rows`` (dicts with the same keys) as CSV, creating the folder."""
+    """Write ``rows`` (dicts with the same keys) as CSV, creating the folder; whole or not at all
+    (a failure while writing leaves ``path`` as it was)."""
     if not rows:
         raise ValueError("rows: expected at least one row to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with replacing(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+def write_text(text: str, path: Path) -> Path:
+    """Write ``text`` to ``path``, creating the folder; whole or not at all."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
     return path
 
 
@@ -368,7 +425,8 @@ def plot_family(
     path: Path,
     logy: bool = True,
 ) -> Path:
-    """One PNG: a panel per key of ``series`` (e.g. a mode), a line of ``(x, y)`` per method."""
+    """One PNG: a panel per key of ``series`` (e.g. a mode), a line of ``(x, y)`` per method;
+    whole or not at all."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,7 +449,9 @@ def plot_family(
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110)  # the temporary name ends in .png: savefig's format
+    finally:
+        plt.close(fig)
     return path

@@ -149,17 +149,18 @@ def render(rows: list[dict[str, object]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args(argv)
+    out_dir = common.out_dir(args.out_dir)  # checked before minutes of compiling
     rows = triton_rows()
     extensions = glob.glob(str(Path(aanet_kernels.__file__).parent / "_C*.so"))
     if extensions:
         rows += cuda_rows(extensions[0])
     else:
         print("no built extension found: CUDA kernels left out (run `make build` first)")
-    stem = args.out_dir / "kernel_resources_sm80_sm90"
+    stem = out_dir / "kernel_resources_sm80_sm90"
     common.write_csv(rows, stem.with_suffix(".csv"))
-    stem.with_suffix(".md").write_text(render(rows))
+    common.write_text(render(rows), stem.with_suffix(".md"))
     print(f"wrote {stem}.csv and .md")
 
 

@@ -17,10 +17,18 @@
 # benchmark shape (clocks left alone), as .ncu-rep and a text summary.
 # A failing step does not stop the others; the script exits 1 if any failed and says which.
 set -uo pipefail
+# $OUT is taken relative to where the script was called from, before the cd to the repository.
+if [[ -n "${OUT:-}" ]]; then
+  if ! mkdir -p "$OUT" 2>/dev/null || [[ ! -w "$OUT" ]]; then
+    echo "OUT=$OUT: expected a writable folder (it is a file, or cannot be created)" >&2
+    exit 2
+  fi
+  OUT_DIR="$(cd "$OUT" && pwd)"
+fi
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python}"
-OUT_DIR="${OUT:-benchmarks/results}"
+OUT_DIR="${OUT_DIR:-benchmarks/results}"
 STEPS="${STEPS:-build tests attention aaconv train profile sanitize ncu}"
 mkdir -p "$OUT_DIR"
 failed=()
@@ -41,8 +49,14 @@ run_step() {  # run_step NAME CMD...: run CMD, tee its output to NAME.log, remem
 }
 
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
-gpu_backends() {
-  "$PY" -c "import aanet_kernels as a; print(' '.join(b for b in a.available_backends('cuda') if b != 'reference'))"
+gpu_backends() {  # the GPU backends, one line; a failed import or none at all fails the step
+  local found
+  found="$("$PY" -c "import aanet_kernels as a; print(' '.join(b for b in a.available_backends('cuda') if b != 'reference'))")"
+  if [[ -z "$found" ]]; then
+    echo "no GPU backend of aanet_kernels can run here (build failed, or no GPU?)" >&2
+    return 1
+  fi
+  echo "$found"
 }
 
 {
@@ -68,7 +82,8 @@ if wants train; then
     --out-dir "$OUT_DIR"
 fi
 if wants profile; then
-  for backend in $(gpu_backends); do
+  backends="$(gpu_backends)" || failed+=("profile")
+  for backend in $backends; do
     run_step "profile_attention_$backend" "$PY" -m aanet_kernels.profile --device cuda --backend "$backend" \
       --shape 32,8,32,32,16,8 --out-dir "$OUT_DIR/profiles"
     run_step "profile_aaconv_$backend" "$PY" -m aanet_kernels.profile --op aaconv --device cuda \
@@ -86,7 +101,8 @@ if wants sanitize; then
 fi
 if wants ncu; then
   mkdir -p "$OUT_DIR/profiles"
-  for backend in $(gpu_backends); do
+  backends="$(gpu_backends)" || failed+=("ncu")
+  for backend in $backends; do
     for mode in fwd bwd; do
       run_step "ncu_${backend}_${mode}" ncu --clock-control none --profile-from-start off \
         --set full -f -o "$OUT_DIR/profiles/ncu_${backend}_${mode}" \
