@@ -9,7 +9,8 @@ same inputs, with gradients for q, k, v and both bias tables:
   ``(B, Nh, L, L)`` ``attn_mask`` inside the timed call (what a user without this library writes;
   the mask requires grad when timing backward, through the tables);
 - ``sdpa_nobias``: the same SDPA with no bias at all: the cost floor of the work without the bias;
-- ``flex`` (CUDA only): ``torch.compile``d FlexAttention whose ``score_mod`` reads the two tables.
+- ``flex``: ``torch.compile``d FlexAttention whose ``score_mod`` reads the two tables (on the CPU
+  forward only: FlexAttention has no CPU backward).
 
 Modes: ``fwd`` (inference, under ``no_grad``), ``bwd`` (the backward alone, after an untimed
 forward) and ``fwdbwd``. Time: median over repeats after warm-up (``benchmarks.common.time_fn``).
@@ -146,8 +147,7 @@ def methods_for(device: torch.device) -> list[str]:
         for b in aanet_kernels.available_backends(device)
         if b != "triton" or device.type == "cuda"
     ]
-    baselines = [b for b in BASELINES if b != "flex" or device.type == "cuda"]
-    return backends + baselines
+    return backends + list(BASELINES)
 
 
 def make_inputs(
@@ -305,7 +305,11 @@ def prepare(
     return mode_fns(forward_fn(method, x, shape), x, mode)
 
 
-def _skip_reason(method: str, shape: Shape, settings: Settings) -> str | None:
+def _skip_reason(
+    method: str, mode: str, shape: Shape, device: torch.device, settings: Settings
+) -> str | None:
+    if method == "flex" and mode != "fwd" and device.type == "cpu":
+        return "skipped (FlexAttention has no CPU backward)"
     limit = settings.max_dense_length
     if method in DENSE_METHODS and limit is not None and shape.length > limit:
         return f"skipped (L > --max-dense-length {limit})"
@@ -337,7 +341,7 @@ def time_shape(
                 t.requires_grad_(True)
         cases = {}
         for method in methods:
-            skip = _skip_reason(method, shape, settings)
+            skip = _skip_reason(method, mode, shape, device, settings)
             if skip:
                 results[(method, mode)] = skip
             else:
@@ -375,8 +379,8 @@ def measure_memory(
 ) -> dict[str, int | str]:
     """Peak extra bytes of one call per mode (in this process: CUDA, or a CPU memory worker)."""
     results: dict[str, int | str] = {}
-    skip = _skip_reason(method, shape, settings)
     for mode in modes:
+        skip = _skip_reason(method, mode, shape, device, settings)
         if skip:
             results[mode] = skip
             continue
@@ -626,6 +630,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-memory", action="store_true", help="skip the peak-memory measurements"
     )
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--tag",
+        type=common.file_tag,
+        help="appended to the result files' names (attention_DEVICE_TAG)",
+    )
     parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -681,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
 
     meta["load_avg_1m_end"] = common.run_metadata(device)["load_avg_1m"]
     rows = build_rows(shapes, methods, modes, timings, memory, ceilings, settings)
-    stem = f"attention_{common.device_slug(device)}"
+    stem = "_".join(filter(None, ("attention", common.device_slug(device), args.tag)))
     extra = {**meta, **{f"ceiling_{k}": v for k, v in ceilings.as_dict().items()}, "preset": preset}
     csv_path = common.write_csv([{**asdict(r), **extra} for r in rows], out_dir / f"{stem}.csv")
     md = render_markdown(rows, meta, ceilings, preset, modes)

@@ -14,8 +14,9 @@ are measured and written the same way:
   files.
 - ``write_csv``, ``write_text``, ``markdown_table``, ``plot_family``: the files under
   ``benchmarks/results/``, each written whole or not at all (``aanet.files.replacing``).
-- ``positive_int``, ``non_negative_int``, ``non_negative_float``, ``out_dir``, ``benchmark_device``:
-  the command lines' checks, so that a bad argument is refused by name before anything is measured.
+- ``positive_int``, ``non_negative_int``, ``non_negative_float``, ``file_tag``, ``out_dir``,
+  ``benchmark_device``: the command lines' checks, so that a bad argument is refused by name
+  before anything is measured.
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ def _number(kind: type, least: float, what: str) -> Callable[[str], Any]:
 positive_int = _number(int, 1, "a positive integer")
 non_negative_int = _number(int, 0, "an integer >= 0")
 non_negative_float = _number(float, 0.0, "a number >= 0")
+
+
+def file_tag(text: str) -> str:
+    """An argparse ``type=`` for a word put into result file names: letters, digits, ``-``."""
+    if not re.fullmatch(r"[A-Za-z0-9-]+", text):
+        raise argparse.ArgumentTypeError(f"expected letters, digits and '-' only, got {text!r}")
+    return text
 
 
 def out_dir(path: Path, option: str = "--out-dir") -> Path:

@@ -341,8 +341,8 @@ def test_work_model_matches_a_hand_count():
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 def test_flex_baseline_forward_computes_the_reference_attention_on_cpu(monkeypatch):
-    """The ``flex`` method's ``score_mod`` (a GPU-only baseline in the benchmark) checked here,
-    through FlexAttention's eager CPU forward (compiling it would take half a minute)."""
+    """The ``flex`` method's ``score_mod`` checked through FlexAttention's eager CPU forward
+    (compiling it, as the benchmark does, would take half a minute)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     from aanet_kernels.reference import attention_2d_reference
 
@@ -357,6 +357,23 @@ def test_flex_baseline_forward_computes_the_reference_attention_on_cpu(monkeypat
         height=shape.height, width=shape.width, scale=shape.dkh**-0.5,
     )  # fmt: skip
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_is_a_cpu_method_with_its_missing_backward_named(monkeypatch):
+    """FlexAttention runs forward on the CPU (compiled by Inductor) but has no CPU backward: the
+    CPU tables get its forward, and its backward rows say why they are empty instead of
+    recording a NotImplementedError."""
+    cpu = torch.device("cpu")
+    assert "flex" in bench_attention.methods_for(cpu)
+    monkeypatch.setattr(
+        bench_attention, "forward_fn", lambda *a: pytest.fail("a skipped case was prepared")
+    )
+    shape = bench_attention.Shape("t", 1, 1, 2, 2, 16, 16)
+    settings = bench_attention.Settings(torch.float32, 0, 1, 1, 0.0, None)
+    results = bench_attention.time_shape(shape, ["flex"], ["bwd", "fwdbwd"], cpu, settings)
+    assert set(results.values()) == {"skipped (FlexAttention has no CPU backward)"}
+    memory = bench_attention.measure_memory(shape, "flex", ["bwd"], cpu, settings)
+    assert memory == {"bwd": "skipped (FlexAttention has no CPU backward)"}
 
 
 # ---------------------------------------------------------------- run_gpu_suite.sh
@@ -421,3 +438,15 @@ def test_gpu_suite_refuses_an_out_that_is_a_file(tmp_path):
     assert run.returncode == 2
     assert f"OUT={taken}: expected a writable folder" in run.stderr
     assert "=== build" not in run.stdout
+
+
+def test_a_tag_names_the_result_files_and_must_be_a_plain_word(tmp_path, capsys):
+    args = ["--device", "cpu", "--preset", "tiny", "--methods", "sdpa_nobias", "--modes", "fwd"]
+    args += ["--warmup", "0", "--repeats", "1", "--min-repeats", "1", "--budget", "0"]
+    args += ["--no-memory", "--no-plot"]
+    with pytest.raises(SystemExit):
+        bench_attention.main([*args, "--tag", "../x", "--out-dir", str(tmp_path)])
+    assert "argument --tag: expected letters, digits and '-' only" in capsys.readouterr().err
+    bench_attention.main([*args, "--tag", "flex-fwd", "--out-dir", str(tmp_path)])
+    stem = f"attention_{common.device_slug('cpu')}_flex-fwd"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.csv", f"{stem}.md"]
