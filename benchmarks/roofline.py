@@ -80,8 +80,9 @@ def _cuda_exp_rate(device: torch.device) -> float:
 
 
 def _cpu_exp_rate(device: torch.device) -> float:
-    # 64 KiB: in cache, and under ATen's parallel grain so one thread runs it (an OpenMP fork per
-    # small call would time the fork, not the exp); the machine's rate is that times the threads.
+    # 64 KiB: in cache. Timed on one thread (set, not left to ATen's parallel grain: with the
+    # pool's threads woken per small call, a loaded machine timed their wake-ups, 70x under the
+    # exp rate); the machine's rate is that times the threads.
     n, reps = 1 << 14, 500
     x = -torch.rand(n, device=device)
     out = torch.empty_like(x)
@@ -90,8 +91,13 @@ def _cpu_exp_rate(device: torch.device) -> float:
         for _ in range(reps):
             torch.exp(x, out=out)
 
-    timing = time_fn(many, device, warmup=1, repeats=5, budget_s=1.0)
-    return n * reps / timing.median_s * torch.get_num_threads()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        timing = time_fn(many, device, warmup=1, repeats=5, budget_s=1.0)
+    finally:
+        torch.set_num_threads(threads)
+    return n * reps / timing.median_s * threads
 
 
 def _copy_bandwidth(device: torch.device) -> float:

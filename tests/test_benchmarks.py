@@ -331,3 +331,21 @@ def test_gpu_suite_sanitizes_both_gpu_backends(tmp_path):
         for file in ("tests/test_cuda_gpu.py", "tests/test_triton_gpu.py"):
             for dtype in ("float32", "bfloat16"):
                 assert any(i.startswith(file) and dtype in i for i in ids), (tool, file, dtype)
+
+
+def test_cpu_exp_ceiling_is_timed_on_one_thread_and_scaled(monkeypatch):
+    """Left to ATen, the small exp calls woke the thread pool each time and, on a loaded
+    machine, timed the wake-ups (70x under the rate); one thread is timed, then scaled."""
+    from benchmarks import roofline
+
+    seen = []
+
+    def fake_time_fn(fn, device, **kwargs):
+        seen.append(torch.get_num_threads())
+        return common.Timing(median_s=1.0, min_s=1.0, max_s=1.0, repeats=1)
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(roofline, "time_fn", fake_time_fn)
+    rate = roofline._cpu_exp_rate(torch.device("cpu"))
+    assert seen == [1] and torch.get_num_threads() == threads
+    assert rate == (1 << 14) * 500 * threads
