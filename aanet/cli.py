@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -12,16 +13,44 @@ from typing import Any
 from aanet.config import Config, make_config, preset_names, read_config_file
 from aanet.ranks import is_main_process, rank_and_world
 
+# What `aanet evaluate` does not use: it takes every option from the checkpoint's config, so a
+# flag among these would be ignored without a word (a config file may still hold them).
+_TRAINING_ONLY = ("lr", "weight_decay", "epochs", "loss", "heatmap_reg", "compile", "on_nan", "out")
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`Config` field; a flag given on the command line beats the file."""
+
+def _user_path(text: str) -> str:
+    """A path argument, a leading ``~`` the home folder (``--out=~/runs`` reaches us as it is)."""
+    return os.path.expanduser(text)
+
+
+def _add_config_flags(
+    parser: argparse.ArgumentParser,
+    defaults: dict[str, Any] | None = None,
+    skip: tuple[str, ...] = (),
+    default_note: str | None = None,
+) -> None:
+    """One flag per :class:`Config` field but those in ``skip``; a flag given on the command line
+    beats the file. The help shows ``defaults`` (the command's own base: the ``cpu`` preset for
+    ``run``) over the dataclass's, or ``default_note`` instead of any value."""
+    from aanet.config import option_choices
+
     parser.add_argument(
-        "--config", help=f"YAML/JSON file or preset name ({', '.join(preset_names())})"
+        "--config",
+        type=_user_path,
+        help=f"YAML/JSON file or preset name ({', '.join(preset_names())}); its values beat the "
+        "defaults, and flags beat it",
     )
+    choices = option_choices()
     for f in fields(Config):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
-        helptext = f"default: {default}"
+        default = (defaults or {}).get(f.name, default)
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        helptext = default_note or f"default: {shown if shown != '' else 'none'}"
+        if f.name in choices:
+            helptext = f"{', '.join(choices[f.name])}; {helptext}"
         if f.type == "bool":
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=helptext
@@ -39,10 +68,15 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
     if args.config:
         values.update(read_config_file(args.config))
     for f in fields(Config):
-        given = getattr(args, f.name)
+        given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
-    return make_config(values)
+    config = make_config(values)
+    # For the message of an interrupted run: its out, and the last.pt found there before it.
+    args.resolved_config = config
+    saved = Path(config.out) / "last.pt"
+    args.saved_before = saved.stat().st_mtime_ns if saved.is_file() else None
+    return config
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -145,7 +179,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_run(args: argparse.Namespace) -> None:
     from aanet.demo import run_demo
 
-    run_demo(config_from_args(args, base=read_config_file("cpu")), progress=not args.no_progress)
+    run_demo(
+        config_from_args(args, base=read_config_file("cpu")),
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,63 +194,99 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="write the synthetic WFLW-layout face set")
-    gen.add_argument("--out", default="runs/data/synthetic")
-    gen.add_argument("--num-train", type=int, default=1500)
-    gen.add_argument("--num-test", type=int, default=300)
-    gen.add_argument("--image-size", type=int, default=160)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--out", type=_user_path, default="runs/data/synthetic", help="default: %(default)s"
+    )
+    gen.add_argument("--num-train", type=int, default=1500, help="default: %(default)s")
+    gen.add_argument("--num-test", type=int, default=300, help="default: %(default)s")
+    gen.add_argument("--image-size", type=int, default=160, help="default: %(default)s")
+    gen.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     gen.set_defaults(func=_cmd_generate)
 
     tr = sub.add_parser("train", help="train AANet (works under torchrun for DDP)")
     _add_config_flags(tr)
     tr.add_argument(
-        "--resume", nargs="?", const="auto", help="checkpoint to continue (default: <out>/last.pt)"
-    )
+        "--resume", nargs="?", const="auto", type=_user_path,
+        help="checkpoint to continue (without a value: <out>/last.pt)",
+    )  # fmt: skip
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser(
         "evaluate", help="NME / FR / AUC on the test set and the WFLW or 300W subsets"
     )
-    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--checkpoint", required=True, type=_user_path)
     ev.add_argument(
         "--json",
+        type=_user_path,
         help="where to write the report (default: eval.json beside the checkpoint)",
     )
-    _add_config_flags(ev)
+    _add_config_flags(ev, skip=_TRAINING_ONLY, default_note="default: the checkpoint's")
     ev.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="detect faces in an image and draw their landmarks")
-    pr.add_argument("image")
-    pr.add_argument("--checkpoint", required=True)
-    pr.add_argument("--output", help="annotated image (default: <image>_landmarks.png)")
+    pr.add_argument("image", type=_user_path)
+    pr.add_argument("--checkpoint", required=True, type=_user_path)
+    pr.add_argument(
+        "--output", type=_user_path, help="annotated image (default: <image>_landmarks.png)"
+    )
     pr.add_argument("--json", action="store_true", help="also write and print the numbers as JSON")
     pr.add_argument("--no-detect", action="store_true", help="use the whole image as the face box")
     pr.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
                     help="the face box, instead of detecting faces")  # fmt: skip
-    pr.add_argument("--device", default="auto")
-    pr.add_argument("--backend", default="auto")
+    pr.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N; default: %(default)s"
+    )
+    pr.add_argument("--backend", default="auto", help="attention backend; default: %(default)s")
     pr.set_defaults(func=_cmd_predict)
 
     ex = sub.add_parser("export", help="TorchScript / torch.export / ONNX, checked against eager")
-    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--checkpoint", required=True, type=_user_path)
     ex.add_argument(
         "--format", choices=("torchscript", "export", "onnx"),
         help="default: the one --output names (.pt2, .onnx, .ts.pt or .ts), else export",
     )  # fmt: skip
     ex.add_argument(
-        "--output", help="default: the checkpoint's name with .pt2, .ts.pt or .onnx for --format"
+        "--output",
+        type=_user_path,
+        help="default: the checkpoint's name with .pt2, .ts.pt or .onnx for --format",
     )
     ex.add_argument("--backend", default="reference", help="attention backend recorded in the file")
     ex.set_defaults(func=_cmd_export)
 
     run = sub.add_parser(
-        "run", help="generate, train, evaluate, predict, export: the `make run` job"
+        "run",
+        help="generate, train, evaluate, predict, export: the `make run` job",
+        description="The `make run` job, from the cpu preset: options come from the cpu preset, "
+        "then --config, then flags.",
     )
-    _add_config_flags(run)
-    run.add_argument("--no-progress", action="store_true")
+    _add_config_flags(run, defaults=read_config_file("cpu"))
+    run.add_argument(
+        "--resume", action="store_true",
+        help="continue the training of an interrupted run from <out>/last.pt, then the rest",
+    )  # fmt: skip
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
     return parser
+
+
+def _what_is_saved(args: argparse.Namespace) -> str:
+    """For an interrupted ``train`` or ``run``: what ``last.pt`` holds and how to go on."""
+    config = getattr(args, "resolved_config", None)
+    if args.command not in ("train", "run") or config is None:
+        return ""
+    saved = Path(config.out) / "last.pt"
+    if not saved.is_file():
+        return f" before its first epoch ended: no checkpoint in {config.out}"
+    try:
+        from aanet import checkpoint
+
+        done = f" epoch {checkpoint.load(saved)['epoch'] + 1} of {config.epochs}"
+    except Exception:  # noqa: BLE001 - the message is all that is left to give
+        done = ""
+    unchanged = saved.stat().st_mtime_ns == getattr(args, "saved_before", None)
+    earlier = " (an earlier run's: this one ended no epoch)" if unchanged else ""
+    return f"; {saved} holds{done}{earlier}: the same command with --resume continues from there"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"aanet {args.command}: interrupted{_what_is_saved(args)}", file=sys.stderr)
+        return 130
     except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
         if args.debug:
             raise

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -97,27 +99,48 @@ class Config:
 
 
 def read_config_file(path: Path | str) -> dict[str, Any]:
-    """Keys and values of a ``.yaml``/``.yml`` (needs PyYAML) or ``.json`` file; a bare name such
-    as ``cpu`` means the preset ``aanet/configs/cpu.yaml``."""
-    path = Path(path)
+    """Keys and values of a ``.yaml``/``.yml`` (needs PyYAML) or ``.json`` file (the suffix in any
+    case); a bare name such as ``cpu`` means the preset ``aanet/configs/cpu.yaml``. A leading
+    ``~`` is the home folder."""
+    path = Path(path).expanduser()
     if not path.exists() and (PRESETS / f"{path}.yaml").is_file():
         path = PRESETS / f"{path}.yaml"
+    if path.is_dir():
+        raise IsADirectoryError(f"config: {path} is a folder, not a YAML/JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"config: no such file {path} (presets: {preset_names()})")
-    if path.suffix in (".yaml", ".yml"):
+    kind = path.suffix.lower()
+    if kind not in (".yaml", ".yml", ".json"):
+        raise ValueError(
+            f"config {path}: expected a .yaml, .yml or .json file (or a preset: {preset_names()})"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = error.object[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"config {path}: not UTF-8 text (line {line}: byte {error.object[error.start]:#04x})"
+        ) from None
+    if kind == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config {path}: not valid JSON: {error}") from error
+    else:
         import yaml
 
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(text)
         except yaml.YAMLError as error:
             raise ValueError(f"config {path}: not valid YAML: {error}") from error
-    else:
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"config {path}: not valid JSON: {error}") from error
+        if values is None:  # an empty file, or only comments: the defaults
+            values = {}
     if not isinstance(values, dict):
-        raise ValueError(f"config {path}: expected a mapping of option names to values")
+        raise ValueError(
+            f"config {path}: expected a mapping of option names to values, got a "
+            f"{type(values).__name__}"
+        )
+    check_names(values, f"config {path}")
     return values
 
 
@@ -129,10 +152,7 @@ def make_config(values: dict[str, Any]) -> Config:
     """A :class:`Config` from a mapping; unknown keys, wrong types and out-of-range values raise
     an error naming the option."""
     values = dict(values)
-    known = {f.name for f in fields(Config)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"config: unknown options {unknown}; known: {sorted(known)}")
+    check_names(values, "config")
     for f in fields(Config):
         # PyYAML reads an exponent without a dot (lr: 1e-3) as a string.
         if f.type == "float" and isinstance(values.get(f.name), str):
@@ -140,9 +160,50 @@ def make_config(values: dict[str, Any]) -> Config:
                 values[f.name] = float(values[f.name])
             except ValueError:
                 pass  # check_config names it
+        if f.name in _PATHS and isinstance(values.get(f.name), str):
+            values[f.name] = os.path.expanduser(values[f.name])
     config = Config(**values)
     check_config(config)
     return config
+
+
+# Path options: a leading ~ is the home folder (a shell leaves it as it is in a YAML file, and in
+# --out=~/runs).
+_PATHS = ("data_root", "test_root", "out")
+
+# Names other tools use for an option, and what it is called here.
+_ALIASES = {"learning_rate": "lr", "num_epochs": "epochs", "epoch": "epochs", "heads": "num_heads",
+            "crop_size": "input_size", "output": "out", "out_dir": "out", "output_dir": "out",
+            "dataset": "data", "num_workers": "workers", "batch": "batch_size"}  # fmt: skip
+
+
+def _suggest(key: Any, known: list[str]) -> str | None:
+    """The option a misspelt ``key`` most likely means, if any."""
+    if not isinstance(key, str):
+        return None
+    name = key.strip().lower().replace("-", "_")
+    if name in known:
+        return name
+    if name in _ALIASES:
+        return _ALIASES[name]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def check_names(values: dict[Any, Any], where: str) -> None:
+    """Raise ``ValueError`` naming each key of ``values`` that is not an option (``where`` says
+    whose: ``config run.yaml``), with the option it most likely means."""
+    known = [f.name for f in fields(Config)]
+    unknown = [key for key in values if key not in known]
+    if not unknown:
+        return
+    names = []
+    for key in unknown:
+        close = _suggest(key, known)
+        names.append(f"{key!r} (did you mean {close!r}?)" if close else repr(key))
+    listing = "" if all(_suggest(key, known) for key in unknown) else f"; known: {', '.join(known)}"
+    plural = "s" if len(unknown) > 1 else ""
+    raise ValueError(f"{where}: unknown option{plural} {', '.join(names)}{listing}")
 
 
 # Options that must be at least 1, and at least 0.
@@ -151,7 +212,8 @@ _POSITIVE = ("num_train", "num_test", "image_size", "input_size", "width", "num_
 _NON_NEGATIVE = ("workers", "weight_decay", "heatmap_reg", "seed")
 
 
-def _choices() -> dict[str, tuple[str, ...]]:
+def option_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of each option that has a fixed set."""
     # Imported here: the data and kernel packages are heavier than reading a config.
     from aanet.datasets.records import ON_ERROR_CHOICES
     from aanet.datasets.sources import DATASETS
@@ -211,7 +273,7 @@ def check_config(config: Config) -> None:
         raise ValueError(f"lr: expected a positive number, got {config.lr}")
     if not config.blocks or min(config.blocks) < 1:
         raise ValueError(f"blocks: expected one or more positive ints, got {config.blocks}")
-    for name, allowed in _choices().items():
+    for name, allowed in option_choices().items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(config, name)!r}")
     check_device_name(config.device)

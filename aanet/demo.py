@@ -26,10 +26,13 @@ def demo_photo(path: Path, seed: int = 12345, size: int = 320) -> np.ndarray:
     return np.concatenate([points.min(axis=0), points.max(axis=0)])
 
 
-def run_demo(config: Config, progress: bool = True) -> dict[str, dict[str, float]]:
-    """Generate the synthetic set, train, evaluate (table + JSON), predict on a photo, export;
-    returns the evaluation report (``aanet.evaluate.subset_report``). Under ``torchrun`` every
-    rank trains and rank 0 alone does the rest (the other ranks return ``{}``)."""
+def run_demo(
+    config: Config, resume: bool = False, progress: bool = True
+) -> dict[str, dict[str, float]]:
+    """Generate the synthetic set, train (with ``resume``, on from ``<out>/last.pt``), evaluate
+    (table + JSON), predict on a photo, export; returns the evaluation report
+    (``aanet.evaluate.subset_report``). Under ``torchrun`` every rank trains and rank 0 alone
+    does the rest (the other ranks return ``{}``)."""
     import cv2
 
     from aanet.export import export
@@ -38,7 +41,7 @@ def run_demo(config: Config, progress: bool = True) -> dict[str, dict[str, float
     from aanet.train import attention_backend, pick_device, train
 
     out = Path(config.out)
-    result = train(config, progress=progress)
+    result = train(config, resume="auto" if resume else None, progress=progress)
     if not is_main_process():
         return {}
     report = result["report"]

@@ -368,6 +368,13 @@ def train(
     group = init_distributed(device)
     out = Path(config.out)
     with claim_out(out) if is_main_process() else contextlib.nullcontext():
+        if not resume and is_main_process() and (out / "last.pt").is_file():
+            log.warning(
+                "%s holds an earlier run: this one starts over and replaces it (and log.csv, "
+                "curves.png) when its first epoch ends; --resume continues it instead, another "
+                "--out keeps both",
+                out / "last.pt",
+            )
         return _train(config, resume, progress, stop_after, device, group, out)
 
 

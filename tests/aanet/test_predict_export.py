@@ -186,7 +186,7 @@ def test_checkpoint_errors_name_the_file_and_say_what_it_is(checkpoint, tmp_path
     cv2.imwrite(str(photo), np.full((40, 50, 3), 127, np.uint8))
     cases = {
         wider: "wider.pt: its weights do not fit the network its config describes (size mismatch",
-        newer: "newer.pt: its saved config does not read here: config: unknown options",
+        newer: "newer.pt: its saved config does not read here: config: unknown option",
         exported: "model.pt2: an exported model (torch.export, what `aanet export` writes), not",
         scripted: "model.ts.pt: an exported model (TorchScript, what `aanet export` writes), not",
     }

@@ -488,7 +488,8 @@ def test_aanet_run_on_another_rank_than_0_stops_after_training(tmp_path, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     trained = []
     monkeypatch.setattr(
-        "aanet.train.train", lambda config, progress: trained.append(config) or {"history": []}
+        "aanet.train.train",
+        lambda config, resume, progress: trained.append(config) or {"history": []},
     )
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0

@@ -1,0 +1,157 @@
+"""The ``aanet`` command line: config files, help, paths, interruption, a second run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from aanet import checkpoint
+from aanet.cli import build_parser, config_from_args, main
+from aanet.config import Config, make_config, read_config_file
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        (
+            "run.yaml",
+            b"lr: 0.1\nout: caf\xe9\n",
+            r"config .*run\.yaml: not UTF-8 text \(line 2: byte 0xe9\)",
+        ),
+        ("run.yaml", "learning_rate: 0.1\n", r"run\.yaml: unknown option 'learning_rate' .*'lr'"),
+        ("run.yaml", "batch-size: 8\n", r"unknown option 'batch-size' \(did you mean 'batch_size'"),
+        ("run.yaml", "epocs: 3\n", r"unknown option 'epocs' \(did you mean 'epochs'"),
+        ("run.yaml", "1: 2\nnull: 3\n", r"unknown options 1, None; known: data, "),
+        ("run.txt", "lr: 0.1\n", r"run\.txt: expected a \.yaml, \.yml or \.json file"),
+        ("run.yaml", "- lr\n", r"expected a mapping of option names to values, got a list"),
+    ],
+)
+def test_a_bad_config_file_is_one_clear_error(tmp_path, name, data, message):
+    with pytest.raises(ValueError, match=message):
+        read_config_file(write(tmp_path / name, data))
+
+
+def test_a_folder_as_the_config_is_called_a_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"config: {tmp_path} is a folder"):
+        read_config_file(tmp_path)
+
+
+def test_a_suffix_in_capitals_and_an_empty_file_are_read(tmp_path):
+    assert read_config_file(write(tmp_path / "run.YAML", "lr: 0.1  # comment\n")) == {"lr": 0.1}
+    assert read_config_file(write(tmp_path / "run.yml", "# nothing yet\n")) == {}
+
+
+def test_unknown_keys_are_refused_by_make_config_too():
+    with pytest.raises(ValueError, match=r"config: unknown option 'num_head' .*'num_heads'"):
+        make_config({"num_head": 2})
+
+
+def test_a_home_folder_tilde_is_expanded_in_config_files_and_path_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = make_config(read_config_file(write(tmp_path / "r.yaml", "data_root: ~/d s\n")))
+    assert config.data_root == str(tmp_path / "d s")
+    args = build_parser().parse_args(["train", "--out=~/runs/a b", "--config", "~/r.yaml"])
+    assert config_from_args(args).out == str(tmp_path / "runs/a b")
+    args = build_parser().parse_args(["evaluate", "--checkpoint=~/last.pt", "--json=~/e.json"])
+    assert args.checkpoint == str(tmp_path / "last.pt") and args.json == str(tmp_path / "e.json")
+    args = build_parser().parse_args(
+        ["predict", "~/p.png", "--checkpoint", "c", "--output=~/o.png"]
+    )
+    assert (args.image, args.output) == (str(tmp_path / "p.png"), str(tmp_path / "o.png"))
+
+
+def test_flags_beat_the_config_file_which_beats_the_base(tmp_path):
+    path = write(tmp_path / "r.yaml", "lr: 0.01\nepochs: 5\n")
+    args = build_parser().parse_args(["run", "--config", str(path), "--epochs", "7"])
+    config = config_from_args(args, base=read_config_file("cpu"))
+    assert (config.lr, config.epochs, config.width) == (0.01, 7, 48)
+
+
+def help_of(capsys, command: str) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_run_help_shows_the_cpu_preset_it_starts_from(capsys):
+    text = help_of(capsys, "run")
+    assert "--epochs EPOCHS default: 12" in text and "--width WIDTH default: 48" in text
+    assert "--out OUT default: runs/aanet-cpu" in text and "--resume" in text
+    assert "--loss LOSS mse, l1, wing, awing; default: mse" in text
+
+
+def test_evaluate_offers_no_flag_it_would_ignore(capsys):
+    text = help_of(capsys, "evaluate")
+    assert "--lr" not in text and "--epochs" not in text and "--out " not in text
+    assert "--batch-size BATCH_SIZE default: the checkpoint's" in text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "--checkpoint", "c.pt", "--out", "elsewhere"])
+
+
+def test_generate_help_lists_its_defaults(capsys):
+    assert "--num-train NUM_TRAIN default: 1500" in help_of(capsys, "generate")
+
+
+def test_run_resume_continues_the_training_of_out(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("aanet.demo.run_demo", lambda config, **kwargs: seen.update(kwargs))
+    assert main(["run", "--resume", "--no-progress"]) == 0
+    assert seen == {"resume": True, "progress": False}
+
+
+def interrupted_train(tmp_path, monkeypatch, epoch: int | None):
+    def fake_train(config, **kwargs):
+        if epoch is not None:
+            state = {"epoch": epoch, "model": {"w": torch.zeros(1)}}
+            checkpoint.save_atomic(state, Path(config.out) / "last.pt")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("aanet.train.train", fake_train)
+    return main(["train", "--out", str(tmp_path / "run"), "--epochs", "5", "--no-progress"])
+
+
+def test_ctrl_c_says_what_last_pt_holds_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    assert interrupted_train(tmp_path, monkeypatch, epoch=1) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"aanet train: interrupted; {tmp_path / 'run' / 'last.pt'} holds epoch 2 of 5: the same "
+        "command with --resume continues from there"
+    )
+
+
+def test_ctrl_c_before_the_first_epoch_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    assert interrupted_train(tmp_path, monkeypatch, epoch=None) == 130
+    err = capsys.readouterr().err.strip()
+    expected = "aanet train: interrupted before its first epoch ended: no checkpoint in"
+    assert err == f"{expected} {tmp_path / 'run'}"
+
+
+def test_a_second_run_in_one_out_says_it_replaces_the_first(tmp_path, monkeypatch, caplog):
+    import aanet.train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"an earlier run")
+    monkeypatch.setattr(aanet.train, "_train", lambda *args: {})
+    caplog.set_level(logging.INFO, "aanet")
+    aanet.train.train(Config(device="cpu", out=str(out)))
+    assert "holds an earlier run: this one starts over and replaces it" in caplog.text
+    caplog.clear()
+    aanet.train.train(Config(device="cpu", out=str(out)), resume="auto")
+    assert "earlier run" not in caplog.text
+
+
+def test_ctrl_c_names_an_earlier_runs_checkpoint_as_such(tmp_path, monkeypatch, capsys):
+    (tmp_path / "run").mkdir()
+    checkpoint.save_atomic({"epoch": 4, "model": {}}, tmp_path / "run" / "last.pt")
+    assert interrupted_train(tmp_path, monkeypatch, epoch=None) == 130
+    err = capsys.readouterr().err
+    assert "holds epoch 5 of 5 (an earlier run's: this one ended no epoch): the same command" in err
