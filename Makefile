@@ -35,16 +35,18 @@ run: build
 	$(PY) -m aanet run
 
 # `make bench`: the CPU benchmarks in about 8 minutes on 2 cores (dense baselines only up to
-# L = 1024, AAConv2d at 28x28 and 14x14, fewer repeats), into benchmarks/results/quick/.
-# `make bench FULL=1`: the full CPU attention and AAConv2d tables published in benchmarks/results/
-# (about 40 minutes); the training and per-sample-gradient tables have their own scripts (README).
+# L = 1024, no FlexAttention: it compiles for half a minute per shape, AAConv2d at 28x28 and
+# 14x14, fewer repeats), into benchmarks/results/quick/.
+# `make bench FULL=1`: the full CPU attention (FlexAttention included) and AAConv2d tables
+# published in benchmarks/results/ (about 50 minutes); the training and per-sample-gradient tables have their own scripts (README).
 ifdef FULL
 BENCH_OUT := benchmarks/results
 BENCH_ATTENTION_FLAGS :=
 BENCH_AACONV_FLAGS :=
 else
 BENCH_OUT := benchmarks/results/quick
-BENCH_ATTENTION_FLAGS := --max-dense-length 1024 --budget 1 --repeats 5
+BENCH_ATTENTION_FLAGS := --max-dense-length 1024 --budget 1 --repeats 5 \
+	--methods reference,cpu,sdpa_dense,sdpa_nobias
 BENCH_AACONV_FLAGS := --sizes 28 14 --repeats 3
 endif
 
