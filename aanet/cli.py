@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from aanet.config import Config, make_config, preset_names, read_config_file
+from aanet.config import Config, make_config, preset_names, read_config_file, unread_options
 from aanet.ranks import is_main_process, rank_and_world
 
 # What `aanet evaluate` does not use: it takes every option from the checkpoint's config, so a
@@ -65,13 +65,17 @@ def _add_config_flags(
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
     """Defaults, then ``base``, then the config file, then the flags."""
     values = dict(base or {})
-    if args.config:
-        values.update(read_config_file(args.config))
+    given = read_config_file(args.config) if args.config else {}
     for f in fields(Config):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
+        flag = getattr(args, f.name, None)
+        if flag is not None:
+            given[f.name] = flag
+    values.update(given)
     config = make_config(values)
+    for name in unread_options(config, given):
+        logging.getLogger("aanet").warning(
+            "%s is not read with data %r: it changes nothing", name, config.data
+        )
     # For the message of an interrupted run: its out, and the last.pt found there before it.
     args.resolved_config = config
     saved = Path(config.out) / "last.pt"

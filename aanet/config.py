@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,17 @@ def make_config(values: dict[str, Any]) -> Config:
     config = Config(**values)
     check_config(config)
     return config
+
+
+# Options that only some data sets read.
+_READ_BY = {"num_train": ("synthetic",), "num_test": ("synthetic",), "image_size": ("synthetic",),
+            "test_root": ("300w",)}  # fmt: skip
+
+
+def unread_options(config: Config, given: Iterable[str]) -> list[str]:
+    """The options among ``given`` that ``config.data`` does not read (``--test-root`` with
+    synthetic data, ``--num-train`` with WFLW): worth a warning, as they change nothing."""
+    return [name for name in given if config.data not in _READ_BY.get(name, (config.data,))]
 
 
 # Path options: a leading ~ is the home folder (a shell leaves it as it is in a YAML file, and in

@@ -155,3 +155,31 @@ def test_ctrl_c_names_an_earlier_runs_checkpoint_as_such(tmp_path, monkeypatch, 
     assert interrupted_train(tmp_path, monkeypatch, epoch=None) == 130
     err = capsys.readouterr().err
     assert "holds epoch 5 of 5 (an earlier run's: this one ended no epoch): the same command" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "unread"),
+    [
+        (["train", "--test-root", "t"], ["test_root"]),
+        (["train", "--data", "wflw", "--num-train", "9", "--image-size", "64"],
+         ["num_train", "image_size"]),
+        (["train", "--data", "300w", "--test-root", "t", "--num-test", "5"], ["num_test"]),
+        (["train", "--data", "wflw", "--data-root", "w"], []),
+    ],
+)  # fmt: skip
+def test_an_option_the_data_set_does_not_read_is_warned_about(argv, unread, caplog):
+    """--test-root with synthetic data, --num-train with WFLW: accepted, but they change nothing,
+    so each is named in a warning; options the data set reads are not."""
+    with caplog.at_level(logging.WARNING, logger="aanet"):
+        config_from_args(build_parser().parse_args(argv))
+    warned = [r.getMessage() for r in caplog.records if "changes nothing" in r.getMessage()]
+    assert [m.split()[0] for m in warned] == unread
+
+
+def test_a_preset_under_the_flags_is_not_warned_about(caplog):
+    """``aanet run`` starts from the cpu preset (synthetic sizes in it): ``--data wflw`` there
+    must not warn about the preset's values, only about what the user gave."""
+    args = build_parser().parse_args(["run", "--data", "wflw"])
+    with caplog.at_level(logging.WARNING, logger="aanet"):
+        config_from_args(args, base=read_config_file("cpu"))
+    assert not [r for r in caplog.records if "changes nothing" in r.getMessage()]
