@@ -186,7 +186,8 @@ def run(
     todo = [(c, m) for c in cases for m in methods if not skip_reason(c, m, args.max_dense_gib)]
     if device.type == "cpu":
         job = {"cases": [{"case": asdict(c), "method": m} for c, m in todo]}
-        memory = common.run_worker(["-m", "benchmarks.bench_aaconv", "--memory-worker"], job)
+        worker = ["-m", "benchmarks.bench_aaconv", "--memory-worker"]
+        memory = common.worker_memory(worker, job, [f"{c.label}|{m}" for c, m in todo])
     else:
         memory = {f"{c.label}|{m}": measure_memory(c, m, device, amp_dtype) for c, m in todo}
     rows = []

@@ -422,7 +422,8 @@ def cpu_memory(
         "settings": {**asdict(settings), "dtype": str(settings.dtype).removeprefix("torch.")},
         "cases": [{"shape": asdict(s), "method": m} for s in shapes for m in methods],
     }
-    return common.run_worker(["-m", "benchmarks.bench_attention", "--memory-worker"], job)
+    keys = [f"{s.label}|{m}|{mode}" for s in shapes for m in methods for mode in modes]
+    return common.worker_memory(["-m", "benchmarks.bench_attention", "--memory-worker"], job, keys)
 
 
 # ---------------------------------------------------------------- reporting

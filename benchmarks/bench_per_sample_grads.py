@@ -238,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         if device.type == "cpu":
             jobs = [{"case": asdict(case), "method": row["method"]} for case, row in measured]
             worker = ["-m", "benchmarks.bench_per_sample_grads", "--memory-worker"]
-            peaks = common.run_worker(worker, jobs)
+            keys = [f"{case.label}|{row['method']}" for case, row in measured]
+            peaks = common.worker_memory(worker, jobs, keys)
         else:
             peaks = {
                 f"{case.label}|{row['method']}": measure_memory(case, str(row["method"]), device)

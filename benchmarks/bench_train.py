@@ -232,10 +232,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     rows = list(by_label.values())
     if device.type == "cpu" and not args.no_memory:
         ok = [asdict(j) for j, r in zip(jobs, rows, strict=True) if r["status"] == "ok"]
-        peaks = common.run_worker(["-m", "benchmarks.bench_train", "--memory-worker"], ok)
+        worker = ["-m", "benchmarks.bench_train", "--memory-worker"]
+        labels = [r["label"] for r in rows if r["status"] == "ok"]
+        peaks = common.worker_memory(worker, ok, labels)
         for row in rows:
-            if row["label"] in peaks:
-                row["peak_mib"] = peaks[row["label"]] / 2**20
+            peak = peaks.get(row["label"])
+            if isinstance(peak, int):
+                row["peak_mib"] = peak / 2**20
+            elif isinstance(peak, str):
+                row["status"] = f"memory {peak}"
 
     plain = next(
         (r for r in rows if r["variant"] == PLAIN and r["compiler"] == "none" and "step_ms" in r),

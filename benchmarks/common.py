@@ -392,6 +392,18 @@ def run_worker(args: Sequence[str], payload: Any, timeout_s: float | None = None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def worker_memory(args: Sequence[str], payload: Any, keys: Sequence[str]) -> dict[str, int | str]:
+    """``run_worker`` for a memory worker whose answer is ``{key: bytes or reason}``: when the
+    worker dies (a segfault, a timeout) every key gets that as its reason, so the timings already
+    measured are still written, with the reason in their status column."""
+    try:
+        return run_worker(args, payload)
+    except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as error:
+        print(f"memory worker failed; peak memory is not measured:\n{error}", file=sys.stderr)
+        failed = str(error).splitlines()[0]
+        return dict.fromkeys(keys, f"not measured: {failed}"[:160])
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Write ``rows`` (dicts with the same keys) as CSV, creating the folder; whole or not at all
     (a failure while writing leaves ``path`` as it was)."""

@@ -450,3 +450,25 @@ def test_a_tag_names_the_result_files_and_must_be_a_plain_word(tmp_path, capsys)
     bench_attention.main([*args, "--tag", "flex-fwd", "--out-dir", str(tmp_path)])
     stem = f"attention_{common.device_slug('cpu')}_flex-fwd"
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.csv", f"{stem}.md"]
+
+
+def test_a_memory_worker_that_dies_leaves_the_timings_written(tmp_path, monkeypatch):
+    """A CPU memory worker killed by a signal (a segfault in one case) ended the whole run after
+    every timing was taken; now the run writes its table, each row's status saying why its
+    memory is missing."""
+    crashing = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    real_run_worker = common.run_worker
+    monkeypatch.setattr(
+        common,
+        "run_worker",
+        lambda args, payload, timeout_s=None: real_run_worker(["-c", crashing], payload),
+    )
+    rows = bench_attention.main([
+        "--device", "cpu", "--preset", "tiny", "--methods", "sdpa_nobias", "--modes", "fwd",
+        "--warmup", "0", "--repeats", "1", "--min-repeats", "1", "--budget", "0", "--no-plot",
+        "--out-dir", str(tmp_path),
+    ])  # fmt: skip
+    assert rows and all(r.time_ms > 0 and r.peak_mib is None for r in rows)
+    assert all(r.status.startswith("memory not measured: memory worker") for r in rows)
+    assert "exit -11" in rows[0].status
+    assert (tmp_path / f"attention_{common.device_slug('cpu')}.md").is_file()
