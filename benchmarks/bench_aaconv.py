@@ -151,15 +151,7 @@ def measure_memory(
     case: Case, method: str, device: torch.device, amp_dtype: torch.dtype | None
 ) -> int | str:
     """Peak extra bytes of one step (after an unmeasured one), or why there is none."""
-    try:
-        step = make_step(case, method, device, amp_dtype)
-        step()  # one-time costs (thread pools, code pages, lazy init) are not the layer's
-        return common.peak_memory(step, device)
-    except Exception as error:  # recorded in the row's status; the other cases go on
-        return common.error_status(error)
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    return common.warm_peak_memory(lambda: make_step(case, method, device, amp_dtype), device)
 
 
 def memory_worker_main() -> None:

@@ -127,15 +127,7 @@ def disagreement(found: dict[str, Tensor], expected: dict[str, Tensor]) -> float
 
 def measure_memory(case: Case, method: str, device: torch.device) -> int | str:
     """Peak extra bytes of one call (after an unmeasured one), or why there is none."""
-    try:
-        fn = make_per_sample_grads(case, method, device)
-        fn()  # one-time costs (thread pools, code pages, lazy init) are not the method's
-        return common.peak_memory(fn, device)
-    except Exception as error:  # recorded in the row's status; the other cases go on
-        return common.error_status(error)
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    return common.warm_peak_memory(lambda: make_per_sample_grads(case, method, device), device)
 
 
 def check_method(

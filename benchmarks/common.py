@@ -9,7 +9,9 @@ are measured and written the same way:
   machine's changing load falls on all of them alike.
 - ``peak_memory``: extra memory at the peak of one call, above what was allocated before it.
   CUDA: ``max_memory_allocated`` delta. CPU: see ``rss_peak_bytes`` (resident-set high-water mark,
-  measured in a worker process started with ``memory_worker_env``).
+  measured in a worker process started with ``memory_worker_env``). ``warm_peak_memory``: the
+  same after an unmeasured first call, a failure as a status; ``worker_memory``: a worker's
+  answer, or every case's reason when the worker died.
 - ``run_metadata``, ``device_slug``: what keys a result (device, versions, date) and names its
   files.
 - ``write_csv``, ``write_text``, ``markdown_table``, ``plot_family``: the files under
@@ -356,6 +358,20 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str) -> int:
     if torch.device(device).type == "cuda":
         return cuda_peak_bytes(fn, device)
     return rss_peak_bytes(fn)
+
+
+def warm_peak_memory(make: Callable[[], Callable[[], Any]], device: torch.device) -> int | str:
+    """``peak_memory`` of the call that ``make()`` builds, after one unmeasured call (one-time
+    costs: thread pools, code pages, lazy init), or the error that stopped it as a status."""
+    try:
+        fn = make()
+        fn()
+        return peak_memory(fn, device)
+    except Exception as error:  # recorded in the row's status; the other cases go on
+        return error_status(error)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def memory_worker_env() -> dict[str, str]:
