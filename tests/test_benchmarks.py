@@ -235,17 +235,38 @@ def test_bench_attention_gpu_tiny_every_method(tmp_path):
     assert all(r.roofline_pct is not None for r in rows if r.time_ms)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is present")
-def test_flex_baseline_computes_the_reference_attention():
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(
+                    not torch.cuda.is_available(), reason="needs a CUDA GPU; none is present"
+                ),
+            ],
+        ),
+    ],
+)
+def test_flex_baseline_computes_the_reference_attention(device, monkeypatch):
+    """The ``flex`` method's ``score_mod``; on the CPU through FlexAttention's eager forward
+    (compiling it, as the benchmark does, would take half a minute)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    if device == "cpu":
+        monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(bench_attention, "_flex_compiled", {})
     shape = bench_attention.Shape("t", 1, 2, 4, 5, 16, 16)
-    x = bench_attention.make_inputs(shape, torch.float32, torch.device("cuda"), seed=1)
+    x = bench_attention.make_inputs(shape, torch.float32, torch.device(device), seed=1)
     out = bench_attention.forward_fn("flex", x, shape)()
     expected = attention_2d_reference(
         *(x[n].double() for n in ("q", "k", "v", "bias_h", "bias_w")),
         height=shape.height, width=shape.width, scale=shape.dkh**-0.5,
     )  # fmt: skip
-    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    tol = 1e-5 if device == "cpu" else 1e-4  # CUDA: compiled, its exp and sums in other orders
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.skipif(

@@ -339,26 +339,6 @@ def test_work_model_matches_a_hand_count():
     assert bench_attention.exps(shape, "fwdbwd") == 2 * pairs
 
 
-@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
-def test_flex_baseline_forward_computes_the_reference_attention_on_cpu(monkeypatch):
-    """The ``flex`` method's ``score_mod`` checked through FlexAttention's eager CPU forward
-    (compiling it, as the benchmark does, would take half a minute)."""
-    pytest.importorskip("torch.nn.attention.flex_attention")
-    from aanet_kernels.reference import attention_2d_reference
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
-    monkeypatch.setattr(bench_attention, "_flex_compiled", {})
-
-    shape = bench_attention.Shape("t", 1, 2, 4, 5, 16, 16)
-    x = bench_attention.make_inputs(shape, torch.float32, torch.device("cpu"), seed=1)
-    out = bench_attention.forward_fn("flex", x, shape)()
-    expected = attention_2d_reference(
-        *(x[n].double() for n in ("q", "k", "v", "bias_h", "bias_w")),
-        height=shape.height, width=shape.width, scale=shape.dkh**-0.5,
-    )  # fmt: skip
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-
-
 def test_flex_is_a_cpu_method_with_its_missing_backward_named(monkeypatch):
     """FlexAttention runs forward on the CPU (compiled by Inductor) but has no CPU backward: the
     CPU tables get its forward, and its backward rows say why they are empty instead of
