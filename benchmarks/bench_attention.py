@@ -618,14 +618,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=common.positive_int,
         help="skip reference and sdpa_dense above this L",
     )
-    parser.add_argument("--warmup", type=common.non_negative_int, default=1)
-    parser.add_argument("--repeats", type=common.positive_int, default=10)
-    parser.add_argument("--min-repeats", type=common.positive_int, default=3)
-    parser.add_argument(
-        "--budget",
-        type=common.non_negative_float,
-        default=2.0,
-        help="seconds of timed calls per case",
+    common.add_timing_arguments(
+        parser, warmup=1, budget_s=2.0, budget_help="seconds of timed calls per case"
     )
     parser.add_argument(
         "--no-memory", action="store_true", help="skip the peak-memory measurements"
@@ -639,10 +633,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.min_repeats > args.repeats:
-        parser.error(
-            f"--min-repeats: expected at most --repeats ({args.repeats}), got {args.min_repeats}"
-        )
+    common.check_timing_arguments(parser, args)
     return args
 
 

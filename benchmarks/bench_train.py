@@ -157,14 +157,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=common.positive_int, default=defaults.batch_size)
     parser.add_argument("--input-size", type=common.positive_int, default=defaults.input_size)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--warmup", type=common.non_negative_int, default=2)
-    parser.add_argument("--repeats", type=common.positive_int, default=10)
-    parser.add_argument("--min-repeats", type=common.positive_int, default=3)
-    parser.add_argument(
-        "--budget",
-        type=common.non_negative_float,
-        default=5.0,
-        help="seconds of timed steps per variant",
+    common.add_timing_arguments(
+        parser, warmup=2, budget_s=5.0, budget_help="seconds of timed steps per variant"
     )
     parser.add_argument(
         "--compile", choices=("inductor", "aot_eager"),
@@ -176,10 +170,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.min_repeats > args.repeats:
-        parser.error(
-            f"--min-repeats: expected at most --repeats ({args.repeats}), got {args.min_repeats}"
-        )
+    common.check_timing_arguments(parser, args)
     try:  # the model's own size rules (a multiple of 16), before any variant runs
         from aanet.model import build_model
 

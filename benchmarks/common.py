@@ -102,6 +102,25 @@ def file_tag(text: str) -> str:
     return text
 
 
+def add_timing_arguments(
+    parser: argparse.ArgumentParser, *, warmup: int, budget_s: float, budget_help: str
+) -> None:
+    """``--warmup``, ``--repeats``, ``--min-repeats`` and ``--budget`` for ``time_interleaved``;
+    check them after parsing with :func:`check_timing_arguments`."""
+    parser.add_argument("--warmup", type=non_negative_int, default=warmup)
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--min-repeats", type=positive_int, default=3)
+    parser.add_argument("--budget", type=non_negative_float, default=budget_s, help=budget_help)
+
+
+def check_timing_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with the parser's error when ``--min-repeats`` exceeds ``--repeats``."""
+    if args.min_repeats > args.repeats:
+        parser.error(
+            f"--min-repeats: expected at most --repeats ({args.repeats}), got {args.min_repeats}"
+        )
+
+
 def out_dir(path: Path, option: str = "--out-dir") -> Path:
     """``path`` created now, so that a run that would end unable to write its tables is refused
     before it measures anything: exits with a message naming ``option`` when ``path`` is a file,
