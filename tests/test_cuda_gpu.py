@@ -368,9 +368,8 @@ def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 def kernel_headers_digest() -> str:
     """A digest of the kernel headers the emulation includes: ``load`` rebuilds only when its
     sources or flags change, and the kernels live in the headers."""
-    headers = sorted(EMULATION_SOURCE.parents[1].glob("*.cuh")) + [
-        EMULATION_SOURCE.parents[1] / "attention_2d_cuda.h"
-    ]
+    kernel_dir = EMULATION_SOURCE.parents[1]
+    headers = sorted(kernel_dir.glob("*.cuh")) + sorted(kernel_dir.glob("*.h"))
     return hashlib.sha256(b"".join(h.read_bytes() for h in headers)).hexdigest()[:16]
 
 

@@ -12,6 +12,8 @@
 #include "attention_2d_bwd_mma.cuh"
 #include "attention_2d_common.cuh"
 
+#include <array>
+
 namespace aanet_kernels::cuda::detail {
 
 // Shared-memory layout of both backward kernels; kRes rows are the block's resident rows (keys
@@ -328,10 +330,40 @@ __global__ void __launch_bounds__(Tiles<T, D>::kThreads)
   }
 }
 
+// The backward's three launches, in stream order: delta (one thread per query row), dK/dV (a
+// block per key tile), dQ and the bias gradients (a block per query tile).
+template <typename T, int D>
+std::array<KernelLaunch, 3> backward_launches(const Attention2dParams& p) {
+  constexpr unsigned kDeltaThreads = 256;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.length;
+  const KernelLaunch delta{
+      attention_2d_delta_kernel<T>,
+      dim3(static_cast<unsigned>((rows + kDeltaThreads - 1) / kDeltaThreads)), kDeltaThreads, 0};
+  if constexpr (kTensorCore<T>) {
+    using S = BwdMmaTiles<T, D>;
+    return {
+        delta,
+        KernelLaunch{attention_2d_bwd_dkdv_mma_kernel<T, D>,
+                     dim3(S::dkdv_blocks(p), p.heads, p.batch), S::kThreads, S::kKvBytes},
+        KernelLaunch{attention_2d_bwd_dq_mma_kernel<T, D>, dim3(S::dq_blocks(p), p.heads, p.batch),
+                     S::kThreads, S::kDqBytes}};
+  } else {
+    using SKV = BwdSmem<T, D, true>;
+    using SQ = BwdSmem<T, D, false>;
+    constexpr unsigned kThreads = Tiles<T, D>::kThreads;
+    return {
+        delta,
+        KernelLaunch{attention_2d_bwd_dkdv_kernel<T, D>, tile_grid(p.length, SKV::BN, p),
+                     kThreads, SKV::kBytes},
+        KernelLaunch{attention_2d_bwd_dq_kernel<T, D>, tile_grid(p.length, SQ::BM, p), kThreads,
+                     SQ::kBytes}};
+  }
+}
+
 } // namespace aanet_kernels::cuda::detail
 
-// Launchers need nvcc; a host compiler sees only the kernels (csrc/cuda/emulation/ runs them on
-// the CPU to check the index math without a GPU).
+// Launchers need nvcc; a host compiler sees only the kernels and their launch plans
+// (csrc/cuda/emulation/ runs them on the CPU to check the index math without a GPU).
 #if defined(__CUDACC__)
 
 namespace aanet_kernels::cuda {
@@ -339,39 +371,8 @@ namespace aanet_kernels::cuda {
 template <typename scalar_t, int D>
 void launch_attention_2d_bwd(const Attention2dParams& params, cudaStream_t stream) {
   using T = typename detail::DeviceTypeOf<scalar_t>::type;
-  using Cfg = detail::Tiles<T, D>;
-  const int64_t rows = static_cast<int64_t>(params.batch) * params.heads * params.length;
-  constexpr int kDeltaThreads = 256;
-  detail::attention_2d_delta_kernel<T>
-      <<<static_cast<unsigned>((rows + kDeltaThreads - 1) / kDeltaThreads), kDeltaThreads, 0,
-         stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  if constexpr (detail::kTensorCore<T>) {
-    using S = detail::BwdMmaTiles<T, D>;
-    auto dkdv = detail::attention_2d_bwd_dkdv_mma_kernel<T, D>;
-    detail::prepare_smem(dkdv, S::kKvBytes);
-    dkdv<<<dim3(S::dkdv_blocks(params), params.heads, params.batch), S::kThreads, S::kKvBytes,
-           stream>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto dq = detail::attention_2d_bwd_dq_mma_kernel<T, D>;
-    detail::prepare_smem(dq, S::kDqBytes);
-    dq<<<dim3(S::dq_blocks(params), params.heads, params.batch), S::kThreads, S::kDqBytes,
-         stream>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
-    using SKV = detail::BwdSmem<T, D, true>;
-    auto dkdv = detail::attention_2d_bwd_dkdv_kernel<T, D>;
-    detail::prepare_smem(dkdv, SKV::kBytes);
-    dkdv<<<detail::tile_grid(params.length, SKV::BN, params), Cfg::kThreads, SKV::kBytes,
-           stream>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    using SQ = detail::BwdSmem<T, D, false>;
-    auto dq = detail::attention_2d_bwd_dq_kernel<T, D>;
-    detail::prepare_smem(dq, SQ::kBytes);
-    dq<<<detail::tile_grid(params.length, SQ::BM, params), Cfg::kThreads, SQ::kBytes,
-         stream>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (const detail::KernelLaunch& plan : detail::backward_launches<T, D>(params)) {
+    detail::launch(plan, params, stream);
   }
 }
 

@@ -56,7 +56,7 @@ struct BwdMmaTiles {
   static constexpr size_t kDqInner = kDqDs + smem_align(sizeof(float) * kRows * kLdDs);
   static constexpr size_t kDqBytes = kDqInner + smem_align(sizeof(float) * kRows * kTile);
 
-  // Grids (x; y = heads, z = batch), shared by the launcher and the host emulation.
+  // Grid widths (x; y = heads, z = batch) of backward_launches.
   __host__ __device__ static int dkdv_blocks(const Attention2dParams& p) {
     return KeyWalk::of(p.height, p.width, kKeys).tiles(kKeys);
   }

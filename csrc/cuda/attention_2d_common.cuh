@@ -307,9 +307,14 @@ struct KeyWalk {
   }
 };
 
-// Shared memory must fit the device's opt-in limit; above 48 KiB the kernel must opt in.
+// Up to 48 KiB of shared memory every device gives; beyond, it must fit the device's opt-in
+// limit and the kernel must opt in.
 template <typename Kernel>
 void prepare_smem(Kernel kernel, size_t bytes) {
+  constexpr size_t kDefaultLimit = 48 * 1024;
+  if (bytes <= kDefaultLimit) {
+    return;
+  }
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   int limit = 0;
@@ -319,14 +324,31 @@ void prepare_smem(Kernel kernel, size_t bytes) {
       bytes <= static_cast<size_t>(limit), "attention_2d (cuda backend): a tile needs ", bytes,
       " bytes of shared memory, device ", device, " allows ", limit,
       " per block; use a smaller head dim or another backend");
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
+  C10_CUDA_CHECK(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 inline dim3 tile_grid(int length, int rows_per_block, const Attention2dParams& p) {
   return dim3((length + rows_per_block - 1) / rows_per_block, p.heads, p.batch);
 }
+
+// One kernel launch: the kernel, its grid, threads per block and dynamic shared memory. The
+// launchers and the host emulation (emulation/) both launch what forward_launch and
+// backward_launches return, so the emulation runs the grids a GPU runs.
+struct KernelLaunch {
+  void (*kernel)(Attention2dParams);
+  dim3 grid;
+  unsigned threads;
+  size_t smem_bytes;
+};
+
+#if defined(__CUDACC__)
+// Launches `plan` on `stream` and checks the launch.
+inline void launch(const KernelLaunch& plan, const Attention2dParams& params, cudaStream_t stream) {
+  prepare_smem(plan.kernel, plan.smem_bytes);
+  plan.kernel<<<plan.grid, plan.threads, plan.smem_bytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
 
 } // namespace aanet_kernels::cuda::detail

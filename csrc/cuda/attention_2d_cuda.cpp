@@ -5,6 +5,7 @@
 // Outputs are contiguous. Launches go to the current stream of q's device.
 #include "../attention_2d.h"
 #include "attention_2d_cuda.h"
+#include "attention_2d_params.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -60,18 +61,6 @@ void check_cuda_inputs(const at::Tensor& q) {
       " is too large for the cuda backend (at most ", std::numeric_limits<int>::max() / 2, ")");
 }
 
-cuda::Tensor4 view4(const at::Tensor& t) {
-  cuda::Tensor4 view;
-  if (!t.defined()) {
-    return view;
-  }
-  view.ptr = t.data_ptr();
-  for (int d = 0; d < 4; ++d) {
-    view.stride[d] = t.stride(d);
-  }
-  return view;
-}
-
 cuda::Attention2dParams make_params(
     const at::Tensor& q,
     const at::Tensor& k,
@@ -81,21 +70,9 @@ cuda::Attention2dParams make_params(
     int64_t height,
     int64_t width,
     double scale) {
-  cuda::Attention2dParams p;
-  p.q = view4(q);
-  p.k = view4(k);
-  p.v = view4(v);
-  p.bias_h = view4(expand_bias(bias_h, q, height));
-  p.bias_w = view4(expand_bias(bias_w, q, width));
-  p.batch = static_cast<int>(q.size(0));
-  p.heads = static_cast<int>(q.size(1));
-  p.length = static_cast<int>(q.size(2));
-  p.height = static_cast<int>(height);
-  p.width = static_cast<int>(width);
-  p.dkh = static_cast<int>(q.size(3));
-  p.dvh = static_cast<int>(v.size(3));
-  p.scale = scale;
-  return p;
+  return cuda::input_params(
+      q, k, v, expand_bias(bias_h, q, height), expand_bias(bias_w, q, width), height, width,
+      scale);
 }
 
 template <typename scalar_t>
@@ -192,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, acc_options);
   cuda::Attention2dParams p = make_params(q, k, v, bias_h, bias_w, height, width, scale);
   p.lse = lse_c.data_ptr();
-  p.grad_out = view4(grad_out);
-  p.out_in = view4(out);
+  p.grad_out = cuda::view4(grad_out);
+  p.out_in = cuda::view4(out);
   p.delta = delta.data_ptr();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();

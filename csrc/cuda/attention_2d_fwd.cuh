@@ -281,10 +281,24 @@ __global__ void __launch_bounds__(FwdMmaTiles<T, D>::kThreads, FwdMmaTiles<T, D>
   }
 }
 
+// The forward's one launch: a block per BM query tile, per head and batch element.
+template <typename T, int D>
+KernelLaunch forward_launch(const Attention2dParams& p) {
+  if constexpr (kTensorCore<T>) {
+    using S = FwdMmaTiles<T, D>;
+    return {attention_2d_fwd_mma_kernel<T, D>, tile_grid(p.length, S::BM, p), S::kThreads,
+            S::kBytes};
+  } else {
+    using S = FwdSmem<T, D>;
+    return {attention_2d_fwd_kernel<T, D>, tile_grid(p.length, S::BM, p), Tiles<T, D>::kThreads,
+            S::kBytes};
+  }
+}
+
 } // namespace aanet_kernels::cuda::detail
 
-// Launchers need nvcc; a host compiler sees only the kernels (csrc/cuda/emulation/ runs them on
-// the CPU to check the index math without a GPU).
+// Launchers need nvcc; a host compiler sees only the kernels and their launch plans
+// (csrc/cuda/emulation/ runs them on the CPU to check the index math without a GPU).
 #if defined(__CUDACC__)
 
 namespace aanet_kernels::cuda {
@@ -292,20 +306,7 @@ namespace aanet_kernels::cuda {
 template <typename scalar_t, int D>
 void launch_attention_2d_fwd(const Attention2dParams& params, cudaStream_t stream) {
   using T = typename detail::DeviceTypeOf<scalar_t>::type;
-  if constexpr (detail::kTensorCore<T>) {
-    using S = detail::FwdMmaTiles<T, D>;
-    auto kernel = detail::attention_2d_fwd_mma_kernel<T, D>;
-    detail::prepare_smem(kernel, S::kBytes);
-    kernel<<<detail::tile_grid(params.length, S::BM, params), S::kThreads, S::kBytes, stream>>>(
-        params);
-  } else {
-    using S = detail::FwdSmem<T, D>;
-    auto kernel = detail::attention_2d_fwd_kernel<T, D>;
-    detail::prepare_smem(kernel, S::kBytes);
-    kernel<<<detail::tile_grid(params.length, S::BM, params), detail::Tiles<T, D>::kThreads,
-             S::kBytes, stream>>>(params);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  detail::launch(detail::forward_launch<T, D>(params), params, stream);
 }
 
 } // namespace aanet_kernels::cuda

@@ -201,29 +201,30 @@ alignas(128) unsigned char smem[300000];  // the kernels' `extern __shared__` bu
 #include "../attention_2d_bwd.cuh"
 #include "../attention_2d_fwd.cuh"
 
+#include "../attention_2d_params.h"
+
 #include <torch/extension.h>
 
 namespace {
 
 using aanet_kernels::cuda::Attention2dParams;
-using aanet_kernels::cuda::Tensor4;
 namespace detail = aanet_kernels::cuda::detail;
 
-// Runs `kernel` over the grid, block after block, with one OS thread per CUDA thread.
-// `smem_bytes` is the dynamic shared memory the launcher in ../*.cuh asks for: the buffer past it
-// is filled with a second pattern and checked after each block, since a GPU would fault (or
-// corrupt another block's memory) where the emulation's larger buffer does not.
-template <class Kernel>
-void run_grid(
-    Kernel kernel, EmulatedDim3 grid, int threads, const Attention2dParams& p, size_t smem_bytes) {
+// Runs the launch `plan` block after block, with one OS thread per CUDA thread. The buffer past
+// the dynamic shared memory the plan asks for is filled with a second pattern and checked after
+// each block, since a GPU would fault (or corrupt another block's memory) where the emulation's
+// larger buffer does not.
+void run_launch(const detail::KernelLaunch& plan, const Attention2dParams& p) {
+  const int threads = static_cast<int>(plan.threads);
+  const size_t smem_bytes = plan.smem_bytes;
   TORCH_CHECK(threads <= 32 * kMaxWarps, "emulation: too many threads per block");
   TORCH_CHECK(smem_bytes <= sizeof(detail::smem), "emulation: shared buffer too small");
   constexpr unsigned char kBeyond = 0xA5;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
+  for (unsigned z = 0; z < plan.grid.z; ++z) {
+    for (unsigned y = 0; y < plan.grid.y; ++y) {
+      for (unsigned x = 0; x < plan.grid.x; ++x) {
         blockIdx = {x, y, z};
-        blockDim = {static_cast<unsigned>(threads), 1, 1};
+        blockDim = {plan.threads, 1, 1};
         std::memset(detail::smem, 0xFF, smem_bytes);  // garbage, NaN as floats
         std::memset(detail::smem + smem_bytes, kBeyond, sizeof(detail::smem) - smem_bytes);
         std::barrier<> block_barrier(threads);
@@ -240,7 +241,7 @@ void run_grid(
           pool.emplace_back([&, t] {
             threadIdx = {static_cast<unsigned>(t), 0, 0};
             turns.begin();
-            kernel(p);
+            plan.kernel(p);
             turns.end();
           });
         }
@@ -258,59 +259,24 @@ void run_grid(
   }
 }
 
-Tensor4 view4(const at::Tensor& t) {
-  Tensor4 view;
-  if (!t.defined()) {
-    return view;
-  }
-  view.ptr = t.data_ptr();
-  for (int d = 0; d < 4; ++d) {
-    view.stride[d] = t.stride(d);
-  }
-  return view;
-}
-
-unsigned blocks(int length, int rows) {
-  return static_cast<unsigned>((length + rows - 1) / rows);
-}
-
-// Forward then backward, with the same grids and outputs as the launchers in ../*.cuh.
+// Forward then backward, through the launch plans the launchers in ../*.cuh use. Outputs start
+// as NaN, so a value a kernel should write and does not shows.
 template <class T, int D>
 std::vector<at::Tensor> forward_backward_tiles(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_h,
     const at::Tensor& bias_w, int64_t height, int64_t width, double scale,
     const at::Tensor& grad_out) {
-  using Tiles = detail::Tiles<T, D>;
-  Attention2dParams p;
-  p.q = view4(q);
-  p.k = view4(k);
-  p.v = view4(v);
   const auto sizes = [&](int64_t n) { return std::vector<int64_t>{q.size(0), q.size(1), q.size(2), n}; };
-  p.bias_h = view4(bias_h.defined() ? bias_h.expand(sizes(height)) : bias_h);
-  p.bias_w = view4(bias_w.defined() ? bias_w.expand(sizes(width)) : bias_w);
-  p.batch = q.size(0);
-  p.heads = q.size(1);
-  p.length = q.size(2);
-  p.height = height;
-  p.width = width;
-  p.dkh = q.size(3);
-  p.dvh = v.size(3);
-  p.scale = scale;
+  Attention2dParams p = aanet_kernels::cuda::input_params(
+      q, k, v, bias_h.defined() ? bias_h.expand(sizes(height)) : bias_h,
+      bias_w.defined() ? bias_w.expand(sizes(width)) : bias_w, height, width, scale);
   const auto acc = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   const std::vector<int64_t> rows{q.size(0), q.size(1), q.size(2)};
   at::Tensor out = at::full(sizes(v.size(3)), NAN, q.options());
   at::Tensor lse = at::full(rows, NAN, q.options().dtype(detail::kTensorCore<T> ? at::kFloat : at::kDouble));
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
-  if constexpr (detail::kTensorCore<T>) {
-    using S = detail::FwdMmaTiles<T, D>;
-    const EmulatedDim3 fwd_grid{blocks(p.length, S::BM), blocks(p.heads, 1), blocks(p.batch, 1)};
-    run_grid(detail::attention_2d_fwd_mma_kernel<T, D>, fwd_grid, S::kThreads, p, S::kBytes);
-  } else {
-    const EmulatedDim3 fwd_grid{blocks(p.length, detail::FwdSmem<T, D>::BM), blocks(p.heads, 1), blocks(p.batch, 1)};
-    run_grid(detail::attention_2d_fwd_kernel<T, D>, fwd_grid, Tiles::kThreads, p,
-             detail::FwdSmem<T, D>::kBytes);
-  }
+  run_launch(detail::forward_launch<T, D>(p), p);
 
   at::Tensor dq = at::full(q.sizes(), NAN, q.options());
   at::Tensor dk = at::full(k.sizes(), NAN, q.options());
@@ -318,28 +284,16 @@ std::vector<at::Tensor> forward_backward_tiles(
   at::Tensor dbias_h = bias_h.defined() ? at::zeros(sizes(height), acc) : at::empty({0});
   at::Tensor dbias_w = bias_w.defined() ? at::zeros(sizes(width), acc) : at::empty({0});
   at::Tensor delta = at::full(rows, NAN, acc);
-  p.grad_out = view4(grad_out);
-  p.out_in = view4(out);
+  p.grad_out = aanet_kernels::cuda::view4(grad_out);
+  p.out_in = aanet_kernels::cuda::view4(out);
   p.delta = delta.data_ptr();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dbias_h = bias_h.defined() ? dbias_h.data_ptr() : nullptr;
   p.dbias_w = bias_w.defined() ? dbias_w.data_ptr() : nullptr;
-  const int64_t n_rows = static_cast<int64_t>(p.batch) * p.heads * p.length;
-  run_grid(detail::attention_2d_delta_kernel<T>, {blocks(n_rows, 256), 1, 1}, 256, p, 0);
-  const unsigned heads = blocks(p.heads, 1), batch = blocks(p.batch, 1);
-  if constexpr (detail::kTensorCore<T>) {
-    using S = detail::BwdMmaTiles<T, D>;
-    run_grid(detail::attention_2d_bwd_dkdv_mma_kernel<T, D>, {static_cast<unsigned>(S::dkdv_blocks(p)), heads, batch}, S::kThreads, p, S::kKvBytes);
-    run_grid(detail::attention_2d_bwd_dq_mma_kernel<T, D>, {static_cast<unsigned>(S::dq_blocks(p)), heads, batch}, S::kThreads, p, S::kDqBytes);
-  } else {
-    const EmulatedDim3 dkdv_grid{blocks(p.length, detail::BwdSmem<T, D, true>::BN), heads, batch};
-    run_grid(detail::attention_2d_bwd_dkdv_kernel<T, D>, dkdv_grid, Tiles::kThreads, p,
-             detail::BwdSmem<T, D, true>::kBytes);
-    const EmulatedDim3 dq_grid{blocks(p.length, detail::BwdSmem<T, D, false>::BM), heads, batch};
-    run_grid(detail::attention_2d_bwd_dq_kernel<T, D>, dq_grid, Tiles::kThreads, p,
-             detail::BwdSmem<T, D, false>::kBytes);
+  for (const detail::KernelLaunch& plan : detail::backward_launches<T, D>(p)) {
+    run_launch(plan, p);
   }
   return {out, lse, dq, dk, dv, dbias_h, dbias_w};
 }
