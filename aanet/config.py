@@ -124,14 +124,16 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
         ) from None
     if kind == ".json":
         try:
-            values = json.loads(text)
+            values = json.loads(text, object_pairs_hook=_mapping_of_unique_keys)
         except json.JSONDecodeError as error:
             raise ValueError(f"config {path}: not valid JSON: {error}") from error
+        except _DuplicateKey as error:
+            raise ValueError(f"config {path}: {error}") from None
     else:
         import yaml
 
         try:
-            values = yaml.safe_load(text)
+            values = yaml.load(text, Loader=_yaml_loader_of_unique_keys())
         except yaml.YAMLError as error:
             raise ValueError(f"config {path}: not valid YAML: {error}") from error
         if values is None:  # an empty file, or only comments: the defaults
@@ -143,6 +145,44 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
         )
     check_names(values, f"config {path}")
     return values
+
+
+class _DuplicateKey(ValueError):
+    """A key given twice in one mapping of a config file: YAML and JSON readers keep the last
+    silently, so a run would quietly ignore the first value."""
+
+
+def _mapping_of_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(f"{key} is given twice (the readers would keep the last silently)")
+    return dict(pairs)
+
+
+def _yaml_loader_of_unique_keys() -> type:
+    """PyYAML's safe loader, refusing a key given twice in one mapping (merge keys ``<<`` may
+    still be overridden, as YAML intends)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str | int | float | bool) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"{key} is given twice (the readers would keep the last silently)",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def preset_names() -> list[str]:

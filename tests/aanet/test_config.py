@@ -96,6 +96,33 @@ def test_a_config_file_with_a_syntax_error_is_named(tmp_path, name, text, messag
 
 
 @pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("run.yaml", "lr: 1e-3\nepochs: 3\nlr: 1e-2\n"),
+        ("run.json", '{"lr": 1e-3, "epochs": 3, "lr": 1e-2}'),
+    ],
+)
+def test_an_option_given_twice_in_a_config_file_is_refused(tmp_path, name, text):
+    """YAML and JSON readers keep the last of two equal keys; a config that sets one option twice
+    is a mistake whichever value was meant."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"config {path}: .*lr is given twice"):
+        read_config_file(path)
+
+
+def test_a_yaml_merge_key_may_still_be_overridden():
+    """Overriding a merged key (``<<: *base`` then the key) is YAML's intent, not a duplicate."""
+    import yaml
+
+    from aanet.config import _yaml_loader_of_unique_keys
+
+    text = "base: &base {lr: 0.1, epochs: 2}\nrun:\n  <<: *base\n  lr: 0.01\n"
+    loaded = yaml.load(text, Loader=_yaml_loader_of_unique_keys())
+    assert loaded["run"] == {"lr": 0.01, "epochs": 2}
+
+
+@pytest.mark.parametrize(
     ("changes", "message"),
     [
         ({"width": 8}, "width: 8 is too narrow for num_heads=4 at stride 8"),
