@@ -336,6 +336,16 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
     epochs = [row["epoch"] for row in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    try:
+        _draw_curves(left, right, epochs, history)
+        fig.tight_layout()
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:  # a figure left open would stay in pyplot's registry for the whole run
+        plt.close(fig)
+
+
+def _draw_curves(left: Any, right: Any, epochs: list[int], history: list[dict[str, Any]]) -> None:
     left.plot(epochs, [row["train_loss"] for row in history], marker="o")
     left.set(xlabel="epoch", ylabel="training loss", yscale="log", title="loss")
     right.plot(epochs, [100 * row["test_nme"] for row in history], marker="o", color="C1")
@@ -344,10 +354,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     right.set(xlabel="epoch", ylabel="NME (%)", title=f"test NME ({', '.join(used)})")
     for axis in (left, right):
         axis.grid(alpha=0.3)
-    fig.tight_layout()
-    with replacing(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 def train(

@@ -380,7 +380,7 @@ def test_ddp_with_a_numbered_gpu_is_refused(tmp_path, monkeypatch):
 
 def test_curves_are_replaced_atomically(tmp_path, monkeypatch):
     """A plot cut short (a kill, a full disk) leaves the last complete ``curves.png``, as the CSV
-    and the checkpoint do (until 2026-12-01 it was written in place)."""
+    and the checkpoint do (until 2026-12-01 it was written in place), and closes its figure."""
     from matplotlib.figure import Figure
 
     from aanet.train import plot_curves
@@ -394,11 +394,15 @@ def test_curves_are_replaced_atomically(tmp_path, monkeypatch):
         Path(fname).write_bytes(complete[:100])
         raise OSError("No space left on device")
 
+    import matplotlib.pyplot as plt
+
     monkeypatch.setattr(Figure, "savefig", cut_short)
+    open_before = plt.get_fignums()
     with pytest.raises(OSError, match="No space left"):
         plot_curves(history * 2, path)
     assert path.read_bytes() == complete
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]  # no temporary left
+    assert plt.get_fignums() == open_before  # the failed figure closed, not kept by pyplot
 
 
 @pytest.fixture(scope="module")
