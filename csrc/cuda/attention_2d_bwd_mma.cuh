@@ -23,6 +23,7 @@ struct BwdMmaTiles {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kDTiles = D / 8;  // n-tiles of a head-dim accumulator
   static constexpr int kLdRow = D + 8;   // [row][head dim] tiles
+  static_assert(is_fragment_row_pitch<T>(kLdRow), "[row][head dim] tiles: ldmatrix alignment, banks");
 
   // dK/dV kernel: kKeys keys per block, query tiles of kQueries.
   static constexpr int kKeys = 16 * kWarps;

@@ -160,6 +160,7 @@ struct FwdMmaTiles {
   // 8-byte stack frame at head dims 64 and 128: benchmarks/results/kernel_resources_sm80_sm90.md).
   static constexpr int kMinBlocks = D <= 16 ? 4 : 3;
   static constexpr int kLd = D + 8;                // s_q, s_k, s_v: [row][head dim]
+  static_assert(is_fragment_row_pitch<T>(kLd), "s_q, s_k, s_v rows: ldmatrix alignment, banks");
   static constexpr size_t kQ = 0;
   static constexpr size_t kK = kQ + smem_align(sizeof(T) * BM * kLd);
   static constexpr size_t kV = kK + smem_align(sizeof(T) * BN * kLd);

@@ -27,6 +27,16 @@
 
 namespace aanet_kernels::cuda::detail {
 
+// The row pitch (in elements) of a [row][head dim] shared tile the fragments are read from:
+// ldmatrix needs every row 16-byte aligned, and an odd number of 16-byte units per row puts the
+// 8 rows one ldmatrix matrix reads (and the 8 groups of a 32-bit fragment load) in 8 different
+// bank quads, so neither read conflicts. The tile structs static_assert it.
+template <typename T>
+constexpr bool is_fragment_row_pitch(int pitch) {
+  const size_t bytes = sizeof(T) * static_cast<size_t>(pitch);
+  return bytes % 16 == 0 && (bytes / 16) % 2 == 1;
+}
+
 // Two adjacent elements of a shared-memory tile (even index) as one register.
 template <typename T>
 __device__ __forceinline__ uint32_t load_pair(const T* ptr) {
