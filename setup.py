@@ -85,6 +85,7 @@ def _extension():
 
 
 setup(
+    license="BSD-3-Clause",  # see pyproject.toml: dynamic
     packages=find_packages(include=["aanet_kernels*", "aanet*"]),
     ext_modules=[] if _flag("AANET_KERNELS_NO_EXTENSION") else [_extension()],
     cmdclass={"build_ext": BuildExtension},

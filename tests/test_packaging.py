@@ -60,6 +60,17 @@ def test_wheel_carries_every_module_and_the_aanet_presets(wheel_names):
     assert "aanet/configs/cpu.yaml" in wheel_names
 
 
+def test_wheel_metadata_names_the_license_and_carries_its_text(wheel, wheel_names):
+    """The license comes from setup.py (pyproject's ``dynamic``), so that setuptools older than 77
+    can build: the wheel must still say it."""
+    metadata = next(n for n in wheel_names if n.endswith(".dist-info/METADATA"))
+    headers = wheel.read(metadata).decode().split("\n\n", 1)[0].splitlines()
+    assert "License: BSD-3-Clause" in headers or "License-Expression: BSD-3-Clause" in headers
+    assert any(
+        n.endswith(".dist-info/licenses/LICENSE") or n.endswith("/LICENSE") for n in wheel_names
+    )
+
+
 def test_sdist_carries_what_setup_py_compiles(tmp_path):
     sdist = _build([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], tmp_path)
     with tarfile.open(sdist) as archive:
