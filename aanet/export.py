@@ -104,7 +104,7 @@ def export(
                 f"{', '.join(missing)} cannot be imported here: pip install 'aanet-kernels[onnx]'"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = _Landmarks(model.eval())
+    wrapper = _Landmarks(model).eval()  # eval() recurses: the wrapper too, which ONNX checks
     size = model.config.input_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     # Other batch sizes than the example's: the file must take any batch, a single image too.
@@ -168,7 +168,7 @@ def _onnx(
     # writes it anyway).
     torch.onnx.export(wrapper, (example,), str(path), input_names=["images"],
                       output_names=["coords", "confidence"], dynamo=True,
-                      dynamic_shapes=_DYNAMIC_BATCH, external_data=False)  # fmt: skip
+                      dynamic_shapes=_DYNAMIC_BATCH, external_data=False, verbose=False)  # fmt: skip
     session = onnxruntime.InferenceSession(str(path))
     return [
         [torch.from_numpy(o) for o in session.run(None, {"images": check.numpy()})]

@@ -226,7 +226,15 @@ class _Refuse(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _Refuse())
 import torch
 path, inputs, out = sys.argv[1:]
-model = torch.export.load(path).module() if path.endswith(".pt2") else torch.jit.load(path)
+if path.endswith(".onnx"):
+    import onnxruntime
+    session = onnxruntime.InferenceSession(path)
+    def model(batch):
+        return [torch.from_numpy(o) for o in session.run(None, {"images": batch.numpy()})]
+elif path.endswith(".pt2"):
+    model = torch.export.load(path).module()
+else:
+    model = torch.jit.load(path)
 images = torch.load(inputs)
 torch.save([model(images[:1]), model(images)], out)
 assert not [m for m in sys.modules if m.split(".")[0] in ("aanet", "aanet_kernels")]
@@ -255,13 +263,13 @@ def _run_fresh(tmp_path: Path, exported: Path, images: torch.Tensor) -> list:
     return torch.load(out)
 
 
-@pytest.mark.parametrize("name", ["model.pt2", "model.ts.pt"])
+@pytest.mark.parametrize("name", ["model.pt2", "model.ts.pt", "model.onnx"])
 def test_exported_files_run_on_torch_alone_at_batch_1_and_7_as_the_eager_model(
     checkpoint, tmp_path, name
 ):
     """What the README promises: reloaded in a fresh Python that cannot import aanet or
-    aanet_kernels, each file takes a batch of 1 and of 7 (traced at 2) and gives the eager
-    model's coordinates and confidences."""
+    aanet_kernels (the ONNX file through onnxruntime), each file takes a batch of 1 and of 7
+    (traced at 2) and gives the eager model's coordinates and confidences."""
     model = _model_with_peaked_maps(checkpoint)
     exported = tmp_path / name
     assert export(model, exported, format_for(exported, None)) <= 1e-4
