@@ -167,8 +167,8 @@ def _onnx(
     # second file, <name>.data, which a copy of the .onnx alone would lack; past 2 GB torch
     # writes it anyway).
     torch.onnx.export(wrapper, (example,), str(path), input_names=["images"],
-                      output_names=["coords", "confidence"], dynamo=True,
-                      dynamic_shapes=_DYNAMIC_BATCH, external_data=False, verbose=False)  # fmt: skip
+                      output_names=["coords", "confidence"], dynamo=True, verbose=False,
+                      dynamic_shapes=_DYNAMIC_BATCH, external_data=False)  # fmt: skip
     session = onnxruntime.InferenceSession(str(path))
     return [
         [torch.from_numpy(o) for o in session.run(None, {"images": check.numpy()})]
