@@ -39,12 +39,34 @@ def load(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch.load raises many kinds (EOF, unpickling, zip, OS errors)
         raise ValueError(
-            f"{path}: damaged or not a checkpoint ({type(exc).__name__}: {exc})"
+            f"{path}: damaged or not a checkpoint ({_why_not_loaded(path, exc)})"
         ) from exc
     if not isinstance(state, dict) or "model" not in state:
         keys = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: not an aanet checkpoint (no 'model' entry; found {keys})")
     return state
+
+
+def _why_not_loaded(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` refused ``path``, in one line: torch's own message is a paragraph for a
+    file it does not load with ``weights_only`` (advice to load it unrestricted, which for a PNG
+    or a text file would not help either) and a bare ``KeyError: 101`` for some foreign bytes."""
+    with open(path, "rb") as stream:
+        head = stream.read(8)
+    if not head:
+        return "the file is empty"
+    # torch.save writes a zip archive ("PK") or, in its legacy format, a pickle (0x80).
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        return f"torch.save writes a zip archive or a pickle; this file starts with {head!r}"
+    if (head[:2] == b"PK" and not zipfile.is_zipfile(path)) or isinstance(error, EOFError):
+        return "the file ends too soon or is damaged: cut short while it was copied or written?"
+    text = str(error)
+    marker = "WeightsUnpickler error: "
+    if marker in text:
+        detail = text.split(marker, 1)[1].split("\n", 1)[0].split(". ", 1)[0]
+        return f"it holds objects other than tensors and plain Python data ({detail})"
+    lines = text.strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def exported_kind(path: Path | str) -> str | None:

@@ -109,10 +109,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from aanet.datasets import sources
     from aanet.datasets.dataset import LandmarkDataset
     from aanet.datasets.records import BadDataLog
-    from aanet.evaluate import format_table, predict_errors, subset_report, write_json
+    from aanet.evaluate import (
+        check_report_path,
+        format_table,
+        predict_errors,
+        subset_report,
+        write_json,
+    )
     from aanet.inference import model_from_state, saved_config
     from aanet.train import attention_backend, pick_device
 
+    out = Path(args.json or Path(args.checkpoint).parent / "eval.json")
+    check_report_path(out)  # before the model runs over the whole test set
     saved = checkpoint.load(args.checkpoint)
     checkpoint.require(saved, ("model", "config"), args.checkpoint)
     trained = saved_config(saved, args.checkpoint)
@@ -137,7 +145,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     )
     report = subset_report(predictions)
     print(format_table(report))
-    out = Path(args.json or Path(args.checkpoint).parent / "eval.json")
     write_json(report, out)
     print(f"wrote {out}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -155,6 +156,22 @@ def format_table(report: dict[str, Any]) -> str:
             f"{report['full']['count']}"
         )
     return "\n".join(lines)
+
+
+def check_report_path(path: Path | str) -> None:
+    """Raise naming ``json`` unless a report can be written at ``path`` (checked before the
+    evaluation, not after it): not a folder, no file where one of its folders would be, and the
+    nearest folder of it that exists writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"json: {path} is a folder; give a file name (such as eval.json)")
+    for folder in path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"json: {folder} is a file, not a folder, in {path}")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(f"json: cannot write in {folder}, for {path}")
+            break
 
 
 def write_json(report: dict[str, Any], path: Path | str) -> None:

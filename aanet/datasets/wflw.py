@@ -2,7 +2,7 @@
 
 Each line holds 196 landmark coordinates (x0 y0 x1 y1 ...), the face box (x_min y_min x_max
 y_max), six attribute flags (pose, expression, illumination, make-up, occlusion, blur) and the
-image path relative to ``WFLW_images/``.
+image path relative to ``WFLW_images/`` (the rest of the line: it may hold spaces).
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ def annotation_file(root: Path, split: str) -> Path:
 
 def parse_line(line: str, where: str, image_root: Path) -> Record:
     """One annotation line to a :class:`Record`; :class:`DataError` names ``where`` on failure."""
-    tokens = line.split()
+    # The path is the rest of the line after the 206 numbers: a file name may hold spaces.
+    tokens = line.split(maxsplit=TOKENS_PER_LINE - 1)
     if len(tokens) != TOKENS_PER_LINE:
         raise DataError(
             where,
             f"expected {TOKENS_PER_LINE} fields (196 coords, 4 box, 6 flags, path), "
             f"got {len(tokens)}",
         )
+    tokens[-1] = tokens[-1].rstrip()
     try:
         numbers = np.array([float(t) for t in tokens[:-1]], dtype=np.float64)
     except ValueError as exc:

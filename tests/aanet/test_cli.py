@@ -183,3 +183,22 @@ def test_a_preset_under_the_flags_is_not_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="aanet"):
         config_from_args(args, base=read_config_file("cpu"))
     assert not [r for r in caplog.records if "changes nothing" in r.getMessage()]
+
+
+def test_evaluate_refuses_a_json_it_cannot_write_before_it_evaluates(tmp_path, monkeypatch, capsys):
+    """A --json that is a folder, or below a file, was found after the whole evaluation."""
+    from aanet.model import build_model
+
+    config = make_config({"input_size": 32, "width": 16, "blocks": [1, 1], "device": "cpu"})
+    saved = tmp_path / "last.pt"
+    model = build_model(config.model_config())
+    checkpoint.save_atomic({"model": model.state_dict(), "config": config.to_dict()}, saved)
+    monkeypatch.setattr("aanet.evaluate.predict_errors", lambda *a, **k: pytest.fail("evaluated"))
+    write(tmp_path / "a_file", "")
+    for json_path, message in (
+        (tmp_path, "is a folder"),
+        (tmp_path / "a_file" / "e.json", "a_file is a file, not a folder"),
+    ):
+        assert main(["evaluate", "--checkpoint", str(saved), "--json", str(json_path)]) == 2
+        error = capsys.readouterr().err
+        assert "aanet evaluate: error: json: " in error and message in error, error

@@ -119,6 +119,25 @@ def test_bad_wflw_entries_skip_with_count_or_stop(tmp_path, caplog):
         wflw.load_wflw(root, "train", on_error="ignore")
 
 
+def test_a_wflw_image_path_with_spaces_is_read_whole(tmp_path):
+    """The path is the rest of the line after the 206 numbers, spaces (even two in a row) and
+    all; a trailing space or CR is not part of it."""
+    root = synthetic.generate(
+        tmp_path, synthetic.SyntheticConfig(num_train=2, num_test=1, image_size=64)
+    )
+    good = wflw.annotation_file(root, "train").read_text().splitlines()[0].split()
+    source = root / wflw.IMAGE_DIR / good[-1]
+    named = source.with_name("my  photo 1.png")
+    source.rename(named)
+    text = " ".join(good[:-1]) + " " + str(named.relative_to(root / wflw.IMAGE_DIR)) + " "
+    path = wflw.annotation_file(root, "train")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([text] + lines[1:]) + "\n")
+    records = wflw.load_wflw(root, "train", on_error="stop")
+    assert [r.image_path for r in records][0] == named
+    assert len(records) == 2
+
+
 @pytest.mark.parametrize(
     "box", [("nan", "10", "50", "50"), ("10", "10", "inf", "50"), ("50", "50", "10", "10")]
 )

@@ -200,6 +200,23 @@ def test_damaged_checkpoint_raises_an_error_naming_the_file(tmp_path):
         assert str(path) in str(info.value), f"{kind}: {info.value!r}"
 
 
+def test_damaged_checkpoint_error_is_one_line_saying_what_is_wrong(tmp_path):
+    """Not torch's paragraph advising ``weights_only=False`` (for a PNG), nor ``KeyError: 101``
+    (for a text file): one line saying what the file is."""
+    expected = {
+        "empty": "the file is empty",
+        "png": "starts with b'\\x89PNG",
+        "text": "starts with b'model",
+    }
+    expected.update({f"truncated {f:.0%}": "ends too soon" for f in (0.1, 0.5, 0.99)})
+    for kind, path in _damaged_checkpoints(tmp_path).items():
+        with pytest.raises(ValueError) as info:
+            checkpoint.load(path)
+        message = str(info.value)
+        assert expected[kind] in message, f"{kind}: {message!r}"
+        assert "\n" not in message and "weights_only" not in message, f"{kind}: {message!r}"
+
+
 def test_damaged_checkpoint_never_loads(tmp_path):
     """Whatever the message, no damaged file yields a state (no half-loaded model)."""
     for kind, path in _damaged_checkpoints(tmp_path).items():
@@ -232,6 +249,16 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(ValueError, match="hostile.pt"):
         checkpoint.load(path)
     assert not marker.exists()
+
+
+def test_checkpoint_holding_other_objects_is_named_in_one_line(tmp_path):
+    path = tmp_path / "objects.pt"
+    torch.save({"model": {}, "extra": _RunsCodeWhenUnpickled(tmp_path / "x")}, path)
+    with pytest.raises(
+        ValueError, match="objects other than tensors and plain Python data"
+    ) as info:
+        checkpoint.load(path)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
 
 
 # --- annotation parsers -------------------------------------------------------------------------
