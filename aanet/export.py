@@ -99,9 +99,14 @@ def export(
     if fmt == "onnx":
         missing = [name for name in _ONNX_PACKAGES if importlib.util.find_spec(name) is None]
         if missing:
+            lacking = (
+                "none of them can"
+                if len(missing) == len(_ONNX_PACKAGES)
+                else f"{', '.join(missing)} cannot"
+            )
             raise RuntimeError(
-                f"format 'onnx' needs the packages {', '.join(_ONNX_PACKAGES)}, and "
-                f"{', '.join(missing)} cannot be imported here: pip install 'aanet-kernels[onnx]'"
+                f"format 'onnx' needs the packages {', '.join(_ONNX_PACKAGES)}, and {lacking} be "
+                "imported here: pip install 'aanet-kernels[onnx]'"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _Landmarks(model).eval()  # eval() recurses: the wrapper too, which ONNX checks

@@ -14,6 +14,7 @@ import torch
 from aanet.datasets.augment import augment_sample
 from aanet.datasets.dataset import to_tensor
 from aanet.datasets.images import read_image
+from aanet.files import replacing
 from aanet.model import AANet
 
 log = logging.getLogger("aanet.predict")
@@ -188,10 +189,11 @@ def write_results(
 ) -> dict[str, Any]:
     """Write the annotated image to ``out`` and, if ``as_json``, the :func:`results` there;
     returns those results."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(out), annotated):
-        raise OSError(f"output: cannot write {out}")
+    with replacing(out) as tmp:  # a kill or a full disk mid-write leaves any earlier file whole
+        if not cv2.imwrite(str(tmp), annotated):
+            raise OSError(f"output: cannot write {out}")
     report = results(image_path, annotated, faces)
     if as_json is not None:
-        as_json.write_text(json.dumps(report, indent=1) + "\n")
+        with replacing(as_json) as tmp:
+            tmp.write_text(json.dumps(report, indent=1) + "\n")
     return report

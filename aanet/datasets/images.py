@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
 
 # EXIF orientations that turn the stored image by 90 degrees (width and height trade places).
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -16,12 +20,30 @@ _SIXTEEN_BIT_GREY = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 def open_image(path: Path | str) -> Image.Image:
     """``PIL.Image.open(path)`` (the header only), raising ``OSError`` for every file it refuses:
-    an image too large for Pillow (``DecompressionBombError``) is not an ``OSError`` otherwise,
-    and would escape the bad-data policy."""
+    an image too large for Pillow (``DecompressionBombError``, past twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``) is not an ``OSError`` otherwise, and would escape the bad-data
+    policy. Between once and twice that size Pillow opens it with a ``DecompressionBombWarning``
+    that names Pillow's own source line; this logs one line naming the image instead."""
     try:
-        return Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except Image.DecompressionBombError as exc:
-        raise OSError(str(exc)) from exc
+        raise OSError(
+            f"too large for Pillow: {exc} (the limit is PIL.Image.MAX_IMAGE_PIXELS)"
+        ) from exc
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        log.warning(
+            "%s: %d x %d pixels, past Pillow's decompression-bomb warning size (%d); decoding it "
+            "takes about %d MiB",
+            path,
+            image.width,
+            image.height,
+            limit,
+            image.width * image.height * 3 // 2**20,
+        )
+    return image
 
 
 def read_image(path: Path | str) -> np.ndarray:

@@ -207,6 +207,27 @@ def _untrained_model():
     return build_model(ModelConfig(input_size=32, width=16, blocks=(1, 1, 1))).eval()
 
 
+def test_an_image_past_pillows_warning_size_is_logged_by_name_and_read(
+    tmp_path, monkeypatch, caplog
+):
+    """Between once and twice ``PIL.Image.MAX_IMAGE_PIXELS`` Pillow opens an image with a
+    ``DecompressionBombWarning`` naming its own source line; until 2026-12-02 that leaked out of
+    training and ``predict``. Past twice the limit the refusal says it is Pillow's limit."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    large, too_large = tmp_path / "large.png", tmp_path / "too large.png"
+    cv2.imwrite(str(large), np.full((12, 12, 3), 7, np.uint8))  # 144 pixels: 1-2x the limit
+    cv2.imwrite(str(too_large), np.full((15, 15, 3), 7, np.uint8))  # 225: past twice
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        assert (read_image(large) == 7).all()
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert f"{large}: 12 x 12 pixels, past Pillow's decompression-bomb warning size" in caplog.text
+    with pytest.raises(OSError, match="too large for Pillow: .*PIL.Image.MAX_IMAGE_PIXELS"):
+        read_image(too_large)
+
+
 def test_predict_names_an_image_too_large_to_decode(tmp_path):
     """Until 2026-12-01 ``DecompressionBombError`` escaped: a traceback, not ``aanet predict:
     error: ...``."""

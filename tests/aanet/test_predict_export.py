@@ -365,3 +365,32 @@ def test_onnx_names_the_package_it_lacks(checkpoint, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="onnxscript cannot be imported here: pip install"):
         export(model, tmp_path / "m.onnx", "onnx")
     assert not list(tmp_path.iterdir())
+
+    def none_found(name, *args):
+        return None if name in ("onnx", "onnxscript", "onnxruntime") else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", none_found)
+    with pytest.raises(RuntimeError, match="onnxruntime, and none of them can be imported here"):
+        export(model, tmp_path / "m.onnx", "onnx")
+
+
+def test_predict_outputs_replace_earlier_ones_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Until 2026-12-02 the annotated image and the JSON were written in place: a kill or a full
+    disk mid-write left half a file over the earlier one."""
+    import aanet.predict as predict
+
+    out, as_json = tmp_path / "faces.png", tmp_path / "faces.json"
+    annotated = np.zeros((8, 8, 3), np.uint8)
+    predict.write_results(annotated, [], out, as_json, "photo.png")
+    earlier = out.read_bytes(), as_json.read_bytes()
+    assert json.loads(earlier[1]) == {"image": "photo.png", "width": 8, "height": 8, "faces": []}
+
+    def cut_short(name, image):
+        Path(name).write_bytes(earlier[0][:10])
+        return False
+
+    monkeypatch.setattr(predict.cv2, "imwrite", cut_short)
+    with pytest.raises(OSError, match="cannot write"):
+        predict.write_results(annotated + 1, [], out, as_json, "other.png")
+    assert (out.read_bytes(), as_json.read_bytes()) == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.json", "faces.png"]
