@@ -100,7 +100,8 @@ def merge_heads(out: Tensor, height: int, width: int, channels_last: bool) -> Te
     """``(B, Nh, L, dvh) -> (B, Nh * dvh, height, width)``, in the memory format asked for."""
     batch, heads, _, dvh = out.shape
     if channels_last:
-        merged = out.permute(0, 2, 1, 3).reshape(batch, height, width, heads * dvh)
+        # contiguous(), not reshape: with dvh == 1 the reshape is a view whose strides are NCHW's.
+        merged = out.permute(0, 2, 1, 3).contiguous().view(batch, height, width, heads * dvh)
         return merged.permute(0, 3, 1, 2)
     return out.transpose(-1, -2).reshape(batch, heads * dvh, height, width)
 

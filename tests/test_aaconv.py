@@ -250,8 +250,9 @@ def test_qkv_are_views_of_the_projection() -> None:
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_channels_last(backend: str) -> None:
-    m = AAConv2d(4, 12, 3, dk=4, dv=4, num_heads=2, backend=backend, input_size=(5, 6))
+@pytest.mark.parametrize("dv,num_heads", [(4, 2), (2, 2), (4, 4)])  # dvh = 2, 1, 1
+def test_channels_last(backend: str, dv: int, num_heads: int) -> None:
+    m = AAConv2d(4, 12, 3, dk=4, dv=dv, num_heads=num_heads, backend=backend, input_size=(5, 6))
     randomize_(m, seed=4)
     x = torch.randn(2, 4, 5, 6)
     expected = m(x)
