@@ -51,6 +51,9 @@ def test_python_api_names_the_argument(backend: str, overrides: dict, message: s
         (dict(height=3, width=4, scale="0.5"), "scale: expected a finite real number"),
         (dict(height=3, width=4, scale=float("nan")), "scale: expected a finite real number"),
         (dict(height=3, width=4, scale=float("inf")), "scale: expected a finite real number"),
+        # An int past the largest float: float() of it raised a bare OverflowError.
+        (dict(height=3, width=4, scale=10**400), "scale: expected a finite real number"),
+        (dict(height=3, width=4, scale=-(10**400)), "scale: expected a finite real number"),
     ],
 )
 def test_geometry_and_scale_are_checked(geometry: dict, message: str):
