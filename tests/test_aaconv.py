@@ -507,8 +507,17 @@ def test_bad_call_arguments() -> None:
         (dict(out_bias=[0.0] * 4), TypeError, r"out_bias: expected a torch.Tensor or None"),
         (dict(rel_h=torch.randn(0, 4)), ValueError, r"rel_h: expected shape .* with n >= 1"),
         (dict(rel_w=torch.randn(9)), ValueError, r"rel_w: expected shape \(n, dkh\)"),
+        # F.conv2d of a CPU x with a meta weight returned uninitialised CPU memory.
+        (dict(out_weight=torch.randn(4, 4, 1, 1, device="meta")), ValueError,
+         r"out_weight: expected device cpu \(the device of x\), got meta"),
+        (dict(qkv_weight=torch.randn(20, 4, 1, 1, device="meta")), ValueError,
+         r"qkv_weight: expected device cpu .* got meta"),
+        (dict(conv_bias=torch.randn(12, device="meta")), ValueError,
+         r"conv_bias: expected device cpu .* got meta"),
+        (dict(rel_h=torch.randn(9, 4, device="meta")), ValueError,
+         r"rel_h: expected device cpu .* got meta"),
     ],
-)
+)  # fmt: skip
 def test_aa_conv2d_names_the_bad_weight(overrides: dict, error: type, match: str) -> None:
     w = dict(
         conv_weight=torch.randn(12, 4, 3, 3), conv_bias=torch.randn(12),
