@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import numbers
+import sys
 
 import torch
 from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_MAX = sys.float_info.max
 
 
 def check_feature_map(x: object) -> None:
@@ -81,8 +82,9 @@ def check_attention_2d_inputs(
     # numbers.Real: NumPy scalars are taken too.
     real = isinstance(scale, int | float | numbers.Real) and not isinstance(scale, bool)
     # A comparison, not math.isfinite: Dynamo with dynamic=True cannot trace math.isfinite even on
-    # a constant, and NaN fails both comparisons.
-    if not real or not -math.inf < scale < math.inf:
+    # a constant, and NaN fails both comparisons. Against the largest float, not inf: an int
+    # beyond it (10**400) compares finite and then overflows float().
+    if not real or not -_FLOAT_MAX <= scale <= _FLOAT_MAX:
         raise ValueError(f"scale: expected a finite real number, got {scale!r}")
     batch, heads, length, dkh = q.shape
     if length != height * width:

@@ -100,7 +100,8 @@ def merge_heads(out: Tensor, height: int, width: int, channels_last: bool) -> Te
     """``(B, Nh, L, dvh) -> (B, Nh * dvh, height, width)``, in the memory format asked for."""
     batch, heads, _, dvh = out.shape
     if channels_last:
-        merged = out.permute(0, 2, 1, 3).reshape(batch, height, width, heads * dvh)
+        # contiguous(), not reshape: with dvh == 1 the reshape is a view whose strides are NCHW's.
+        merged = out.permute(0, 2, 1, 3).contiguous().view(batch, height, width, heads * dvh)
         return merged.permute(0, 3, 1, 2)
     return out.transpose(-1, -2).reshape(batch, heads * dvh, height, width)
 
@@ -131,10 +132,18 @@ def _check_heads(dk: int, dv: int, num_heads: int, origin: str = "") -> int:
 
 
 def _check_tensor(
-    name: str, t: object, shape: tuple[int | None, ...], expected: str, optional: bool = False
+    name: str,
+    t: object,
+    shape: tuple[int | None, ...],
+    expected: str,
+    device: torch.device,
+    optional: bool = False,
 ) -> None:
-    """Raise unless ``t`` is a tensor of ``shape`` (``None``: any size >= 1), or ``None`` where
-    ``optional``; ``expected`` spells the shape out for the message."""
+    """Raise unless ``t`` is a tensor of ``shape`` (``None``: any size >= 1) on ``device`` (that
+    of ``x``), or ``None`` where ``optional``; ``expected`` spells the shape out for the message.
+
+    The device too, because ``F.conv2d`` of a CPU input with a meta weight returns uninitialised
+    CPU memory rather than refusing it (torch 2.11 and 2.14)."""
     if t is None and optional:
         return
     if not isinstance(t, Tensor):
@@ -146,6 +155,8 @@ def _check_tensor(
     )
     if not fits:
         raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (the device of x), got {t.device}")
 
 
 def aa_conv2d(
@@ -203,18 +214,21 @@ def aa_conv2d(
         ``(B, Fout, Ho, Wo)``: the convolution's ``Fout - dv`` channels, then attention's ``dv``.
     """
     check_feature_map(x)
-    cin = x.shape[1]
+    cin, device = x.shape[1], x.device
     _check_tensor(
-        "conv_weight", conv_weight, (None, cin, None, None), "(Fout - dv, Cin, kh, kw), Cin from x"
+        "conv_weight", conv_weight, (None, cin, None, None), "(Fout - dv, Cin, kh, kw), Cin from x",
+        device,
+    )  # fmt: skip
+    _check_tensor(
+        "conv_bias", conv_bias, conv_weight.shape[:1], "(Fout - dv,)", device, optional=True
     )
-    _check_tensor("conv_bias", conv_bias, conv_weight.shape[:1], "(Fout - dv,)", optional=True)
-    _check_tensor("out_weight", out_weight, (None, None, 1, 1), "(dv, dv, 1, 1)")
+    _check_tensor("out_weight", out_weight, (None, None, 1, 1), "(dv, dv, 1, 1)", device)
     # int(): plain ints for the head split and the scale, also when TorchScript tracing hands
     # sizes over as tensors (weight shapes are fixed, so nothing dynamic is lost).
     dv = int(out_weight.shape[0])
-    _check_tensor("out_weight", out_weight, (dv, dv, 1, 1), "(dv, dv, 1, 1)")  # square
+    _check_tensor("out_weight", out_weight, (dv, dv, 1, 1), "(dv, dv, 1, 1)", device)  # square
     _check_tensor(
-        "qkv_weight", qkv_weight, (None, cin, 1, 1), "(2 * dk + dv, Cin, 1, 1), Cin from x"
+        "qkv_weight", qkv_weight, (None, cin, 1, 1), "(2 * dk + dv, Cin, 1, 1), Cin from x", device
     )
     dk2 = int(qkv_weight.shape[0]) - dv
     if dk2 < 2 or dk2 % 2:
@@ -226,12 +240,16 @@ def aa_conv2d(
     num_heads = _check_heads(dk, dv, num_heads, " (from the weights)")
     dkh = dk // num_heads
     rows = 2 * dk + dv
-    _check_tensor("qkv_bias", qkv_bias, (rows,), f"(2 * dk + dv,) = ({rows},)", optional=True)
-    _check_tensor("out_bias", out_bias, (dv,), f"(dv,) = ({dv},)", optional=True)
+    _check_tensor(
+        "qkv_bias", qkv_bias, (rows,), f"(2 * dk + dv,) = ({rows},)", device, optional=True
+    )
+    _check_tensor("out_bias", out_bias, (dv,), f"(dv,) = ({dv},)", device, optional=True)
     if (rel_h is None) != (rel_w is None):
         raise ValueError("rel_h, rel_w: expected both tensors or both None")
     for name, table in (("rel_h", rel_h), ("rel_w", rel_w)):
-        _check_tensor(name, table, (None, dkh), f"(n, dkh) = (n, {dkh}) with n >= 1", True)
+        _check_tensor(
+            name, table, (None, dkh), f"(n, dkh) = (n, {dkh}) with n >= 1", device, optional=True
+        )
 
     conv_out = F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation)
     height, width = conv_out.shape[-2:]

@@ -35,6 +35,17 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def check_same_device(q: Tensor, **tensors: Tensor | None) -> None:
+    """Raise unless every tensor given is on ``q``'s device, as the C++ ops do. The fakes need
+    this too: a meta tensor among CPU ones sends an eager call of the op to them (the Meta key
+    wins the dispatch), and they would return uninitialised CPU memory as the result."""
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            raise RuntimeError(
+                f"{name}: expected device {q.device} (the device of q), got {t.device}"
+            )
+
+
 def fake_attention_2d_fwd(
     q: Tensor,
     k: Tensor,
@@ -45,6 +56,7 @@ def fake_attention_2d_fwd(
     width: int,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
+    check_same_device(q, k=k, v=v, bias_h=bias_h, bias_w=bias_w)
     batch, heads, length, _ = q.shape
     out = q.new_empty((batch, heads, length, v.shape[-1]))
     lse = q.new_empty((batch, heads, length), dtype=lse_dtype(q.dtype))
@@ -64,6 +76,9 @@ def fake_attention_2d_bwd(
     width: int,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_same_device(
+        q, grad_out=grad_out, k=k, v=v, bias_h=bias_h, bias_w=bias_w, out=out, lse=lse
+    )
     batch, heads, length, _ = q.shape
     # An absent bias gets an empty (0-element) gradient: op schemas cannot return None.
     dbias_h = q.new_empty((batch, heads, length, height) if bias_h is not None else (0,))

@@ -250,8 +250,9 @@ def test_qkv_are_views_of_the_projection() -> None:
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_channels_last(backend: str) -> None:
-    m = AAConv2d(4, 12, 3, dk=4, dv=4, num_heads=2, backend=backend, input_size=(5, 6))
+@pytest.mark.parametrize("dv,num_heads", [(4, 2), (2, 2), (4, 4)])  # dvh = 2, 1, 1
+def test_channels_last(backend: str, dv: int, num_heads: int) -> None:
+    m = AAConv2d(4, 12, 3, dk=4, dv=dv, num_heads=num_heads, backend=backend, input_size=(5, 6))
     randomize_(m, seed=4)
     x = torch.randn(2, 4, 5, 6)
     expected = m(x)
@@ -506,8 +507,17 @@ def test_bad_call_arguments() -> None:
         (dict(out_bias=[0.0] * 4), TypeError, r"out_bias: expected a torch.Tensor or None"),
         (dict(rel_h=torch.randn(0, 4)), ValueError, r"rel_h: expected shape .* with n >= 1"),
         (dict(rel_w=torch.randn(9)), ValueError, r"rel_w: expected shape \(n, dkh\)"),
+        # F.conv2d of a CPU x with a meta weight returned uninitialised CPU memory.
+        (dict(out_weight=torch.randn(4, 4, 1, 1, device="meta")), ValueError,
+         r"out_weight: expected device cpu \(the device of x\), got meta"),
+        (dict(qkv_weight=torch.randn(20, 4, 1, 1, device="meta")), ValueError,
+         r"qkv_weight: expected device cpu .* got meta"),
+        (dict(conv_bias=torch.randn(12, device="meta")), ValueError,
+         r"conv_bias: expected device cpu .* got meta"),
+        (dict(rel_h=torch.randn(9, 4, device="meta")), ValueError,
+         r"rel_h: expected device cpu .* got meta"),
     ],
-)
+)  # fmt: skip
 def test_aa_conv2d_names_the_bad_weight(overrides: dict, error: type, match: str) -> None:
     w = dict(
         conv_weight=torch.randn(12, 4, 3, 3), conv_bias=torch.randn(12),
