@@ -160,6 +160,16 @@ def use_backend(backend: str) -> Iterator[None]:
     """Run the enclosed ``attention_2d`` calls (and layers built on it) with ``backend``."""
     check_backend_name(backend)
     global _traced_context_backend
+    if torch.compiler.is_compiling():
+        # Entered inside a compiled function: Dynamo cannot trace ContextVar.set, and the trace
+        # reads only the module global, which it records as a side effect and restores.
+        outer = _traced_context_backend
+        _traced_context_backend = backend
+        try:
+            yield
+        finally:
+            _traced_context_backend = outer
+        return
     entry = (object(), backend)  # identified by the object: equal names may be open at once
     token = _context_backend.set(backend)
     with _open_contexts_lock:

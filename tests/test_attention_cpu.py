@@ -234,3 +234,21 @@ def test_torch_compile_dynamic_shapes(backend: str):
     # math.isfinite on the scale and a symbolic head dim in the backend choice used to stop the
     # trace, and an `int` map size in the op's schema pinned every size to the first call's.
     check_compile_dynamic_shapes(backend)
+
+
+def test_scaling_q_by_a_symbolic_head_dim_keeps_one_graph():
+    # README's recipe: the schema's `scale` is a float, so scale=q.shape[-1] ** -0.5 would guard
+    # on the head dim; scaling q before the call keeps it symbolic.
+    torch._dynamo.reset()
+
+    def attend(q, k, v):  # type: ignore[no-untyped-def]
+        return ak.attention_2d(q * q.shape[-1] ** -0.5, k, v, height=3, width=5, backend="cpu")
+
+    compiled = torch.compile(attend, dynamic=True, fullgraph=True, backend="aot_eager")
+    for n, dkh in enumerate((6, 7, 9)):  # none equal to another size (duck sizing)
+        case = Case(2, 3, 3, 5, dkh, 4)
+        q, k, v, bias_h, bias_w = make_inputs(case, torch.float64, "cpu", seed=n)
+        with torch.compiler.set_stance("fail_on_recompile" if n else "default"):
+            got = compiled(q, k, v)
+        expected = ak.attention_2d(q, k, v, height=3, width=5, scale=dkh**-0.5, backend="cpu")
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import aanet_kernels as ak
+from aanet_kernels import backends
 from aanet_kernels.backends import ENV_VAR
 
 
@@ -182,6 +183,40 @@ def test_compiled_code_follows_the_use_backend_in_force():
     assert len(graphs) == 2, "the second use_backend('cpu') should reuse the first graph"
     assert "aanet_kernels.attention_2d_fwd" in graphs[0]
     assert "aanet_kernels.attention_2d_fwd" not in graphs[1]
+
+
+@pytest.mark.skipif(
+    "cpu" not in ak.available_backends("cpu"), reason="the C++ extension is not built"
+)
+def test_use_backend_inside_a_compiled_function_chooses_for_its_block_only():
+    # Until 2026-12-02 a use_backend inside the compiled function failed under fullgraph=True
+    # (Dynamo cannot trace ContextVar.set) and broke the graph otherwise.
+    torch._dynamo.reset()
+    graphs: list[str] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs):  # type: ignore[no-untyped-def]
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def attend_twice(q: torch.Tensor) -> torch.Tensor:
+        with ak.use_backend("reference"):
+            inner = ak.attention_2d(q, q, q, height=2, width=3)
+        return inner + ak.attention_2d(q, q, q, height=2, width=3)  # auto again: cpu
+
+    q = torch.randn(1, 2, 6, 4)
+    compiled = torch.compile(attend_twice, fullgraph=True, backend=recording_backend)
+    torch.testing.assert_close(compiled(q), attend_twice(q))
+    assert len(graphs) == 1
+    assert graphs[0].count("aanet_kernels.attention_2d_fwd") == 1, graphs[0]
+
+    def attend_on_cuda(q: torch.Tensor) -> torch.Tensor:
+        with ak.use_backend("cuda"):
+            return ak.attention_2d(q, q, q, height=2, width=3)
+
+    # The error the eager call gives, naming where the choice came from.
+    with pytest.raises(RuntimeError, match=r"backend='cuda' \(from use_backend\)"):
+        torch.compile(attend_on_cuda, fullgraph=True, backend="eager")(q)
+    assert backends._traced_context_backend is None  # the failed trace left nothing in force
 
 
 def test_use_backend_blocks_overlapping_in_two_threads_leave_nothing_behind():
