@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aanet_kernels._checks import check_feature_map, check_map_size
+from aanet_kernels._checks import check_dense, check_feature_map, check_map_size
 from aanet_kernels.ops import attention_2d
 from aanet_kernels.relative import relative_logits
 
@@ -32,9 +32,10 @@ def resize_rel_table(table: Tensor, length: int) -> Tensor:
     """
     if not isinstance(table, Tensor):
         raise TypeError(f"table: expected a torch.Tensor, got {type(table).__name__}")
-    if table.dim() != 2 or table.shape[0] < 1:
+    check_dense("table", table)
+    if table.dim() != 2 or min(table.shape) < 1:
         raise ValueError(
-            f"table: expected a 2-D tensor (n, d) with n >= 1, got shape {tuple(table.shape)}"
+            f"table: expected a 2-D tensor (n, d) with n, d >= 1, got shape {tuple(table.shape)}"
         )
     if not table.is_floating_point():
         raise TypeError(f"table: expected a floating dtype, got {table.dtype}")
@@ -81,6 +82,8 @@ def split_heads(qkv: Tensor, dk: int, dv: int, num_heads: int) -> tuple[Tensor, 
     ``channels_last`` ``qkv`` the views have a contiguous last dim; with a contiguous (NCHW) one
     their last dim has stride ``L``. ``attention_2d`` takes either.
     """
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"qkv: expected a torch.Tensor, got {type(qkv).__name__}")
     if qkv.dim() != 4 or qkv.shape[1] != 2 * dk + dv:
         raise ValueError(
             f"qkv: expected shape (B, 2 * dk + dv, H, W) = (B, {2 * dk + dv}, H, W), "

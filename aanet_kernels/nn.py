@@ -264,6 +264,10 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        check_feature_map(x)
+        # Lazy tables make this check at the first call; built ones (input_size) left a map too
+        # small for the kernel to F.conv2d, whose message names neither x nor this layer.
+        self._attention_grid("x", tuple(x.shape[-2:]))
         c = self.conv
         return aa_conv2d(
             x, c.weight, c.bias, self.qkv_conv.weight, self.qkv_conv.bias,

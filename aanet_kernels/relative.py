@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aanet_kernels._checks import SUPPORTED_DTYPES, check_map_size
+from aanet_kernels._checks import SUPPORTED_DTYPES, check_dense, check_map_size
 
 
 def _relative_index(size: int, device: torch.device) -> Tensor:
@@ -42,6 +42,7 @@ def relative_logits(
     for name, t in (("q", q), ("rel_h", rel_h), ("rel_w", rel_w)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        check_dense(name, t)
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"q: expected a floating dtype in {SUPPORTED_DTYPES}, got {q.dtype}")
     # Under autocast the tables may keep another floating dtype (fp32 parameters, bf16 q), as

@@ -471,6 +471,14 @@ def test_bad_call_arguments() -> None:
     valid = AAConv2d(4, 16, 5, padding=0, dk=8, dv=4, num_heads=2)
     with pytest.raises(ValueError, match=r"x: a \(3, 3\) map gives an empty \(-1, -1\) output"):
         valid(torch.randn(1, 4, 3, 3))
+    # Built tables (input_size) or none: until 2026-12-02 F.conv2d's "Kernel size can't be greater
+    # than actual input size", naming neither x nor the layer.
+    for built in (
+        AAConv2d(4, 16, 5, padding=0, dk=8, dv=4, num_heads=2, input_size=8),
+        AAConv2d(4, 16, 5, padding=0, dk=8, dv=4, num_heads=2, relative=False),
+    ):
+        with pytest.raises(ValueError, match=r"x: a \(3, 4\) map gives an empty \(-1, 0\) output"):
+            built(torch.randn(1, 4, 3, 4))
     w = dict(
         conv_weight=torch.randn(12, 4, 3, 3), conv_bias=None,
         qkv_weight=torch.randn(20, 4, 1, 1), qkv_bias=None,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import aanet_kernels as ak
-from aanet_kernels.functional import resize_rel_table, sam_relative_logits
+from aanet_kernels.functional import resize_rel_table, sam_relative_logits, split_heads
 
 BACKENDS = ak.available_backends("cpu")
 
@@ -219,7 +219,31 @@ def test_resize_rel_table_checks_its_table_and_takes_numpy_lengths():
     it, and a NumPy length was refused where every map size takes one."""
     table = torch.randn(3, 2)
     torch.testing.assert_close(resize_rel_table(table, np.int64(5)), resize_rel_table(table, 5))
-    with pytest.raises(ValueError, match=r"table: expected a 2-D tensor \(n, d\) with n >= 1"):
-        resize_rel_table(torch.randn(0, 2), 5)
+    for empty in (torch.randn(0, 2), torch.randn(3, 0)):  # (3, 0): "Non-empty 3D data tensor"
+        with pytest.raises(
+            ValueError, match=r"table: expected a 2-D tensor \(n, d\) with n, d >= 1"
+        ):
+            resize_rel_table(empty, 5)
+    with pytest.raises(TypeError, match=r"table: expected a dense \(strided\) tensor"):
+        resize_rel_table(table.to_sparse(), 5)
     with pytest.raises(TypeError, match=r"table: expected a floating dtype, got torch.int64"):
         resize_rel_table(torch.arange(6).view(3, 2), 5)
+
+
+def test_relative_logits_names_a_sparse_argument():
+    """Until 2026-12-02 a sparse q reached ``reshape``: "reshape is not implemented for sparse
+    tensors", naming no argument."""
+    q, table_h, table_w = torch.randn(1, 2, 6, 4), torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(
+        TypeError, match=r"q: expected a dense \(strided\) tensor, got a torch.sparse_coo"
+    ):
+        ak.relative_logits(q.to_sparse(), table_h, table_w, 2, 3)
+    with pytest.raises(TypeError, match=r"rel_w: expected a dense \(strided\) tensor"):
+        ak.relative_logits(q, table_h, table_w.to_sparse(), 2, 3)
+
+
+@pytest.mark.parametrize("qkv", [None, [[1.0]], np.zeros((1, 12, 2, 2))])
+def test_split_heads_names_qkv_that_is_not_a_tensor(qkv: object):
+    """Until 2026-12-02: "'NoneType' object has no attribute 'dim'"."""
+    with pytest.raises(TypeError, match=r"qkv: expected a torch.Tensor, got "):
+        split_heads(qkv, 4, 4, 2)  # type: ignore[arg-type]
