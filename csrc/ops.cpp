@@ -4,10 +4,12 @@
 #include "attention_2d.h"
 
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
 #include <Python.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 
 // An empty module: importing aanet_kernels._C runs the static registrations below.
 extern "C" {
@@ -73,9 +75,14 @@ void check_attention_2d_inputs(
   TORCH_CHECK(v.device() == q.device(), "v: expected device ", q.device(), ", got ", v.device());
   TORCH_CHECK(
       height >= 1 && width >= 1, "height, width: expected positive, got ", height, ", ", width);
+  // The product is checked for overflow: the schema takes any int64 sizes, and a wrapped
+  // height * width could equal L.
+  int64_t map_positions = 0;
+  const bool positions_overflow = c10::mul_overflows(height, width, &map_positions);
   TORCH_CHECK(
-      q.size(2) == height * width, "q: L = ", q.size(2), " does not equal height * width = ",
-      height, " * ", width, " = ", height * width);
+      !positions_overflow && q.size(2) == map_positions, "q: L = ", q.size(2),
+      " does not equal height * width = ", height, " * ", width, " = ",
+      positions_overflow ? std::string("more than int64 holds") : std::to_string(map_positions));
   TORCH_CHECK(
       k.sizes() == q.sizes(), "k: expected shape ", q.sizes(), " (the shape of q), got ",
       k.sizes());

@@ -90,6 +90,10 @@ def test_cpp_backward_names_a_tensor_on_another_device(name: str):
 def test_cpp_op_checks_length():
     with pytest.raises(RuntimeError, match="L = 12 does not equal height"):
         torch.ops.aanet_kernels.attention_2d_fwd(*_inputs().values(), 4, 4, 1.0)
+    # (2**62 + 3) * 4 wraps to 12 in int64: until 2026-12-02 the op took it as L = 12.
+    args = _inputs(bias_h=None, bias_w=None).values()
+    with pytest.raises(RuntimeError, match=r"height \* width = \d+ \* 4 = more than int64 holds"):
+        torch.ops.aanet_kernels.attention_2d_fwd(*args, 2**62 + 3, 4, 1.0)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
