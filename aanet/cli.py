@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -198,11 +199,17 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aanet", description=__doc__)
+    # No abbreviations (argparse takes `--ep` for `--epochs` by default): a later option sharing
+    # a prefix would silently change what a saved command line means.
+    parser = argparse.ArgumentParser(prog="aanet", description=__doc__, allow_abbrev=False)
     parser.add_argument(
         "--debug", action="store_true", help="on an error, the full traceback, not one line"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False),
+    )
 
     gen = sub.add_parser("generate", help="write the synthetic WFLW-layout face set")
     gen.add_argument(

@@ -598,7 +598,7 @@ def write_plots(rows: Sequence[Row], modes: Sequence[str], stem: str, out_dir: P
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
         "--device", default=common.default_device(), help="cpu or cuda (default: cuda if present)"
     )

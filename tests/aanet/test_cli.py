@@ -202,3 +202,19 @@ def test_evaluate_refuses_a_json_it_cannot_write_before_it_evaluates(tmp_path, m
         assert main(["evaluate", "--checkpoint", str(saved), "--json", str(json_path)]) == 2
         error = capsys.readouterr().err
         assert "aanet evaluate: error: json: " in error and message in error, error
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--ep", "1"],
+        ["--deb", "train"],
+        ["evaluate", "--checkpoint", "c.pt", "--js", "r.json"],
+    ],
+)
+def test_abbreviated_options_are_refused(argv, capsys):
+    # Until 2026-12-02 argparse took `--ep` for `--epochs`: a later option sharing the prefix
+    # would have changed what a saved command line meant.
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert "unrecognized arguments" in capsys.readouterr().err
