@@ -9,6 +9,10 @@ import aanet_kernels as ak
 from aanet_kernels import backends
 from aanet_kernels.backends import ENV_VAR
 
+needs_extension = pytest.mark.skipif(
+    "cpu" not in ak.available_backends("cpu"), reason="the C++ extension is not built"
+)
+
 
 def test_reference_is_always_available():
     assert "reference" in ak.available_backends()
@@ -149,19 +153,25 @@ def test_size_limits_of_each_gpu_kernel():
         assert not exceeds_limits(backend, wide, wide, wide)
 
 
-@pytest.mark.skipif(
-    "cpu" not in ak.available_backends("cpu"), reason="the C++ extension is not built"
-)
-def test_compiled_code_follows_the_use_backend_in_force():
-    # The choice is made at trace time; a compiled function called under another use_backend must
-    # retrace (a guard), not keep running the backend it was traced with. Until 2026-12-01 it kept
-    # it: a second model instance compiled under another use_backend ran the first one's backend.
+def _graph_recorder(graphs: list[str]):  # type: ignore[no-untyped-def]
+    """A fresh Dynamo state and a torch.compile backend that appends each graph's text to
+    ``graphs`` and runs it as traced."""
     torch._dynamo.reset()
-    graphs: list[str] = []
 
     def recording_backend(gm: torch.fx.GraphModule, example_inputs):  # type: ignore[no-untyped-def]
         graphs.append(str(gm.graph))
         return gm.forward
+
+    return recording_backend
+
+
+@needs_extension
+def test_compiled_code_follows_the_use_backend_in_force():
+    # The choice is made at trace time; a compiled function called under another use_backend must
+    # retrace (a guard), not keep running the backend it was traced with. Until 2026-12-01 it kept
+    # it: a second model instance compiled under another use_backend ran the first one's backend.
+    graphs: list[str] = []
+    recording_backend = _graph_recorder(graphs)
 
     def attend(q: torch.Tensor) -> torch.Tensor:
         return ak.attention_2d(q, q, q, height=2, width=3)
@@ -185,18 +195,12 @@ def test_compiled_code_follows_the_use_backend_in_force():
     assert "aanet_kernels.attention_2d_fwd" not in graphs[1]
 
 
-@pytest.mark.skipif(
-    "cpu" not in ak.available_backends("cpu"), reason="the C++ extension is not built"
-)
+@needs_extension
 def test_use_backend_inside_a_compiled_function_chooses_for_its_block_only():
     # Until 2026-12-02 a use_backend inside the compiled function failed under fullgraph=True
     # (Dynamo cannot trace ContextVar.set) and broke the graph otherwise.
-    torch._dynamo.reset()
     graphs: list[str] = []
-
-    def recording_backend(gm: torch.fx.GraphModule, example_inputs):  # type: ignore[no-untyped-def]
-        graphs.append(str(gm.graph))
-        return gm.forward
+    recording_backend = _graph_recorder(graphs)
 
     def attend_twice(q: torch.Tensor) -> torch.Tensor:
         with ak.use_backend("reference"):
