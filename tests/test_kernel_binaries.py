@@ -167,10 +167,11 @@ def test_preprocess_kernel_compiles_without_spills(arch: int, dv: int):
 
 # Instantiations per architecture: 4 dtypes, times 4 head-dim tiles (16, 32, 64, 128) for the
 # attention kernels (csrc/cuda/attention_2d_{fwd,bwd}_*.cu): the mma kernels for fp16/bf16, the
-# shared-memory ones for fp32/fp64.
+# shared-memory ones for fp32/fp64; the delta kernel, 4 dtypes times 3 lane groups per row (8, 16,
+# 32 lanes: head-dim tiles 64 and 128 share 32).
 CUDA_INSTANTIATIONS = {
     "fwd": 8, "fwd_mma": 8, "bwd_dkdv": 8, "bwd_dkdv_mma": 8, "bwd_dq": 8, "bwd_dq_mma": 8,
-    "delta": 4,
+    "delta": 12,
 }  # fmt: skip
 
 

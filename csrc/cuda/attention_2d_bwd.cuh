@@ -47,25 +47,37 @@ struct BwdSmem {
   static constexpr size_t kBytes = kKeyX + smem_align(sizeof(int) * BN);
 };
 
-// delta = rowsum(dO * O), one thread per (b, h, i).
-template <typename T>
+// delta = rowsum(dO * O), G consecutive lanes per (b, h, i) row: lane g sums elements g, g + G,
+// ..., then a butterfly over the group. With one thread per row, neighbouring lanes read
+// addresses a whole row apart (a sector each at head dims 64 and 128); a group reads
+// consecutive elements, coalesced when the head dim is contiguous. The summation order is fixed,
+// so delta is deterministic.
+template <int D>
+constexpr int delta_lanes_per_row() {
+  return D / 2 < 32 ? D / 2 : 32;
+}
+
+template <typename T, int G>
 __global__ void attention_2d_delta_kernel(const Attention2dParams p) {
   using A = AccOf<T>;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.length;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) {
-    return;
-  }
-  const int i = static_cast<int>(row % p.length);
-  const int h = static_cast<int>((row / p.length) % p.heads);
-  const int b = static_cast<int>(row / (static_cast<int64_t>(p.length) * p.heads));
-  const T* d_out = head_ptr<T>(p.grad_out, b, h) + i * p.grad_out.stride[2];
-  const T* out = head_ptr<T>(p.out_in, b, h) + i * p.out_in.stride[2];
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+  const int lane = static_cast<int>(threadIdx.x % G);
   A sum = A(0);
-  for (int d = 0; d < p.dvh; ++d) {
-    sum += to_acc(d_out[d * p.grad_out.stride[3]]) * to_acc(out[d * p.out_in.stride[3]]);
+  if (row < rows) {
+    const int i = static_cast<int>(row % p.length);
+    const int h = static_cast<int>((row / p.length) % p.heads);
+    const int b = static_cast<int>(row / (static_cast<int64_t>(p.length) * p.heads));
+    const T* d_out = head_ptr<T>(p.grad_out, b, h) + i * p.grad_out.stride[2];
+    const T* out = head_ptr<T>(p.out_in, b, h) + i * p.out_in.stride[2];
+    for (int d = lane; d < p.dvh; d += G) {
+      sum += to_acc(d_out[d * p.grad_out.stride[3]]) * to_acc(out[d * p.out_in.stride[3]]);
+    }
   }
-  static_cast<A*>(p.delta)[row] = sum;
+  sum = group_sum<G>(sum);  // no early return above: every lane of the warp takes part
+  if (row < rows && lane == 0) {
+    static_cast<A*>(p.delta)[row] = sum;
+  }
 }
 
 // Loads the query-side tiles of rows [m0, m0 + BM): Q, dO, lse (-inf past L, so P = 0 there)
@@ -330,15 +342,17 @@ __global__ void __launch_bounds__(Tiles<T, D>::kThreads)
   }
 }
 
-// The backward's three launches, in stream order: delta (one thread per query row), dK/dV (a
+// The backward's three launches, in stream order: delta (a lane group per query row), dK/dV (a
 // block per key tile), dQ and the bias gradients (a block per query tile).
 template <typename T, int D>
 std::array<KernelLaunch, 3> backward_launches(const Attention2dParams& p) {
   constexpr unsigned kDeltaThreads = 256;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.length;
+  constexpr int kDeltaLanes = delta_lanes_per_row<D>();
+  const int64_t delta_threads = static_cast<int64_t>(p.batch) * p.heads * p.length * kDeltaLanes;
   const KernelLaunch delta{
-      attention_2d_delta_kernel<T>,
-      dim3(static_cast<unsigned>((rows + kDeltaThreads - 1) / kDeltaThreads)), kDeltaThreads, 0};
+      attention_2d_delta_kernel<T, kDeltaLanes>,
+      dim3(static_cast<unsigned>((delta_threads + kDeltaThreads - 1) / kDeltaThreads)),
+      kDeltaThreads, 0};
   if constexpr (kTensorCore<T>) {
     using S = BwdMmaTiles<T, D>;
     return {
