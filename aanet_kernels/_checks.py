@@ -34,6 +34,56 @@ def check_map_size(height: int, width: int) -> tuple[int, int]:
     return height, width
 
 
+def is_int(value: object) -> bool:
+    """An int or a NumPy integer (``numbers.Integral``), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def int_pair(name: str, value: object, minimum: int) -> tuple[int, int]:
+    """``value`` (an int, or a pair of ints) as a pair of ints ``>= minimum``; raises
+    ``ValueError`` naming ``name`` otherwise."""
+    pair = (value, value) if is_int(value) else value
+    ok = isinstance(pair, tuple | list) and len(pair) == 2 and all(is_int(v) for v in pair)
+    if not ok or min(pair) < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum} or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def conv_output_grid(
+    name: str,
+    size: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: object,
+    padding: object,
+    dilation: object,
+) -> tuple[int, int]:
+    """The ``(Ho, Wo)`` that ``F.conv2d`` produces from an ``(H, W)`` map (``stride``,
+    ``padding`` and ``dilation`` as ``F.conv2d`` takes them, checked and named). Raises
+    ``ValueError`` blaming ``name`` when the grid is empty, where ``F.conv2d``'s own message
+    names neither the argument nor the layer."""
+    strides, dilations = int_pair("stride", stride, 1), int_pair("dilation", dilation, 1)
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding: expected 'same', 'valid' or ints >= 0, got {padding!r}")
+        pads = None if padding == "same" else (0, 0)
+    else:
+        pads = int_pair("padding", padding, 0)
+    if pads is None:
+        return size
+    grid = tuple(
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(size, kernel_size, strides, pads, dilations, strict=True)
+    )
+    # any(), not min(): on symbolic sizes each test is a guard that holds for every valid map,
+    # where min() would also guard on which side is the smaller (a recompile when it flips).
+    if any(n < 1 for n in grid):
+        raise ValueError(
+            f"{name}: a {tuple(size)} map gives an empty {grid} output with kernel "
+            f"{tuple(kernel_size)}, padding {pads} and dilation {dilations}"
+        )
+    return grid  # type: ignore[return-value]
+
+
 def check_dense(name: str, t: Tensor) -> None:
     """Raise ``TypeError`` unless ``t`` is a dense (strided) tensor: a sparse one would reach the
     dispatcher's "Could not run ... with arguments from the 'SparseCPU' backend", a nested one an

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aanet_kernels._checks import check_dense, check_feature_map, check_map_size
+from aanet_kernels._checks import check_dense, check_feature_map, check_map_size, conv_output_grid
 from aanet_kernels.ops import attention_2d
 from aanet_kernels.relative import relative_logits
 
@@ -254,6 +254,9 @@ def aa_conv2d(
             name, table, (None, dkh), f"(n, dkh) = (n, {dkh}) with n >= 1", device, optional=True
         )
 
+    # Checked here: F.conv2d's message for a map smaller than the kernel names neither x nor
+    # the argument at fault.
+    conv_output_grid("x", x.shape[-2:], conv_weight.shape[-2:], stride, padding, dilation)
     conv_out = F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation)
     height, width = conv_out.shape[-2:]
     if torch.jit.is_tracing():

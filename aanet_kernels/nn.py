@@ -12,26 +12,13 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter, is_lazy
 
-from aanet_kernels._checks import check_feature_map
+from aanet_kernels._checks import check_feature_map, conv_output_grid, int_pair, is_int
 from aanet_kernels.backends import check_backend_name
 from aanet_kernels.functional import _IntPair, aa_conv2d, resize_rel_table
 
 
-def _is_int(value: object) -> bool:
-    """An int or a NumPy integer (``numbers.Integral``), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _pair(name: str, value: _IntPair, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if _is_int(value) else value
-    ok = isinstance(pair, tuple | list) and len(pair) == 2 and all(_is_int(v) for v in pair)
-    if not ok or min(pair) < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum} or a pair of them, got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
 def _positive_int(name: str, value: int) -> int:
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return int(value)
 
@@ -41,7 +28,7 @@ def resolve_channels(name: str, value: int | float, out_channels: int, num_heads
     ``out_channels`` (the paper's kappa / upsilon) rounded to the nearest multiple of
     ``num_heads``. Raises if the count is not a positive multiple of ``num_heads``."""
     # NumPy scalars are taken as the int or float they hold.
-    if _is_int(value):
+    if is_int(value):
         value = int(value)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         value = float(value)
@@ -70,23 +57,6 @@ def resolve_channels(name: str, value: int | float, out_channels: int, num_heads
             f"({name} / num_heads is the depth of each head)"
         )
     return value
-
-
-def conv_output_size(
-    size: tuple[int, int],
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int] | str,
-    dilation: tuple[int, int],
-) -> tuple[int, int]:
-    """The ``(Ho, Wo)`` that ``nn.Conv2d`` produces from an ``(H, W)`` input."""
-    if padding == "same":
-        return size
-    pad = (0, 0) if padding == "valid" else padding
-    return tuple(  # type: ignore[return-value]
-        (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, k, s, p, d in zip(size, kernel_size, stride, pad, dilation, strict=True)
-    )
 
 
 class AAConv2d(LazyModuleMixin, nn.Module):
@@ -146,13 +116,13 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         in_channels = _positive_int("in_channels", in_channels)
         out_channels = _positive_int("out_channels", out_channels)
         num_heads = _positive_int("num_heads", num_heads)
-        kernel = _pair("kernel_size", kernel_size, 1)
-        strides = _pair("stride", stride, 1)
-        dilations = _pair("dilation", dilation, 1)
+        kernel = int_pair("kernel_size", kernel_size, 1)
+        strides = int_pair("stride", stride, 1)
+        dilations = int_pair("dilation", dilation, 1)
         if padding is None:
             padding = (dilations[0] * (kernel[0] // 2), dilations[1] * (kernel[1] // 2))
         elif not isinstance(padding, str):
-            padding = _pair("padding", padding, 0)
+            padding = int_pair("padding", padding, 0)
         if not isinstance(relative, bool):
             raise TypeError(f"relative: expected a bool, got {type(relative).__name__}")
         check_backend_name(backend)
@@ -176,7 +146,7 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         # (0, 4) or a string is a mistake all the same.
         grid = None
         if input_size is not None:
-            grid = self._attention_grid("input_size", _pair("input_size", input_size, 1))
+            grid = self._attention_grid("input_size", int_pair("input_size", input_size, 1))
         if not relative:
             self.register_parameter("rel_h", None)
             self.register_parameter("rel_w", None)
@@ -202,13 +172,7 @@ class AAConv2d(LazyModuleMixin, nn.Module):
     def _attention_grid(self, name: str, size: tuple[int, int]) -> tuple[int, int]:
         """The convolution's output grid for an ``(H, W)`` input; ``name`` is blamed if empty."""
         c = self.conv
-        grid = conv_output_size(size, c.kernel_size, c.stride, c.padding, c.dilation)
-        if min(grid) < 1:
-            raise ValueError(
-                f"{name}: a {size} map gives an empty {grid} output with this layer's kernel "
-                f"{c.kernel_size}, padding {c.padding} and dilation {c.dilation}"
-            )
-        return grid
+        return conv_output_grid(name, size, c.kernel_size, c.stride, c.padding, c.dilation)
 
     def reset_parameters(self) -> None:
         """Draw the relative tables anew from N(0, dkh ** -0.5), the initialisation of Bello et
@@ -264,10 +228,6 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        check_feature_map(x)
-        # Lazy tables make this check at the first call; built ones (input_size) left a map too
-        # small for the kernel to F.conv2d, whose message names neither x nor this layer.
-        self._attention_grid("x", tuple(x.shape[-2:]))
         c = self.conv
         return aa_conv2d(
             x, c.weight, c.bias, self.qkv_conv.weight, self.qkv_conv.bias,

@@ -497,6 +497,26 @@ def test_bad_call_arguments() -> None:
         aa_conv2d(x, **{**w, "out_weight": torch.randn(4, 2, 1, 1)}, num_heads=2, padding=1)
     with pytest.raises(ValueError, match=r"resize_rel_table|length: expected a positive int"):
         resize_rel_table(torch.randn(3, 2), 0)
+    # The functional op names a map too small for its kernel (until 2026-12-02 F.conv2d's "Kernel
+    # size can't be greater than actual input size", naming neither x nor the kernel), and bad
+    # conv arguments with ValueError (F.conv2d raises RuntimeError).
+    small = torch.randn(1, 4, 2, 5)
+    with pytest.raises(ValueError, match=r"x: a \(2, 5\) map gives an empty \(0, 3\) output"):
+        aa_conv2d(small, **w, num_heads=2)
+    with pytest.raises(ValueError, match=r"x: a \(2, 5\) map gives an empty \(-2, 5\) output"):
+        aa_conv2d(small, **w, num_heads=2, dilation=2, padding=(0, 2))
+    for bad, match in (
+        (dict(stride=0), r"stride: expected an int >= 1 or a pair of them, got 0"),
+        (dict(stride=(1, 2, 3)), r"stride: expected an int >= 1 .* got \(1, 2, 3\)"),
+        (dict(dilation=(1, 0)), r"dilation: expected an int >= 1 .* got \(1, 0\)"),
+        (dict(padding=-1), r"padding: expected an int >= 0 .* got -1"),
+        (dict(padding="full"), r"padding: expected 'same', 'valid' or ints >= 0, got 'full'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            aa_conv2d(x, **w, num_heads=2, **bad)
+    # The strings F.conv2d takes still work, and give its output grid.
+    assert aa_conv2d(x, **w, num_heads=2, padding="same").shape == (1, 16, 5, 5)
+    assert aa_conv2d(x, **w, num_heads=2, padding="valid").shape == (1, 16, 3, 3)
 
 
 @pytest.mark.parametrize(
