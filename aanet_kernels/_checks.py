@@ -84,6 +84,15 @@ def conv_output_grid(
     return grid  # type: ignore[return-value]
 
 
+def autocast_mixes(like: Tensor, t: Tensor) -> bool:
+    """Whether autocast is on for ``like``'s device and ``t`` is floating, so that ``t`` may keep
+    another floating dtype than ``like``'s. (Not through ``torch.amp.is_autocast_available``:
+    torch 2.11's Dynamo cannot trace it. Meta tensors have no autocast, and
+    ``is_autocast_enabled`` refuses their device type.)"""
+    device = like.device.type
+    return t.dtype in SUPPORTED_DTYPES and device != "meta" and torch.is_autocast_enabled(device)
+
+
 def check_dense(name: str, t: Tensor) -> None:
     """Raise ``TypeError`` unless ``t`` is a dense (strided) tensor: a sparse one would reach the
     dispatcher's "Could not run ... with arguments from the 'SparseCPU' backend", a nested one an

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aanet_kernels._checks import check_dense, check_feature_map, check_map_size, conv_output_grid
+from aanet_kernels._checks import (
+    autocast_mixes,
+    check_dense,
+    check_feature_map,
+    check_map_size,
+    conv_output_grid,
+)
 from aanet_kernels.ops import attention_2d
 from aanet_kernels.relative import relative_logits
 
@@ -139,14 +145,16 @@ def _check_tensor(
     t: object,
     shape: tuple[int | None, ...],
     expected: str,
-    device: torch.device,
+    x: Tensor,
     optional: bool = False,
 ) -> None:
-    """Raise unless ``t`` is a tensor of ``shape`` (``None``: any size >= 1) on ``device`` (that
-    of ``x``), or ``None`` where ``optional``; ``expected`` spells the shape out for the message.
+    """Raise unless ``t`` is a tensor of ``shape`` (``None``: any size >= 1) of ``x``'s device
+    and dtype (another floating one under autocast), or ``None`` where ``optional``;
+    ``expected`` spells the shape out for the message.
 
     The device too, because ``F.conv2d`` of a CPU input with a meta weight returns uninitialised
-    CPU memory rather than refusing it (torch 2.11 and 2.14)."""
+    CPU memory rather than refusing it (torch 2.11 and 2.14); the dtype, because its error for
+    a mismatch ("expected scalar type Double but found Float") names no argument."""
     if t is None and optional:
         return
     if not isinstance(t, Tensor):
@@ -158,8 +166,13 @@ def _check_tensor(
     )
     if not fits:
         raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected device {device} (the device of x), got {t.device}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+    if t.dtype != x.dtype and not autocast_mixes(x, t):
+        raise TypeError(
+            f"{name}: expected dtype {x.dtype} (the dtype of x; another floating dtype only "
+            f"under autocast), got {t.dtype}"
+        )
 
 
 def aa_conv2d(
@@ -217,21 +230,21 @@ def aa_conv2d(
         ``(B, Fout, Ho, Wo)``: the convolution's ``Fout - dv`` channels, then attention's ``dv``.
     """
     check_feature_map(x)
-    cin, device = x.shape[1], x.device
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
+    cin = x.shape[1]
     _check_tensor(
         "conv_weight", conv_weight, (None, cin, None, None), "(Fout - dv, Cin, kh, kw), Cin from x",
-        device,
+        x,
     )  # fmt: skip
-    _check_tensor(
-        "conv_bias", conv_bias, conv_weight.shape[:1], "(Fout - dv,)", device, optional=True
-    )
-    _check_tensor("out_weight", out_weight, (None, None, 1, 1), "(dv, dv, 1, 1)", device)
+    _check_tensor("conv_bias", conv_bias, conv_weight.shape[:1], "(Fout - dv,)", x, optional=True)
+    _check_tensor("out_weight", out_weight, (None, None, 1, 1), "(dv, dv, 1, 1)", x)
     # int(): plain ints for the head split and the scale, also when TorchScript tracing hands
     # sizes over as tensors (weight shapes are fixed, so nothing dynamic is lost).
     dv = int(out_weight.shape[0])
-    _check_tensor("out_weight", out_weight, (dv, dv, 1, 1), "(dv, dv, 1, 1)", device)  # square
+    _check_tensor("out_weight", out_weight, (dv, dv, 1, 1), "(dv, dv, 1, 1)", x)  # square
     _check_tensor(
-        "qkv_weight", qkv_weight, (None, cin, 1, 1), "(2 * dk + dv, Cin, 1, 1), Cin from x", device
+        "qkv_weight", qkv_weight, (None, cin, 1, 1), "(2 * dk + dv, Cin, 1, 1), Cin from x", x
     )
     dk2 = int(qkv_weight.shape[0]) - dv
     if dk2 < 2 or dk2 % 2:
@@ -243,15 +256,13 @@ def aa_conv2d(
     num_heads = _check_heads(dk, dv, num_heads, " (from the weights)")
     dkh = dk // num_heads
     rows = 2 * dk + dv
-    _check_tensor(
-        "qkv_bias", qkv_bias, (rows,), f"(2 * dk + dv,) = ({rows},)", device, optional=True
-    )
-    _check_tensor("out_bias", out_bias, (dv,), f"(dv,) = ({dv},)", device, optional=True)
+    _check_tensor("qkv_bias", qkv_bias, (rows,), f"(2 * dk + dv,) = ({rows},)", x, optional=True)
+    _check_tensor("out_bias", out_bias, (dv,), f"(dv,) = ({dv},)", x, optional=True)
     if (rel_h is None) != (rel_w is None):
         raise ValueError("rel_h, rel_w: expected both tensors or both None")
     for name, table in (("rel_h", rel_h), ("rel_w", rel_w)):
         _check_tensor(
-            name, table, (None, dkh), f"(n, dkh) = (n, {dkh}) with n >= 1", device, optional=True
+            name, table, (None, dkh), f"(n, dkh) = (n, {dkh}) with n >= 1", x, optional=True
         )
 
     # Checked here: F.conv2d's message for a map smaller than the kernel names neither x nor

@@ -228,6 +228,14 @@ class AAConv2d(LazyModuleMixin, nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        check_feature_map(x)
+        # Here, not in aa_conv2d: for the function either x or the weights may be wrong, for the
+        # layer it is x.
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x: expected in_channels = {self.in_channels} channels (B, {self.in_channels}, "
+                f"H, W), got shape {tuple(x.shape)}"
+            )
         c = self.conv
         return aa_conv2d(
             x, c.weight, c.bias, self.qkv_conv.weight, self.qkv_conv.bias,

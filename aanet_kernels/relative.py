@@ -5,23 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aanet_kernels._checks import SUPPORTED_DTYPES, check_dense, check_map_size
+from aanet_kernels._checks import SUPPORTED_DTYPES, autocast_mixes, check_dense, check_map_size
 
 
 def _relative_index(size: int, device: torch.device) -> Tensor:
     """``index[i, j] = j - i + size - 1``: the table row for key ``j`` seen from query ``i``."""
     pos = torch.arange(size, device=device)
     return pos[None, :] - pos[:, None] + size - 1
-
-
-def _autocast_mixes(q: Tensor, table: Tensor) -> bool:
-    """Whether autocast is on for ``q``'s device and ``table`` is floating. (Not through
-    ``torch.amp.is_autocast_available``: torch 2.11's Dynamo cannot trace it. Meta tensors have no
-    autocast, and ``is_autocast_enabled`` refuses their device type.)"""
-    device = q.device.type
-    return (
-        table.dtype in SUPPORTED_DTYPES and device != "meta" and torch.is_autocast_enabled(device)
-    )
 
 
 def relative_logits(
@@ -48,7 +38,7 @@ def relative_logits(
     # Under autocast the tables may keep another floating dtype (fp32 parameters, bf16 q), as
     # they would in a plain product there; they are cast to q's dtype below.
     for name, table in (("rel_h", rel_h), ("rel_w", rel_w)):
-        if table.dtype != q.dtype and not _autocast_mixes(q, table):
+        if table.dtype != q.dtype and not autocast_mixes(q, table):
             raise TypeError(
                 f"{name}: expected dtype {q.dtype} (the dtype of q; another floating dtype only "
                 f"under autocast), got {table.dtype}"

@@ -514,6 +514,20 @@ def test_bad_call_arguments() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             aa_conv2d(x, **w, num_heads=2, **bad)
+    # dtypes: F.conv2d's "expected scalar type Double but found Float" named no argument.
+    with pytest.raises(TypeError, match=r"x: expected a floating dtype, got torch.int64"):
+        aa_conv2d(x.long(), **w, num_heads=2, padding=1)
+    with pytest.raises(TypeError, match=r"conv_weight: expected dtype torch.float64 \(the dtype"):
+        aa_conv2d(x.double(), **w, num_heads=2, padding=1)
+    with pytest.raises(TypeError, match=r"qkv_weight: expected dtype torch.float32 .*bfloat16"):
+        aa_conv2d(x, **{**w, "qkv_weight": w["qkv_weight"].bfloat16()}, num_heads=2, padding=1)
+    # Under autocast the weights may keep their dtype, as F.conv2d's would.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = aa_conv2d(x.bfloat16(), **w, num_heads=2, padding=1)
+    assert mixed.dtype == torch.bfloat16 and mixed.shape == (1, 16, 5, 5)
+    # The layer blames x for a channel count its weights do not take.
+    with pytest.raises(ValueError, match=r"x: expected in_channels = 4 channels .* \(1, 3, 5, 5\)"):
+        m(torch.randn(1, 3, 5, 5))
     # The strings F.conv2d takes still work, and give its output grid.
     assert aa_conv2d(x, **w, num_heads=2, padding="same").shape == (1, 16, 5, 5)
     assert aa_conv2d(x, **w, num_heads=2, padding="valid").shape == (1, 16, 3, 3)
