@@ -65,6 +65,8 @@ def conv_output_grid(
     if isinstance(padding, str):
         if padding not in ("same", "valid"):
             raise ValueError(f"padding: expected 'same', 'valid' or ints >= 0, got {padding!r}")
+        if padding == "same" and strides != (1, 1):
+            raise ValueError(f"padding: 'same' needs stride 1, got stride {strides}")
         pads = None if padding == "same" else (0, 0)
     else:
         pads = int_pair("padding", padding, 0)

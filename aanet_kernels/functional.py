@@ -21,6 +21,7 @@ from aanet_kernels._checks import (
     check_feature_map,
     check_map_size,
     conv_output_grid,
+    is_int,
 )
 from aanet_kernels.ops import attention_2d
 from aanet_kernels.relative import relative_logits
@@ -130,8 +131,7 @@ def _channels_last(x: Tensor) -> bool:
 def _check_heads(dk: int, dv: int, num_heads: int, origin: str = "") -> int:
     """Raise unless ``num_heads`` is a positive int (a NumPy one too) dividing ``dk`` and ``dv``;
     return it as an int."""
-    integral = isinstance(num_heads, numbers.Integral) and not isinstance(num_heads, bool)
-    if not integral or num_heads < 1:
+    if not is_int(num_heads) or num_heads < 1:
         raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
     num_heads = int(num_heads)
     for name, size in (("dk", dk), ("dv", dv)):

@@ -511,6 +511,7 @@ def test_bad_call_arguments() -> None:
         (dict(dilation=(1, 0)), r"dilation: expected an int >= 1 .* got \(1, 0\)"),
         (dict(padding=-1), r"padding: expected an int >= 0 .* got -1"),
         (dict(padding="full"), r"padding: expected 'same', 'valid' or ints >= 0, got 'full'"),
+        (dict(padding="same", stride=2), r"padding: 'same' needs stride 1, got stride \(2, 2\)"),
     ):
         with pytest.raises(ValueError, match=match):
             aa_conv2d(x, **w, num_heads=2, **bad)
