@@ -11,7 +11,14 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from aanet.config import Config, make_config, preset_names, read_config_file, unread_options
+from aanet.config import (
+    Config,
+    make_config,
+    preset_names,
+    read_config_file,
+    unread_options,
+    upsampling_warning,
+)
 from aanet.ranks import is_main_process, rank_and_world
 
 # What `aanet evaluate` does not use: it takes every option from the checkpoint's config, so a
@@ -73,10 +80,11 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
             given[f.name] = flag
     values.update(given)
     config = make_config(values)
+    log = logging.getLogger("aanet")
     for name in unread_options(config, given):
-        logging.getLogger("aanet").warning(
-            "%s is not read with data %r: it changes nothing", name, config.data
-        )
+        log.warning("%s is not read with data %r: it changes nothing", name, config.data)
+    if upsampling := upsampling_warning(config):
+        log.warning("%s", upsampling)
     # For the message of an interrupted run: its out, and the last.pt found there before it.
     args.resolved_config = config
     saved = Path(config.out) / "last.pt"

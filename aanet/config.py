@@ -219,6 +219,18 @@ def unread_options(config: Config, given: Iterable[str]) -> list[str]:
     return [name for name in given if config.data not in _READ_BY.get(name, (config.data,))]
 
 
+def upsampling_warning(config: Config) -> str | None:
+    """A warning when synthetic images are smaller than the network input: each face crop is then
+    enlarged, so the network trains on blur and the NME measures detail that was never drawn."""
+    if config.data != "synthetic" or config.image_size >= config.input_size:
+        return None
+    return (
+        f"image_size {config.image_size} is below input_size {config.input_size}: every synthetic "
+        f"face is upsampled (blurred) to the input; an image_size of at least {config.input_size} "
+        "keeps its detail"
+    )
+
+
 # Path options: a leading ~ is the home folder (a shell leaves it as it is in a YAML file, and in
 # --out=~/runs).
 _PATHS = ("data_root", "test_root", "out")
@@ -321,6 +333,10 @@ def check_config(config: Config) -> None:
     for name in _NON_NEGATIVE:
         if getattr(config, name) < 0:
             raise ValueError(f"{name}: expected at least 0, got {getattr(config, name)}")
+    from aanet.datasets.synthetic import SMALLEST_IMAGE
+
+    if config.image_size < SMALLEST_IMAGE:
+        raise ValueError(f"image_size: expected at least {SMALLEST_IMAGE}, got {config.image_size}")
     if config.lr <= 0:
         raise ValueError(f"lr: expected a positive number, got {config.lr}")
     if not config.blocks or min(config.blocks) < 1:

@@ -24,6 +24,10 @@ OCCLUDED_POINTS = 4  # an occluder covering this many landmarks sets the occlusi
 _SHIFT = 4  # fixed-point bits for sub-pixel drawing with OpenCV
 
 
+# The smallest image generate() draws: a face there already spans only a few pixels.
+SMALLEST_IMAGE = 8
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """What to generate: counts, image size, seed."""
@@ -34,10 +38,11 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, least in (("num_train", 1), ("num_test", 1), ("image_size", 8), ("seed", 0)):
+        least = {"num_train": 1, "num_test": 1, "image_size": SMALLEST_IMAGE, "seed": 0}
+        for name, smallest in least.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name}: expected an int of at least {least}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                raise ValueError(f"{name}: expected an int of at least {smallest}, got {value!r}")
 
 
 @dataclass

@@ -176,6 +176,25 @@ def test_an_option_the_data_set_does_not_read_is_warned_about(argv, unread, capl
     assert [m.split()[0] for m in warned] == unread
 
 
+@pytest.mark.parametrize(
+    ("argv", "warned"),
+    [
+        (["train", "--image-size", "64"], True),
+        (["train", "--image-size", "200", "--input-size", "256"], True),
+        (["train", "--image-size", "128"], False),
+        (["train", "--data", "wflw", "--image-size", "64"], False),
+    ],
+)
+def test_synthetic_images_below_the_input_size_are_warned_about(argv, warned, caplog):
+    """Synthetic images smaller than the network input are upsampled into blur: a warning names
+    both sizes; WFLW photos (image_size unread there) are not concerned."""
+    with caplog.at_level(logging.WARNING, logger="aanet"):
+        config = config_from_args(build_parser().parse_args(argv))
+    upsampled = [r.getMessage() for r in caplog.records if "upsampled" in r.getMessage()]
+    expected = f"image_size {config.image_size} is below input_size {config.input_size}"
+    assert [m.startswith(expected) for m in upsampled] == ([True] if warned else [])
+
+
 def test_a_preset_under_the_flags_is_not_warned_about(caplog):
     """``aanet run`` starts from the cpu preset (synthetic sizes in it): ``--data wflw`` there
     must not warn about the preset's values, only about what the user gave."""

@@ -20,6 +20,7 @@ def test_presets_are_valid(preset: str):
         ({"batch_size": 0}, "batch_size: expected at least 1"),
         ({"epochs": -1}, "epochs: expected at least 1"),
         ({"num_heads": 0}, "num_heads: expected at least 1"),
+        ({"image_size": 7}, "image_size: expected at least 8"),
         ({"workers": -2}, "workers: expected at least 0"),
         ({"lr": 0.0}, "lr: expected a positive number"),
         ({"lr": float("nan")}, "lr: expected a finite number"),
