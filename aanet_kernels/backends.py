@@ -107,10 +107,13 @@ def resolve_backend(backend: str, device: torch.device | str, head_dim: int = 0)
     return _resolve(backend, torch.device(device), exceeds)
 
 
-def resolve_backend_for_call(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+def resolve_backend_for_call(
+    backend: str, q: Tensor, k: Tensor, v: Tensor, needs_grad: bool = False
+) -> str:
     """``resolve_backend`` for a call on ``q``, ``k``, ``v``: ``auto`` passes over a backend whose
-    size limits (head dim, batch and heads, length, offsets) the call exceeds."""
-    return _resolve(backend, q.device, lambda name: exceeds_limits(name, q, k, v))
+    size limits (head dim, batch and heads, length, offsets, shared memory of its forward, and of
+    its backward if ``needs_grad``) the call exceeds."""
+    return _resolve(backend, q.device, lambda name: exceeds_limits(name, q, k, v, needs_grad))
 
 
 def _resolve(backend: str, device: torch.device, exceeds: Callable[[str], bool]) -> str:

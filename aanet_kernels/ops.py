@@ -157,7 +157,9 @@ def attention_2d(
     q, k, v, bias_h, bias_w = autocast_inputs(q, k, v, bias_h, bias_w)
     height, width = check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale)
     scale = float(scale)
-    name = resolve_backend_for_call(backend, q, k, v)
+    inputs = (q, k, v, bias_h, bias_w)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    name = resolve_backend_for_call(backend, q, k, v, needs_grad)
     if name == "reference":
         return reference.attention_2d_reference(
             q, k, v, bias_h, bias_w, height=height, width=width, scale=scale

@@ -58,6 +58,61 @@ def test_cuda_build_registers_cuda_kernels():
         assert has_kernel(name, "CUDA"), f"aanet_kernels::{name} has no CUDA kernel"
 
 
+# Shared memory a block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin), in bytes: sm_80
+# (A100) and sm_86/sm_89 (RTX 30xx/40xx, A10, L4), from the CUDA C++ Programming Guide's table of
+# compute capabilities (163 KB and 99 KB).
+SM80_SMEM_OPTIN = 163 * 1024
+SM86_SMEM_OPTIN = 99 * 1024
+
+
+def test_shared_memory_of_the_cuda_kernels():
+    """The extension's own figures (host arithmetic, no GPU): every kernel fits the 99 KB of
+    sm_86/sm_89 except the fp64 backward at head dims 65-128, which fits sm_80 (the README's
+    backend table says so); dkh and dvh are padded up to one compiled head dim."""
+    from aanet_kernels.limits import CUDA_HEAD_DIMS, cuda_smem_bytes, cuda_smem_exceeds
+
+    if not has_kernel("attention_2d_fwd", "CUDA"):
+        pytest.skip("the extension was built without CUDA kernels (no toolkit at build time?)")
+    for dtype in DTYPES:
+        for head_dim in CUDA_HEAD_DIMS:
+            for backward in (False, True):
+                needed = cuda_smem_bytes(dtype, head_dim, backward)
+                too_big = dtype == torch.float64 and head_dim == 128 and backward
+                assert (needed > SM86_SMEM_OPTIN) == too_big, (dtype, head_dim, backward, needed)
+                assert 0 < needed <= SM80_SMEM_OPTIN, (dtype, head_dim, backward, needed)
+    assert cuda_smem_exceeds(torch.float64, 128, True, SM86_SMEM_OPTIN)
+    assert not cuda_smem_exceeds(torch.float64, 128, False, SM86_SMEM_OPTIN)
+    assert not cuda_smem_exceeds(torch.float64, 128, True, SM80_SMEM_OPTIN)
+    smem_bytes = op.attention_2d_cuda_smem_bytes
+    assert smem_bytes(torch.float64, 65, 3, True) == smem_bytes(torch.float64, 128, 128, True)
+    assert smem_bytes(torch.float16, 1, 17, False) == smem_bytes(torch.float16, 32, 32, False)
+    with pytest.raises(RuntimeError, match="head dims up to 128, got dkh=129"):
+        smem_bytes(torch.float32, 129, 8, False)
+
+
+def test_the_shared_memory_check_is_a_constant_under_torch_compile(monkeypatch):
+    """Under torch.compile auto reads the device's limit and the extension's figures at trace time
+    (the op takes no tensors, which Dynamo cannot trace): fullgraph succeeds and bakes it in."""
+    from types import SimpleNamespace
+
+    from aanet_kernels import limits
+
+    if not has_kernel("attention_2d_fwd", "CUDA"):
+        pytest.skip("the extension was built without CUDA kernels (no toolkit at build time?)")
+    properties = SimpleNamespace(shared_memory_per_block_optin=SM86_SMEM_OPTIN)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def shifted(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        refused = limits._exceeds_device_smem(torch.device("cuda", 0), dtype, 128, True)
+        return x + 1 if refused else x - 1
+
+    x = torch.zeros(2)
+    assert shifted(x, torch.float64).tolist() == [1.0, 1.0]
+    assert shifted(x, torch.float32).tolist() == [-1.0, -1.0]
+
+
 # Key walks of the fp16/bf16 kernels (csrc/cuda/attention_2d_common.cuh, KeyWalk) that the
 # awkward shapes miss: a 5 x 70 map walked by its columns (9 tiles of 64 keys against 10 by rows),
 # a 2 x 100 map whose rows take two chunks of 64 keys, and a 70 x 1 strip in runs of one key with
@@ -262,6 +317,28 @@ class TestCudaBackend:
         for grad, ref_grad in zip(grads, ref_grads, strict=True):
             assert grad.shape == ref_grad.shape
             torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+    def test_auto_passes_over_cuda_where_its_backward_would_not_fit(self, monkeypatch):
+        """On a GPU with sm_86's 99 KB a block (pretended here) and no Triton, auto runs the
+        fp64 call at head dim 128 on the reference when gradients are wanted (the cuda backward
+        would refuse, after the forward), and on cuda when they are not."""
+        from types import SimpleNamespace
+
+        from aanet_kernels import backends
+
+        properties = SimpleNamespace(shared_memory_per_block_optin=SM86_SMEM_OPTIN)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+        monkeypatch.setitem(backends._AUTO_ORDER, "cuda", ("cuda", "reference"))
+        q = torch.randn(1, 1, 6, 128, dtype=torch.float64, device=DEVICE)
+        choose = backends.resolve_backend_for_call
+        assert choose("auto", q, q, q, needs_grad=True) == "reference"
+        assert choose("auto", q, q, q, needs_grad=False) == "cuda"
+        assert choose("auto", q.float(), q.float(), q.float(), needs_grad=True) == "cuda"
+        leaf = q.clone().requires_grad_(True)
+        out = ak.attention_2d(leaf, q, q, None, None, height=2, width=3)
+        out.sum().backward()  # on the reference: runs whatever the device's true limit
+        with torch.no_grad():
+            torch.testing.assert_close(ak.attention_2d(q, q, q, None, None, height=2, width=3), out)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_fully_masked_row_gives_zeros_and_zero_gradients(self, dtype):

@@ -12,6 +12,7 @@
 #include "attention_2d_bwd_mma.cuh"
 #include "attention_2d_common.cuh"
 
+#include <algorithm>
 #include <array>
 
 namespace aanet_kernels::cuda::detail {
@@ -390,16 +391,27 @@ void launch_attention_2d_bwd(const Attention2dParams& params, cudaStream_t strea
   }
 }
 
+template <typename scalar_t, int D>
+size_t attention_2d_bwd_smem_bytes() {
+  using T = typename detail::DeviceTypeOf<scalar_t>::type;
+  size_t bytes = 0;
+  for (const detail::KernelLaunch& plan :
+       detail::backward_launches<T, D>(detail::one_position_params())) {
+    bytes = std::max(bytes, plan.smem_bytes);
+  }
+  return bytes;
+}
+
 } // namespace aanet_kernels::cuda
 
+#define AANET_INSTANTIATE_ATTENTION_2D_BWD_D(scalar_t, D)                                     \
+  template void aanet_kernels::cuda::launch_attention_2d_bwd<scalar_t, D>(                   \
+      const aanet_kernels::cuda::Attention2dParams&, cudaStream_t);                          \
+  template size_t aanet_kernels::cuda::attention_2d_bwd_smem_bytes<scalar_t, D>();
 #define AANET_INSTANTIATE_ATTENTION_2D_BWD(scalar_t)                                          \
-  template void aanet_kernels::cuda::launch_attention_2d_bwd<scalar_t, 16>(                  \
-      const aanet_kernels::cuda::Attention2dParams&, cudaStream_t);                          \
-  template void aanet_kernels::cuda::launch_attention_2d_bwd<scalar_t, 32>(                  \
-      const aanet_kernels::cuda::Attention2dParams&, cudaStream_t);                          \
-  template void aanet_kernels::cuda::launch_attention_2d_bwd<scalar_t, 64>(                  \
-      const aanet_kernels::cuda::Attention2dParams&, cudaStream_t);                          \
-  template void aanet_kernels::cuda::launch_attention_2d_bwd<scalar_t, 128>(                 \
-      const aanet_kernels::cuda::Attention2dParams&, cudaStream_t);
+  AANET_INSTANTIATE_ATTENTION_2D_BWD_D(scalar_t, 16)                                          \
+  AANET_INSTANTIATE_ATTENTION_2D_BWD_D(scalar_t, 32)                                          \
+  AANET_INSTANTIATE_ATTENTION_2D_BWD_D(scalar_t, 64)                                          \
+  AANET_INSTANTIATE_ATTENTION_2D_BWD_D(scalar_t, 128)
 
 #endif // defined(__CUDACC__)

@@ -342,6 +342,14 @@ struct KernelLaunch {
   size_t smem_bytes;
 };
 
+// A call on one position of one head. Launch plans built for it give each kernel's shared
+// memory, which the tile shapes fix at compile time whatever the call's sizes.
+inline Attention2dParams one_position_params() {
+  Attention2dParams p;
+  p.batch = p.heads = p.length = p.height = p.width = p.dkh = p.dvh = 1;
+  return p;
+}
+
 #if defined(__CUDACC__)
 // Launches `plan` on `stream` and checks the launch.
 inline void launch(const KernelLaunch& plan, const Attention2dParams& params, cudaStream_t stream) {

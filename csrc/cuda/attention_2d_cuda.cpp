@@ -75,31 +75,18 @@ cuda::Attention2dParams make_params(
       scale);
 }
 
-template <typename scalar_t>
-void launch_fwd(const cuda::Attention2dParams& p, int head_dim, cudaStream_t stream) {
+// Calls f.template operator()<D>() with the compiled head dim D that padded_head_dim returned.
+template <typename F>
+decltype(auto) with_head_dim(int head_dim, F&& f) {
   switch (head_dim) {
     case 16:
-      return cuda::launch_attention_2d_fwd<scalar_t, 16>(p, stream);
+      return f.template operator()<16>();
     case 32:
-      return cuda::launch_attention_2d_fwd<scalar_t, 32>(p, stream);
+      return f.template operator()<32>();
     case 64:
-      return cuda::launch_attention_2d_fwd<scalar_t, 64>(p, stream);
+      return f.template operator()<64>();
     default:
-      return cuda::launch_attention_2d_fwd<scalar_t, 128>(p, stream);
-  }
-}
-
-template <typename scalar_t>
-void launch_bwd(const cuda::Attention2dParams& p, int head_dim, cudaStream_t stream) {
-  switch (head_dim) {
-    case 16:
-      return cuda::launch_attention_2d_bwd<scalar_t, 16>(p, stream);
-    case 32:
-      return cuda::launch_attention_2d_bwd<scalar_t, 32>(p, stream);
-    case 64:
-      return cuda::launch_attention_2d_bwd<scalar_t, 64>(p, stream);
-    default:
-      return cuda::launch_attention_2d_bwd<scalar_t, 128>(p, stream);
+      return f.template operator()<128>();
   }
 }
 
@@ -128,7 +115,11 @@ std::tuple<at::Tensor, at::Tensor> attention_2d_fwd_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "attention_2d_fwd_cuda",
-      [&] { launch_fwd<scalar_t>(p, head_dim, stream); });
+      [&] {
+        with_head_dim(head_dim, [&]<int D>() {
+          cuda::launch_attention_2d_fwd<scalar_t, D>(p, stream);
+        });
+      });
   return {out, lse};
 }
 
@@ -180,8 +171,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "attention_2d_bwd_cuda",
-      [&] { launch_bwd<scalar_t>(p, head_dim, stream); });
+      [&] {
+        with_head_dim(head_dim, [&]<int D>() {
+          cuda::launch_attention_2d_bwd<scalar_t, D>(p, stream);
+        });
+      });
   return {dq, dk, dv, dbias_h.to(q.scalar_type()), dbias_w.to(q.scalar_type())};
+}
+
+// The most shared memory one block of the forward's (or the backward's) kernels asks for, on
+// `dtype` at head dims (dkh, dvh): a device runs them only where its opt-in limit per block is at
+// least this. Host arithmetic (no GPU needed): aanet_kernels/limits.py compares it with the
+// device's limit, so that backend="auto" passes over a call this backend would refuse.
+int64_t attention_2d_cuda_smem_bytes(
+    at::ScalarType dtype,
+    int64_t dkh,
+    int64_t dvh,
+    bool backward) {
+  const int head_dim = padded_head_dim(dkh, dvh);
+  size_t bytes = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dtype, "attention_2d_cuda_smem_bytes", [&] {
+        bytes = with_head_dim(head_dim, [&]<int D>() {
+          return backward ? cuda::attention_2d_bwd_smem_bytes<scalar_t, D>()
+                          : cuda::attention_2d_fwd_smem_bytes<scalar_t, D>();
+        });
+      });
+  return static_cast<int64_t>(bytes);
 }
 
 } // namespace
@@ -189,6 +205,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 TORCH_LIBRARY_IMPL(aanet_kernels, CUDA, m) {
   m.impl("attention_2d_fwd", &attention_2d_fwd_cuda);
   m.impl("attention_2d_bwd", &attention_2d_bwd_cuda);
+}
+
+// No tensor arguments, so a catch-all kernel: defined only where the CUDA kernels are built.
+TORCH_LIBRARY_FRAGMENT(aanet_kernels, m) {
+  m.def(
+      "attention_2d_cuda_smem_bytes(ScalarType dtype, int dkh, int dvh, bool backward) -> int",
+      &attention_2d_cuda_smem_bytes);
 }
 
 } // namespace aanet_kernels

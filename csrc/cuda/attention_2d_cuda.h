@@ -7,6 +7,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace aanet_kernels::cuda {
@@ -47,5 +48,13 @@ void launch_attention_2d_fwd(const Attention2dParams& params, cudaStream_t strea
 
 template <typename scalar_t, int D>
 void launch_attention_2d_bwd(const Attention2dParams& params, cudaStream_t stream);
+
+// The most dynamic shared memory one block of the forward's (backward's) launches asks for: a
+// device runs them only where its opt-in limit per block allows as much.
+template <typename scalar_t, int D>
+size_t attention_2d_fwd_smem_bytes();
+
+template <typename scalar_t, int D>
+size_t attention_2d_bwd_smem_bytes();
 
 } // namespace aanet_kernels::cuda

@@ -310,17 +310,23 @@ void launch_attention_2d_fwd(const Attention2dParams& params, cudaStream_t strea
   detail::launch(detail::forward_launch<T, D>(params), params, stream);
 }
 
+template <typename scalar_t, int D>
+size_t attention_2d_fwd_smem_bytes() {
+  using T = typename detail::DeviceTypeOf<scalar_t>::type;
+  return detail::forward_launch<T, D>(detail::one_position_params()).smem_bytes;
+}
+
 } // namespace aanet_kernels::cuda
 
 // Explicit instantiation for all padded head dims of one input type (used by the fwd_*.cu files).
+#define AANET_INSTANTIATE_ATTENTION_2D_FWD_D(scalar_t, D)                                     \
+  template void aanet_kernels::cuda::launch_attention_2d_fwd<scalar_t, D>(                   \
+      const aanet_kernels::cuda::Attention2dParams&, cudaStream_t);                          \
+  template size_t aanet_kernels::cuda::attention_2d_fwd_smem_bytes<scalar_t, D>();
 #define AANET_INSTANTIATE_ATTENTION_2D_FWD(scalar_t)                                          \
-  template void aanet_kernels::cuda::launch_attention_2d_fwd<scalar_t, 16>(                  \
-      const aanet_kernels::cuda::Attention2dParams&, cudaStream_t);                          \
-  template void aanet_kernels::cuda::launch_attention_2d_fwd<scalar_t, 32>(                  \
-      const aanet_kernels::cuda::Attention2dParams&, cudaStream_t);                          \
-  template void aanet_kernels::cuda::launch_attention_2d_fwd<scalar_t, 64>(                  \
-      const aanet_kernels::cuda::Attention2dParams&, cudaStream_t);                          \
-  template void aanet_kernels::cuda::launch_attention_2d_fwd<scalar_t, 128>(                 \
-      const aanet_kernels::cuda::Attention2dParams&, cudaStream_t);
+  AANET_INSTANTIATE_ATTENTION_2D_FWD_D(scalar_t, 16)                                          \
+  AANET_INSTANTIATE_ATTENTION_2D_FWD_D(scalar_t, 32)                                          \
+  AANET_INSTANTIATE_ATTENTION_2D_FWD_D(scalar_t, 64)                                          \
+  AANET_INSTANTIATE_ATTENTION_2D_FWD_D(scalar_t, 128)
 
 #endif // defined(__CUDACC__)
