@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 import sys
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +33,23 @@ def check_map_size(height: int, width: int) -> tuple[int, int]:
         raise ValueError(f"height, width: expected positive ints, got {height!r}, {width!r}")
     height, width = (n if isinstance(n, int | torch.SymInt) else int(n) for n in (height, width))
     return height, width
+
+
+def as_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool or a NumPy bool, else ``TypeError`` naming ``name`` (0, 1 and
+    strings are refused: ``"False"`` would be true)."""
+    if not isinstance(value, bool | np.bool_):
+        kind = type(value)
+        where = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+        raise TypeError(f"{name}: expected a bool, got {where}{kind.__qualname__}")
+    return bool(value)
+
+
+def check_floating_dtype(name: str, dtype: object) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``dtype`` is None or a supported float dtype."""
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{name}: expected None or one of {names}, got {dtype!r}")
 
 
 def is_int(value: object) -> bool:
@@ -79,8 +97,9 @@ def conv_output_grid(
     # any(), not min(): on symbolic sizes each test is a guard that holds for every valid map,
     # where min() would also guard on which side is the smaller (a recompile when it flips).
     if any(n < 1 for n in grid):
+        empty = tuple(max(n, 0) for n in grid)
         raise ValueError(
-            f"{name}: a {tuple(size)} map gives an empty {grid} output with kernel "
+            f"{name}: a {tuple(size)} map gives an empty {empty} output with kernel "
             f"{tuple(kernel_size)}, padding {pads} and dilation {dilations}"
         )
     return grid  # type: ignore[return-value]
@@ -140,8 +159,11 @@ def check_attention_2d_inputs(
                 f"{name}: expected device {q.device} (the device of q), got {t.device}"
             )
     height, width = check_map_size(height, width)
-    # numbers.Real: NumPy scalars are taken too.
+    # numbers.Real: NumPy scalars are taken too, compared as Python floats (a NumPy float32
+    # would compare in float32, where the largest float is inf and inf passes).
     real = isinstance(scale, int | float | numbers.Real) and not isinstance(scale, bool)
+    if real and not isinstance(scale, int | float):
+        scale = float(scale)
     # A comparison, not math.isfinite: Dynamo with dynamic=True cannot trace math.isfinite even on
     # a constant, and NaN fails both comparisons. Against the largest float, not inf: an int
     # beyond it (10**400) compares finite and then overflows float().

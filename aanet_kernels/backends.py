@@ -62,16 +62,15 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
         if not has_kernel("attention_2d_fwd", "CUDA"):
             return "the extension was built without CUDA kernels (no CUDA toolkit at build time?)"
         return None
-    if name == "triton":
-        if not _triton_importable():
-            return "triton is not installed"
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
-            return None
-        return (
-            "the 'triton' backend takes CUDA tensors (or CPU ones under TRITON_INTERPRET=1), "
-            f"got {device}"
-        )
-    return f"unknown backend {name!r}; expected one of {('auto',) + BACKENDS}"
+    # triton (names are checked before: check_backend_name)
+    if not _triton_importable():
+        return "triton is not installed"
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+        return None
+    return (
+        "the 'triton' backend takes CUDA tensors (or CPU ones under TRITON_INTERPRET=1), "
+        f"got {device}"
+    )
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -121,6 +120,7 @@ def _resolve(backend: str, device: torch.device, exceeds: Callable[[str], bool])
     # they become guards: the use_backend in force (a changed one retraces), and the sizes that
     # ``exceeds`` compares, SymInts under dynamic shapes. The environment variable is read at
     # trace time.
+    check_backend_name(backend)
     origin = ""
     if backend == "auto":
         traced = torch.compiler.is_compiling()

@@ -12,7 +12,15 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter, is_lazy
 
-from aanet_kernels._checks import check_feature_map, conv_output_grid, int_pair, is_int
+from aanet_kernels._checks import (
+    as_bool,
+    autocast_mixes,
+    check_feature_map,
+    check_floating_dtype,
+    conv_output_grid,
+    int_pair,
+    is_int,
+)
 from aanet_kernels.backends import check_backend_name
 from aanet_kernels.functional import _IntPair, aa_conv2d, resize_rel_table
 
@@ -123,9 +131,9 @@ class AAConv2d(LazyModuleMixin, nn.Module):
             padding = (dilations[0] * (kernel[0] // 2), dilations[1] * (kernel[1] // 2))
         elif not isinstance(padding, str):
             padding = int_pair("padding", padding, 0)
-        if not isinstance(relative, bool):
-            raise TypeError(f"relative: expected a bool, got {type(relative).__name__}")
+        relative, bias = as_bool("relative", relative), as_bool("bias", bias)
         check_backend_name(backend)
+        check_floating_dtype("dtype", dtype)
         self.dk = resolve_channels("dk", dk, out_channels, num_heads)
         self.dv = resolve_channels("dv", dv, out_channels, num_heads)
         if self.dv >= out_channels:
@@ -237,6 +245,15 @@ class AAConv2d(LazyModuleMixin, nn.Module):
                 f"H, W), got shape {tuple(x.shape)}"
             )
         c = self.conv
+        if x.device != c.weight.device:
+            raise ValueError(
+                f"x: expected device {c.weight.device} (the layer's parameters), got {x.device}"
+            )
+        if x.dtype != c.weight.dtype and not autocast_mixes(x, c.weight):
+            raise TypeError(
+                f"x: expected dtype {c.weight.dtype} (the layer's parameters; convert x, or the "
+                f"layer with .to(dtype)), got {x.dtype}"
+            )
         return aa_conv2d(
             x, c.weight, c.bias, self.qkv_conv.weight, self.qkv_conv.bias,
             self.attn_out.weight, self.attn_out.bias, self.rel_h, self.rel_w,

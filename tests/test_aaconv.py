@@ -417,13 +417,17 @@ def test_fraction_channels() -> None:
         (dict(stride=(1, 2, 3)), ValueError, r"stride: expected an int >= 1"),
         (dict(padding=-1), ValueError, r"padding: expected an int >= 0"),
         (dict(backend="fast"), ValueError, r"backend: expected one of"),
-        (dict(relative=1), TypeError, r"relative: expected a bool"),
+        (dict(relative=1), TypeError, r"relative: expected a bool, got int"),
+        (dict(relative="False"), TypeError, r"relative: expected a bool, got str"),
+        (dict(bias=None), TypeError, r"bias: expected a bool, got NoneType"),
+        (dict(dtype=torch.int64), TypeError, r"dtype: expected None or one of torch.float16"),
+        (dict(dtype=torch.complex64), TypeError, r"dtype: expected None or one of"),
         (dict(input_size=(0, 4)), ValueError, r"input_size: expected an int >= 1"),
         (dict(input_size="big"), ValueError, r"input_size: expected an int >= 1"),
         (
             dict(kernel_size=5, padding=0, input_size=(3, 6)),
             ValueError,
-            r"input_size: a \(3, 6\) map gives an empty \(-1, 2\) output",
+            r"input_size: a \(3, 6\) map gives an empty \(0, 2\) output",
         ),
         (dict(dk=float("nan")), ValueError, r"dk: expected a positive channel count or a finite"),
         (dict(dv=float("inf")), ValueError, r"dv: expected a positive channel count or a finite"),
@@ -464,12 +468,20 @@ def test_numpy_integers_and_floats_are_taken_as_the_numbers_they_hold() -> None:
         AAConv2d(4, 16, 3, dk=np.bool_(True), dv=4, num_heads=2)
 
 
+def test_numpy_bools_are_taken_as_bools() -> None:
+    """``relative=np.True_`` (a flag read from an array) was refused as "expected a bool, got
+    bool" until 2026-12-03."""
+    m = AAConv2d(4, 16, 3, dk=8, dv=4, num_heads=2, relative=np.True_, bias=np.False_)
+    assert m.relative is True and m.conv.bias is None
+    assert AAConv2d(4, 16, 3, dk=8, dv=4, num_heads=2, relative=np.False_).rel_h is None
+
+
 def test_bad_call_arguments() -> None:
     m = AAConv2d(4, 16, 3, dk=8, dv=4, num_heads=2)
     with pytest.raises(ValueError, match=r"x: expected a 4-D tensor"):
         m(torch.randn(4, 5, 5))
     valid = AAConv2d(4, 16, 5, padding=0, dk=8, dv=4, num_heads=2)
-    with pytest.raises(ValueError, match=r"x: a \(3, 3\) map gives an empty \(-1, -1\) output"):
+    with pytest.raises(ValueError, match=r"x: a \(3, 3\) map gives an empty \(0, 0\) output"):
         valid(torch.randn(1, 4, 3, 3))
     # Built tables (input_size) or none: until 2026-12-02 F.conv2d's "Kernel size can't be greater
     # than actual input size", naming neither x nor the layer.
@@ -477,7 +489,7 @@ def test_bad_call_arguments() -> None:
         AAConv2d(4, 16, 5, padding=0, dk=8, dv=4, num_heads=2, input_size=8),
         AAConv2d(4, 16, 5, padding=0, dk=8, dv=4, num_heads=2, relative=False),
     ):
-        with pytest.raises(ValueError, match=r"x: a \(3, 4\) map gives an empty \(-1, 0\) output"):
+        with pytest.raises(ValueError, match=r"x: a \(3, 4\) map gives an empty \(0, 0\) output"):
             built(torch.randn(1, 4, 3, 4))
     w = dict(
         conv_weight=torch.randn(12, 4, 3, 3), conv_bias=None,
@@ -503,7 +515,7 @@ def test_bad_call_arguments() -> None:
     small = torch.randn(1, 4, 2, 5)
     with pytest.raises(ValueError, match=r"x: a \(2, 5\) map gives an empty \(0, 3\) output"):
         aa_conv2d(small, **w, num_heads=2)
-    with pytest.raises(ValueError, match=r"x: a \(2, 5\) map gives an empty \(-2, 5\) output"):
+    with pytest.raises(ValueError, match=r"x: a \(2, 5\) map gives an empty \(0, 5\) output"):
         aa_conv2d(small, **w, num_heads=2, dilation=2, padding=(0, 2))
     for bad, match in (
         (dict(stride=0), r"stride: expected an int >= 1 or a pair of them, got 0"),
@@ -529,6 +541,14 @@ def test_bad_call_arguments() -> None:
     # The layer blames x for a channel count its weights do not take.
     with pytest.raises(ValueError, match=r"x: expected in_channels = 4 channels .* \(1, 3, 5, 5\)"):
         m(torch.randn(1, 3, 5, 5))
+    # ... and for a dtype or device its parameters are not in (until 2026-12-03 the message blamed
+    # conv_weight, which the layer's user never passed); autocast may mix them, as above.
+    with pytest.raises(TypeError, match=r"x: expected dtype torch.float32 \(the layer's param"):
+        m(x.double())
+    with pytest.raises(ValueError, match=r"x: expected device cpu \(the layer's parameters\)"):
+        m(x.to("meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x.bfloat16()).dtype == torch.bfloat16
     # The strings F.conv2d takes still work, and give its output grid.
     assert aa_conv2d(x, **w, num_heads=2, padding="same").shape == (1, 16, 5, 5)
     assert aa_conv2d(x, **w, num_heads=2, padding="valid").shape == (1, 16, 3, 3)

@@ -20,8 +20,13 @@ def test_reference_is_always_available():
 
 
 def test_unknown_backend_is_an_error():
-    with pytest.raises(RuntimeError, match="unknown backend 'fast'"):
+    """A ValueError naming the argument wherever the name is given (until 2026-12-03 the op and
+    the functional aa_conv2d raised a RuntimeError, the layer and use_backend a ValueError)."""
+    with pytest.raises(ValueError, match="backend: expected one of .* got 'fast'"):
         ak.resolve_backend("fast", torch.device("cpu"))
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(ValueError, match="backend: expected one of .* got 'gpu'"):
+        ak.attention_2d(q, q, q, height=1, width=2, backend="gpu")
     with pytest.raises(ValueError, match="backend: expected one of"):
         with ak.use_backend("fast"):
             pass

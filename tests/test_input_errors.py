@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,11 @@ def test_python_api_names_the_argument(backend: str, overrides: dict, message: s
         # An int past the largest float: float() of it raised a bare OverflowError.
         (dict(height=3, width=4, scale=10**400), "scale: expected a finite real number"),
         (dict(height=3, width=4, scale=-(10**400)), "scale: expected a finite real number"),
+        # NumPy inf: compared in float32 (float16), the largest float was inf too and it passed,
+        # and the reference backend returned NaN (until 2026-12-03).
+        (dict(height=3, width=4, scale=np.float32("inf")), "scale: expected a finite real number"),
+        (dict(height=3, width=4, scale=np.float16("-inf")), "scale: expected a finite real"),
+        (dict(height=3, width=4, scale=np.float32("nan")), "scale: expected a finite real number"),
     ],
 )
 def test_geometry_and_scale_are_checked(geometry: dict, message: str):
@@ -154,10 +161,13 @@ def test_cpp_backward_checks_its_extra_inputs(overrides: dict, message: str):
 def test_numpy_scalars_are_taken_as_the_numbers_they_hold(backend: str):
     inputs = _inputs()
     plain = ak.attention_2d(**inputs, height=3, width=4, scale=0.5, backend=backend)
-    numpy_args = ak.attention_2d(
-        **inputs, height=np.int64(3), width=np.int32(4), scale=np.float32(0.5), backend=backend
-    )
-    assert torch.equal(plain, numpy_args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a float32 scale warned "overflow encountered in cast"
+        for scale in (np.float32(0.5), np.float16(0.5)):
+            numpy_args = ak.attention_2d(
+                **inputs, height=np.int64(3), width=np.int32(4), scale=scale, backend=backend
+            )
+            assert torch.equal(plain, numpy_args)
     with pytest.raises(ValueError, match="height, width: expected positive ints"):
         ak.attention_2d(**inputs, height=np.float64(3.0), width=4, backend=backend)
 
