@@ -30,7 +30,26 @@ def _flag(name: str) -> bool:
 def _with_cuda() -> bool:
     if _flag("AANET_KERNELS_SKIP_CUDA"):
         return False
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False
+    _check_toolkit_root(CUDA_HOME)
+    return True
+
+
+def _check_toolkit_root(cuda_home: str) -> None:
+    """Fail before compiling when CUDA_HOME is not a toolkit root.
+
+    Without CUDA_HOME, torch takes the folder above the `nvcc` on PATH, which is wrong where that
+    nvcc is a wrapper (/usr/local/bin/nvcc): the build would stop deep inside ninja at a missing
+    cuda_runtime_api.h.
+    """
+    header = os.path.join(cuda_home, "include", "cuda_runtime_api.h")
+    if not os.path.isfile(header):
+        raise SystemExit(
+            f"setup.py: CUDA_HOME={cuda_home!r} is not a CUDA toolkit root (no {header}). Set "
+            "CUDA_HOME to the folder holding include/ and lib64/ (e.g. /usr/local/cuda), or "
+            "AANET_KERNELS_SKIP_CUDA=1 to build the CPU kernels only."
+        )
 
 
 def _write_build_info(with_cuda: bool) -> None:

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("aanet", "aanet_kernels")
@@ -110,3 +111,18 @@ def test_every_imported_library_is_a_declared_dependency(wheel, wheel_names):
         if DISTRIBUTIONS.get(module, module).lower() not in declared
     }
     assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU build of torch never compiles CUDA")
+def test_setup_py_names_a_cuda_home_that_is_not_a_toolkit_root(tmp_path):
+    """torch guesses CUDA_HOME from the nvcc on PATH; a wrong guess must stop the build with a
+    message naming CUDA_HOME, before ninja fails on a missing header."""
+    env = {**os.environ, "CUDA_HOME": str(tmp_path)}
+    env.pop("AANET_KERNELS_SKIP_CUDA", None)
+    env.pop("AANET_KERNELS_NO_EXTENSION", None)
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert f"CUDA_HOME={str(tmp_path)!r} is not a CUDA toolkit root" in result.stderr
+    assert "AANET_KERNELS_SKIP_CUDA=1" in result.stderr
