@@ -67,6 +67,16 @@ gpu_backends() {  # the GPU backends, one line; a failed import or none at all f
 } > "$OUT_DIR/environment.txt" 2>&1
 cat "$OUT_DIR/environment.txt"
 
+# The toolkit root, as the Makefile finds it, unless the caller set one: torch's own guess is the
+# folder above the nvcc on PATH, which is wrong where that nvcc is a wrapper script.
+if [[ -z "${CUDA_HOME:-}" ]]; then
+  for root in /usr/local/cuda /usr/local/cuda-* /opt/cuda; do
+    if [[ -f "$root/include/cuda_runtime_api.h" ]]; then
+      export CUDA_HOME="$root"
+      break
+    fi
+  done
+fi
 # --no-build-isolation: compile against the torch installed here; --no-deps: leave it untouched.
 wants build && run_step build "$PY" -m pip install --no-build-isolation --no-deps -e .
 wants tests && run_step pytest_gpu "$PY" -m pytest -m gpu -rs -q
