@@ -320,8 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     the error level (every rank reads the same data: its warnings would repeat once per rank),
     an error names the rank that raised it, and commands other than ``train`` and ``run`` run on
     rank 0 alone."""
-    level = logging.INFO if is_main_process() else logging.ERROR
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    main_process = is_main_process()
+    # aanet's own progress at INFO; other libraries (onnxscript prints hundreds of INFO lines on
+    # an ONNX export) from WARNING up.
+    logging.basicConfig(
+        level=logging.WARNING if main_process else logging.ERROR,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aanet").setLevel(logging.INFO if main_process else logging.ERROR)
     args = build_parser().parse_args(argv)
     rank, world = rank_and_world()
     if world > 1 and args.command not in ("train", "run"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -237,3 +239,25 @@ def test_abbreviated_options_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_the_cli_logs_aanet_progress_but_not_other_libraries_info(tmp_path):
+    """An ONNX export made onnxscript print hundreds of INFO lines under aanet's own: the root
+    logger is at WARNING, aanet's at INFO (in a fresh process: pytest configures logging)."""
+    script = (
+        "import logging\n"
+        "from aanet.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "logging.getLogger('onnxscript.optimizer').info('third-party detail')\n"
+        "logging.getLogger('onnxscript.optimizer').warning('third-party warning')\n"
+        "logging.getLogger('aanet.export').info('aanet progress')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert "INFO aanet.export: aanet progress" in result.stderr
+    assert "WARNING onnxscript.optimizer: third-party warning" in result.stderr
+    assert "third-party detail" not in result.stderr
