@@ -11,6 +11,8 @@ from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_MAX = sys.float_info.max
+# The largest scale the kernels of fp16/bf16/fp32 inputs can hold: they compute in float32.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_feature_map(x: object) -> None:
@@ -169,6 +171,11 @@ def check_attention_2d_inputs(
     # beyond it (10**400) compares finite and then overflows float().
     if not real or not -_FLOAT_MAX <= scale <= _FLOAT_MAX:
         raise ValueError(f"scale: expected a finite real number, got {scale!r}")
+    if q.dtype != torch.float64 and not -_FLOAT32_MAX <= scale <= _FLOAT32_MAX:
+        raise ValueError(
+            f"scale: expected a magnitude of at most {_FLOAT32_MAX:.6g} for {q.dtype} inputs "
+            f"(their logits are computed in float32, where it would be inf), got {scale!r}"
+        )
     batch, heads, length, dkh = q.shape
     if length != height * width:
         raise ValueError(

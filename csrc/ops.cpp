@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 // An empty module: importing aanet_kernels._C runs the static registrations below.
@@ -94,6 +95,12 @@ void check_attention_2d_inputs(
       q.size(3) >= 1 && v.size(3) >= 1, "q, v: head dims must be at least 1, got dkh=",
       q.size(3), ", dvh=", v.size(3));
   TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+  // fp16/bf16/fp32 inputs compute their logits in float32, where a larger scale is inf.
+  constexpr double float32_max = std::numeric_limits<float>::max();
+  TORCH_CHECK(
+      q.scalar_type() == at::kDouble || std::abs(scale) <= float32_max,
+      "scale: expected a magnitude of at most ", float32_max, " for ", q.scalar_type(),
+      " inputs (their logits are computed in float32, where it would be inf), got ", scale);
   check_bias(bias_h, "bias_h", "height", q, height);
   check_bias(bias_w, "bias_w", "width", q, width);
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -68,6 +69,23 @@ def test_geometry_and_scale_are_checked(geometry: dict, message: str):
         ak.attention_2d(**_inputs(), **geometry)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_scale_past_float32s_range_is_named_below_float64(backend: str, dtype: torch.dtype):
+    """Finite as a Python float but inf in the float32 logits: the triton backend failed in
+    torch.full with a message naming nothing, cpu and reference returned NaN (until 2026-12-03)."""
+    inputs = {n: t.to(dtype) for n, t in _inputs().items()}
+    for scale in (1e39, -1e39):
+        message = rf"scale: expected a magnitude of at most 3\.40282e\+38 for {dtype} inputs"
+        with pytest.raises(ValueError, match=rf"{message} .* got {re.escape(repr(scale))}"):
+            ak.attention_2d(**inputs, height=3, width=4, scale=scale, backend=backend)
+    # The largest float32 itself is taken, and float64 inputs take any finite scale.
+    ak.attention_2d(**inputs, height=3, width=4, scale=3.4e38, backend=backend)
+    wide = {n: t.double() for n, t in _inputs().items()}
+    out = ak.attention_2d(**wide, height=3, width=4, scale=1e39, backend=backend)
+    assert not out.isnan().any()
+
+
 def test_length_must_equal_height_times_width():
     with pytest.raises(ValueError, match=r"L = 12 does not equal height \* width = 3 \* 5"):
         ak.attention_2d(**_inputs(), height=3, width=5)
@@ -112,6 +130,18 @@ def test_cpp_op_checks_scale(scale: float):
     out, lse = torch.ops.aanet_kernels.attention_2d_fwd(*args, 3, 4, 1.0)
     with pytest.raises(RuntimeError, match="scale: expected a finite number"):
         torch.ops.aanet_kernels.attention_2d_bwd(out, *args, out, lse, 3, 4, scale)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+def test_cpp_op_checks_a_scale_past_float32s_range():
+    args = list(_inputs().values())
+    with pytest.raises(RuntimeError, match="scale: expected a magnitude of at most 3.40282e"):
+        torch.ops.aanet_kernels.attention_2d_fwd(*args, 3, 4, 1e39)
+    out, lse = torch.ops.aanet_kernels.attention_2d_fwd(*args, 3, 4, 1.0)
+    with pytest.raises(RuntimeError, match="scale: expected a magnitude of at most 3.40282e"):
+        torch.ops.aanet_kernels.attention_2d_bwd(out, *args, out, lse, 3, 4, -1e39)
+    wide = [t.double() for t in args]
+    torch.ops.aanet_kernels.attention_2d_fwd(*wide, 3, 4, 1e39)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
