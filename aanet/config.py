@@ -172,7 +172,10 @@ def _yaml_loader_of_unique_keys() -> type:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
                 key = self.construct_object(key_node, deep=deep)
-                if isinstance(key, str | int | float | bool) and key in seen:
+                # A list or mapping key (`? [a, b]`) is unhashable: SafeLoader refuses it below.
+                if not isinstance(key, str | int | float | bool):
+                    continue
+                if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None,
                         None,
@@ -274,6 +277,9 @@ def check_names(values: dict[Any, Any], where: str) -> None:
 _POSITIVE = ("num_train", "num_test", "image_size", "input_size", "width", "num_heads",
              "batch_size", "epochs")  # fmt: skip
 _NON_NEGATIVE = ("workers", "weight_decay", "heatmap_reg", "seed")
+# torch's generators take 64-bit seeds and the sampler seeds each epoch with seed + epoch: 32 bits
+# (NumPy's legacy range) leave room for any number of epochs.
+MAX_SEED = 2**32 - 1
 
 
 def option_choices() -> dict[str, tuple[str, ...]]:
@@ -333,6 +339,8 @@ def check_config(config: Config) -> None:
     for name in _NON_NEGATIVE:
         if getattr(config, name) < 0:
             raise ValueError(f"{name}: expected at least 0, got {getattr(config, name)}")
+    if config.seed > MAX_SEED:
+        raise ValueError(f"seed: expected at most 2**32 - 1 = {MAX_SEED}, got {config.seed}")
     from aanet.datasets.synthetic import SMALLEST_IMAGE
 
     if config.image_size < SMALLEST_IMAGE:

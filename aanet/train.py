@@ -474,7 +474,14 @@ def _train(
                 for buffer in model.buffers():
                     dist.broadcast(buffer, 0)
             seconds = time.perf_counter() - began
-            train_loss = total / max(1, len(train_loader) - skipped)
+            trained_steps = len(train_loader) - skipped
+            # No step trained (--on-nan skip skipped them all): no loss to report, not a loss of 0.
+            train_loss = total / trained_steps if trained_steps else math.nan
+            if not trained_steps and is_main_process():
+                log.warning(
+                    "epoch %d: every step was skipped (non-finite loss): train_loss is NaN",
+                    epoch + 1,
+                )
             row = {
                 "epoch": epoch + 1, "train_loss": train_loss, "skipped_steps": skipped,
                 "skipped_faces": len(left_out), "lr": trained_lr, "images_per_s": seen / seconds,

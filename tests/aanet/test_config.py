@@ -39,6 +39,9 @@ def test_presets_are_valid(preset: str):
         ({"compile": True}, "compile: expected a string"),
         ({"device": "gpu"}, "device: expected auto, cpu, cuda or cuda:N"),
         ({"seed": -1}, "seed: expected at least 0"),
+        # Overflowed torch's 64-bit seed without a name, or only at the second epoch (seed + 1).
+        ({"seed": 2**64 - 1}, r"seed: expected at most 2\*\*32 - 1 = 4294967295"),
+        ({"seed": 10**23}, r"seed: expected at most 2\*\*32 - 1"),
         ({"normalization": "inter-eye"}, "normalization: expected one of .*'inter-pupil'"),
         ({"normalization": 1}, "normalization: expected a string"),
     ],
@@ -93,6 +96,15 @@ def test_a_config_file_with_a_syntax_error_is_named(tmp_path, name, text, messag
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(ValueError, match=f"config {path}: {message}"):
+        read_config_file(path)
+
+
+@pytest.mark.parametrize("text", ["? [a, b]\n: 1\n", "{a: 1}: 2\n"])
+def test_a_yaml_key_that_is_a_list_or_mapping_is_named(tmp_path, text):
+    """An unhashable key raised a bare TypeError from the duplicate-key check (exit 1)."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"(?s)config {path}: not valid YAML: .*found unhashable key"):
         read_config_file(path)
 
 

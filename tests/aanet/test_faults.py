@@ -10,6 +10,7 @@ another exception).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -164,6 +165,18 @@ def test_nan_loss_skips_the_step_when_asked(tmp_path, monkeypatch, caplog):
     params = result["model"].state_dict().values()
     assert all(torch.isfinite(t).all() for t in params if t.is_floating_point())
     assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in result["history"])
+
+
+def test_an_epoch_whose_every_step_was_skipped_logs_no_loss(tmp_path, monkeypatch, caplog):
+    """Its train_loss was 0.0 in log.csv (a perfect loss, on a log-scale plot) until 2026-12-03."""
+    _nan_at_calls(monkeypatch, {1, 2})  # both steps of epoch 1
+    result = aanet.train.train(_nan_config(tmp_path, "skip"), progress=False)
+    first, second = result["history"]
+    assert first["skipped_steps"] == 2 and math.isnan(first["train_loss"])
+    assert second["skipped_steps"] == 0 and math.isfinite(second["train_loss"])
+    assert "epoch 1: every step was skipped (non-finite loss): train_loss is NaN" in caplog.text
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert rows[1].split(",")[rows[0].split(",").index("train_loss")] == "nan"
 
 
 def test_unknown_nan_policy_is_refused():
