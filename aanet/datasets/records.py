@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,19 @@ class DataError(ValueError):
         self.where = where
 
 
-def decode_line(raw: bytes, where: str, first: bool = False) -> str:
-    """One annotation line as text; bytes that are not UTF-8 are a ``DataError`` at ``where``.
-    The ``first`` line of a file loses a UTF-8 byte order mark (what Windows editors such as
-    Notepad put before a file they save), which would otherwise stick to its first field."""
+def annotation_lines(path: Path) -> list[bytes]:
+    """The lines of the annotation file at ``path``, without their line ends: CRLF, CR (old Mac
+    files) or LF, the only ones ``bytes.splitlines`` knows. A UTF-8 byte order mark (what
+    Windows editors such as Notepad put before a file they save) is removed from the file's
+    start, whatever its first line holds; it would otherwise stick to the first field, or make
+    a blank first line look like a short one."""
+    return path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines()
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    """One annotation line as text; bytes that are not UTF-8 are a ``DataError`` at ``where``."""
     try:
-        return raw.decode("utf-8-sig" if first else "utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(where, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 

@@ -11,6 +11,7 @@ from aanet.datasets.records import (
     BadDataLog,
     DataError,
     Record,
+    annotation_lines,
     decode_line,
     validate_record,
 )
@@ -37,10 +38,9 @@ log = logging.getLogger("aanet.data")
 
 def parse_pts(path: Path) -> np.ndarray:
     """The ``(n_points, 2)`` array of a ``.pts`` file (``version``, ``n_points``, ``{ ... }``)."""
-    raw_lines = Path(path).read_bytes().splitlines()
     lines = [
-        decode_line(raw, f"{path}:{n}", first=n == 1).strip()
-        for n, raw in enumerate(raw_lines, start=1)
+        decode_line(raw, f"{path}:{n}").strip()
+        for n, raw in enumerate(annotation_lines(Path(path)), start=1)
     ]
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln]
     header = {}

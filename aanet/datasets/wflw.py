@@ -15,6 +15,7 @@ from aanet.datasets.records import (
     BadDataLog,
     DataError,
     Record,
+    annotation_lines,
     decode_line,
     validate_record,
 )
@@ -74,19 +75,17 @@ def load_wflw(
         raise FileNotFoundError(f"WFLW annotations not found: {path}")
     bad = BadDataLog(on_error)
     records = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                text = decode_line(raw, where, first=number == 1)
-                record = parse_line(text, where, root / IMAGE_DIR)
-                validate_record(record, normalizations=normalizations)
-            except DataError as error:
-                bad.report(error)
-                continue
-            records.append(record)
+    for number, raw in enumerate(annotation_lines(path), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = parse_line(decode_line(raw, where), where, root / IMAGE_DIR)
+            validate_record(record, normalizations=normalizations)
+        except DataError as error:
+            bad.report(error)
+            continue
+        records.append(record)
     bad.summarize(str(path), len(records))
     return records
 

@@ -382,6 +382,37 @@ def test_annotation_files_saved_on_windows_read_as_published(tmp_path):
     np.testing.assert_allclose(w300.parse_pts(tmp_path / "a.pts"), points, atol=1e-4)
 
 
+def _one_image_wflw(root, name="a.jpg"):
+    """A WFLW root with one 64x64 image ``name`` and the annotation line of a face in it."""
+    (root / wflw.IMAGE_DIR).mkdir(parents=True)
+    cv2.imwrite(str(root / wflw.IMAGE_DIR / name), np.zeros((64, 64, 3), np.uint8))
+    wflw.annotation_file(root, "train").parent.mkdir(parents=True)
+    face = np.random.default_rng(6).uniform(5, 60, size=(98, 2))
+    return wflw.format_line(face, np.array([2, 2, 62, 62]), np.zeros(6), name)
+
+
+@pytest.mark.parametrize(
+    ("body", "numbers"),
+    [
+        (b"{line}\r{line}\r", [1, 2]),  # CR only: old Mac files
+        (b"{line}\r\n\r{line}\n", [1, 3]),  # the three line ends mixed, a blank line between
+        (b"\xef\xbb\xbf\r\n{line}\r\n", [2]),  # a byte order mark, then a blank first line
+    ],
+)
+def test_wflw_lines_end_at_cr_lf_or_crlf_and_a_byte_order_mark_may_precede_a_blank_line(
+    tmp_path, body, numbers
+):
+    """Until 2026-12-03 the WFLW loader split only at LF (a CR-only file was one line, its "image
+    path" too long to open: ``[Errno 36] File name too long``), and took the byte order mark off
+    the first non-blank line only, so a blank line after it was line 1, "expected 207 fields
+    ..., got 0"."""
+    line = _one_image_wflw(tmp_path)
+    path = wflw.annotation_file(tmp_path, "train")
+    path.write_bytes(body.replace(b"{line}", line.encode()))
+    records = wflw.load_wflw(tmp_path, "train", on_error="stop")
+    assert [r.where for r in records] == [f"{path}:{number}" for number in numbers]
+
+
 def test_300w_suffixes_in_any_case(tmp_path):
     """``a.Jpg`` beside ``a.pts`` and ``b.png`` beside ``b.PTS`` are found: until 2026-12-02 only
     all-lower and all-upper image suffixes were tried ("image not found"), and ``*.PTS`` files
