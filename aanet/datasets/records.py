@@ -127,7 +127,13 @@ def validate_record(
     Only the image header is read (PIL opens lazily), so this is cheap enough to run on every
     record at load time instead of failing later inside a DataLoader worker.
     """
-    if not record.image_path.is_file():
+    try:
+        found = record.image_path.is_file()
+    except OSError as exc:  # a name the file system refuses (ENAMETOOLONG), say
+        raise DataError(
+            record.where, f"image path not usable: {record.image_path} ({exc.strerror})"
+        ) from exc
+    if not found:
         raise DataError(record.where, f"image not found: {record.image_path}")
     try:
         with open_image(record.image_path) as image:
