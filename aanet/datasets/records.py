@@ -95,6 +95,17 @@ class BadDataLog:
                 more,
             )
 
+    def require_faces(self, source: str, kept: int) -> None:
+        """Raise ``ValueError`` naming ``source`` (the annotation file or folder read) when
+        loading it ``kept`` no face: a set without faces can be neither trained nor measured."""
+        if not kept:
+            why = (
+                f"all {len(self.problems)} of its entries are bad (see the warning above)"
+                if self.problems
+                else "it holds no annotation"
+            )
+            raise ValueError(f"{source}: no annotated face to load: {why}")
+
 
 def check_normalizing_distance(record: Record, normalization: str) -> None:
     """Raise :class:`DataError` if the record's ``normalization`` distance (``aanet.metrics``:

@@ -156,7 +156,8 @@ def load_300w(
 ) -> list[Record]:
     """Every ``.pts`` file under ``folder`` (recursively, the suffix in any case) with the image
     beside it (:func:`_image_for`); a bad file (as ``validate_record`` judges it, with
-    ``normalizations``) is skipped with a count or raises.
+    ``normalizations``) is skipped with a count or raises. A folder that leaves no face (no
+    ``.pts`` file, or every one bad) is a ``ValueError`` naming it.
 
     300W has no face boxes or attributes: the box is the landmarks' bounding box and the flags
     are zeros. With ``split`` (``train`` or ``test``), a ``folder`` that is the 300W release
@@ -195,4 +196,5 @@ def load_300w(
             continue
         records.append(record)
     bad.summarize(str(folder), len(records))
+    bad.require_faces(str(folder), len(records))
     return records

@@ -68,7 +68,8 @@ def load_wflw(
     normalizations: tuple[str, ...] = ("inter-ocular",),
 ) -> list[Record]:
     """Read and validate the WFLW ``split``; bad lines are skipped with a count or raise. A face
-    whose distance under one of ``normalizations`` is zero is a bad line (``validate_record``)."""
+    whose distance under one of ``normalizations`` is zero is a bad line (``validate_record``).
+    A file that leaves no face (empty, or every line bad) is a ``ValueError`` naming it."""
     root = Path(root)
     path = annotation_file(root, split)
     if not path.is_file():
@@ -87,6 +88,7 @@ def load_wflw(
             continue
         records.append(record)
     bad.summarize(str(path), len(records))
+    bad.require_faces(str(path), len(records))
     return records
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import cv2
 import numpy as np
@@ -411,6 +412,24 @@ def test_wflw_lines_end_at_cr_lf_or_crlf_and_a_byte_order_mark_may_precede_a_bla
     path.write_bytes(body.replace(b"{line}", line.encode()))
     records = wflw.load_wflw(tmp_path, "train", on_error="stop")
     assert [r.where for r in records] == [f"{path}:{number}" for number in numbers]
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "1 2 3 a.jpg\n"])
+def test_an_annotation_file_or_folder_without_a_face_is_an_error_naming_it(tmp_path, content):
+    """Until 2026-12-03 an empty or all-bad annotation file loaded as no records, and the data
+    set refused them naming nothing: "records: expected at least one annotated face, got
+    none"."""
+    _one_image_wflw(tmp_path)
+    path = wflw.annotation_file(tmp_path, "train")
+    path.write_text(content)
+    why = "all 1 of its entries are bad" if content.strip() else "it holds no annotation"
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: no annotated face .*{why}"):
+        wflw.load_wflw(tmp_path, "train", on_error="skip")
+    folder = tmp_path / "300w"
+    folder.mkdir()
+    (folder / "a.pts").write_text(content)  # not even a header: a bad file, or none
+    with pytest.raises(ValueError, match=f"^{re.escape(str(folder))}: no annotated face"):
+        w300.load_300w(folder, on_error="skip")
 
 
 def test_300w_suffixes_in_any_case(tmp_path):
