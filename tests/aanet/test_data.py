@@ -54,6 +54,50 @@ def test_synthetic_set_is_reproducible(tmp_path):
     assert wflw.annotation_file(other, "train").read_text() != text_a
 
 
+def test_an_interrupted_regeneration_is_not_taken_for_a_whole_set(tmp_path, monkeypatch):
+    """A regeneration with other settings stopped part way (killed, or Ctrl-C) has overwritten
+    the first images. Until 2026-12-03 the stamp of the earlier set stayed until the end, so
+    the next run with the earlier settings reused the mix: the new run's faces under the old
+    run's landmarks. The stamp now goes before the first file is rewritten."""
+    config = synthetic.SyntheticConfig(num_train=3, num_test=1, image_size=64)
+    root = synthetic.generate(tmp_path / "set", config)
+    fresh = synthetic.generate(tmp_path / "fresh", config)
+    image = "WFLW_images/synthetic_train/00000.png"
+    write = cv2.imwrite
+    written = []
+
+    def killed_after_two_images(path, pixels):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path)
+        return write(path, pixels)
+
+    monkeypatch.setattr(cv2, "imwrite", killed_after_two_images)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.generate(root, dataclasses.replace(config, num_train=20, seed=1))
+    monkeypatch.setattr(cv2, "imwrite", write)
+    assert not (root / synthetic.STAMP).exists()
+    assert (root / image).read_bytes() != (fresh / image).read_bytes()  # the seed-1 face
+    synthetic.generate(root, config)
+    assert (root / image).read_bytes() == (fresh / image).read_bytes()
+    assert (root / synthetic.STAMP).read_text() == (fresh / synthetic.STAMP).read_text()
+
+
+@pytest.mark.parametrize("stamp", [b'{"num_train": 2\n', b"\xff\xfe", b""])
+def test_an_unreadable_stamp_regenerates_the_set_with_a_warning_naming_it(tmp_path, caplog, stamp):
+    """Until 2026-12-03 a damaged ``synthetic.json`` stopped ``generate`` and ``train`` with an
+    error naming no file ("Invalid control character at: line 1 column 9", or a UTF-8 decode
+    error), and kept doing so: the set could not be made again without deleting it."""
+    config = synthetic.SyntheticConfig(num_train=2, num_test=1, image_size=64)
+    root = synthetic.generate(tmp_path, config)
+    good = (root / synthetic.STAMP).read_text()
+    (root / synthetic.STAMP).write_bytes(stamp)
+    synthetic.generate(root, config)
+    assert f"{root / synthetic.STAMP}: unreadable" in caplog.text
+    assert (root / synthetic.STAMP).read_text() == good
+    assert len(wflw.load_wflw(root, "train", on_error="stop")) == 2
+
+
 def test_attribute_flags_follow_the_drawn_conditions():
     params = synthetic.sample_params(np.random.default_rng(0), 128)
     plain = dataclasses.replace(
