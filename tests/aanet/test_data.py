@@ -183,6 +183,17 @@ def test_a_wflw_image_path_with_spaces_is_read_whole(tmp_path):
     assert len(records) == 2
 
 
+@pytest.mark.parametrize("before", ["\t", "  ", " \t "])
+def test_blanks_before_and_after_a_wflw_image_path_are_separators(tmp_path, before):
+    """Several blanks or tabs may stand between fields, the path's field too, so blanks that
+    open or close the path are separators, not part of its name (inside it they are kept)."""
+    line = _one_image_wflw(tmp_path, "my  photo.jpg")
+    numbers = line[: -len("my  photo.jpg")].rstrip()
+    wflw.annotation_file(tmp_path, "train").write_text(f"{numbers}{before}my  photo.jpg \t\n")
+    records = wflw.load_wflw(tmp_path, "train", on_error="stop")
+    assert [r.image_path.name for r in records] == ["my  photo.jpg"]
+
+
 @pytest.mark.parametrize(
     "box", [("nan", "10", "50", "50"), ("10", "10", "inf", "50"), ("50", "50", "10", "10")]
 )
