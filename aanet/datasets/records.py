@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,19 @@ class DataError(ValueError):
         self.where = where
 
 
-def decode_line(raw: bytes, where: str, first: bool = False) -> str:
-    """One annotation line as text; bytes that are not UTF-8 are a ``DataError`` at ``where``.
-    The ``first`` line of a file loses a UTF-8 byte order mark (what Windows editors such as
-    Notepad put before a file they save), which would otherwise stick to its first field."""
+def annotation_lines(path: Path) -> list[bytes]:
+    """The lines of the annotation file at ``path``, without their line ends: CRLF, CR (old Mac
+    files) or LF, the only ones ``bytes.splitlines`` knows. A UTF-8 byte order mark (what
+    Windows editors such as Notepad put before a file they save) is removed from the file's
+    start, whatever its first line holds; it would otherwise stick to the first field, or make
+    a blank first line look like a short one."""
+    return path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines()
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    """One annotation line as text; bytes that are not UTF-8 are a ``DataError`` at ``where``."""
     try:
-        return raw.decode("utf-8-sig" if first else "utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(where, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
@@ -87,6 +95,17 @@ class BadDataLog:
                 more,
             )
 
+    def require_faces(self, source: str, kept: int) -> None:
+        """Raise ``ValueError`` naming ``source`` (the annotation file or folder read) when
+        loading it ``kept`` no face: a set without faces can be neither trained nor measured."""
+        if not kept:
+            why = (
+                f"all {len(self.problems)} of its entries are bad (see the warning above)"
+                if self.problems
+                else "it holds no annotation"
+            )
+            raise ValueError(f"{source}: no annotated face to load: {why}")
+
 
 def check_normalizing_distance(record: Record, normalization: str) -> None:
     """Raise :class:`DataError` if the record's ``normalization`` distance (``aanet.metrics``:
@@ -119,7 +138,13 @@ def validate_record(
     Only the image header is read (PIL opens lazily), so this is cheap enough to run on every
     record at load time instead of failing later inside a DataLoader worker.
     """
-    if not record.image_path.is_file():
+    try:
+        found = record.image_path.is_file()
+    except OSError as exc:  # a name the file system refuses (ENAMETOOLONG), say
+        raise DataError(
+            record.where, f"image path not usable: {record.image_path} ({exc.strerror})"
+        ) from exc
+    if not found:
         raise DataError(record.where, f"image not found: {record.image_path}")
     try:
         with open_image(record.image_path) as image:

@@ -10,6 +10,7 @@ the sampled parameters, so each is true exactly when its condition was drawn.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,15 +18,19 @@ import cv2
 import numpy as np
 
 from aanet.datasets import wflw
+from aanet.files import remove_stale_temporaries, replacing
 from aanet.landmarks import WFLW_ATTRIBUTES
 
 POSE_DEGREES = 25.0  # |yaw| or |roll| from here on sets the pose flag
 OCCLUDED_POINTS = 4  # an occluder covering this many landmarks sets the occlusion flag
 _SHIFT = 4  # fixed-point bits for sub-pixel drawing with OpenCV
+log = logging.getLogger("aanet.data")
 
 
 # The smallest image generate() draws: a face there already spans only a few pixels.
 SMALLEST_IMAGE = 8
+# The config a whole set was generated with, in the set's root: written after its last file.
+STAMP = "synthetic.json"
 
 
 @dataclass(frozen=True)
@@ -316,15 +321,20 @@ def generate(root: Path | str, config: SyntheticConfig) -> Path:
     """Write the synthetic set under ``root`` in the WFLW layout; reuse it if already written.
 
     Face ``i`` of a split comes from ``default_rng([seed, split, i])``, so the set is the same on
-    every machine and any face can be regenerated alone.
+    every machine and any face can be regenerated alone. The stamp ``synthetic.json`` (the
+    config) is removed before the first file is rewritten and written, atomically, after the
+    last: a set whose generation was interrupted is never taken for a whole one.
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"{root}: exists and is not a folder (the synthetic set's root)")
-    stamp = root / "synthetic.json"
+    stamp = root / STAMP
     wanted = asdict(config)
-    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+    if _stamped_config(stamp) == wanted:
         return root
+    # From the first file rewritten until the last, the folder holds no whole set: no stamp.
+    stamp.unlink(missing_ok=True)
+    remove_stale_temporaries(stamp)
     (root / wflw.ANNOTATION_DIR).mkdir(parents=True, exist_ok=True)
     for split_index, (split, count) in enumerate(
         (("train", config.num_train), ("test", config.num_test))
@@ -341,5 +351,19 @@ def generate(root: Path | str, config: SyntheticConfig) -> Path:
                 wflw.format_line(points, _box(points, rng, config.image_size), flags, name)
             )
         wflw.annotation_file(root, split).write_text("\n".join(lines) + "\n")
-    stamp.write_text(json.dumps(wanted))
+    with replacing(stamp) as written:
+        written.write_text(json.dumps(wanted))
     return root
+
+
+def _stamped_config(stamp: Path) -> object:
+    """What the stamp says the set beside it was generated with; None when there is none, or
+    when it does not read (cut short, not UTF-8, not JSON): the set is then regenerated, the
+    stamp being ours, not the user's."""
+    if not stamp.is_file():
+        return None
+    try:
+        return json.loads(stamp.read_bytes().decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        log.warning("%s: unreadable (%s); generating the synthetic set again", stamp, exc)
+        return None

@@ -11,6 +11,7 @@ from aanet.datasets.records import (
     BadDataLog,
     DataError,
     Record,
+    annotation_lines,
     decode_line,
     validate_record,
 )
@@ -37,10 +38,9 @@ log = logging.getLogger("aanet.data")
 
 def parse_pts(path: Path) -> np.ndarray:
     """The ``(n_points, 2)`` array of a ``.pts`` file (``version``, ``n_points``, ``{ ... }``)."""
-    raw_lines = Path(path).read_bytes().splitlines()
     lines = [
-        decode_line(raw, f"{path}:{n}", first=n == 1).strip()
-        for n, raw in enumerate(raw_lines, start=1)
+        decode_line(raw, f"{path}:{n}").strip()
+        for n, raw in enumerate(annotation_lines(Path(path)), start=1)
     ]
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln]
     header = {}
@@ -156,7 +156,8 @@ def load_300w(
 ) -> list[Record]:
     """Every ``.pts`` file under ``folder`` (recursively, the suffix in any case) with the image
     beside it (:func:`_image_for`); a bad file (as ``validate_record`` judges it, with
-    ``normalizations``) is skipped with a count or raises.
+    ``normalizations``) is skipped with a count or raises. A folder that leaves no face (no
+    ``.pts`` file, or every one bad) is a ``ValueError`` naming it.
 
     300W has no face boxes or attributes: the box is the landmarks' bounding box and the flags
     are zeros. With ``split`` (``train`` or ``test``), a ``folder`` that is the 300W release
@@ -195,4 +196,5 @@ def load_300w(
             continue
         records.append(record)
     bad.summarize(str(folder), len(records))
+    bad.require_faces(str(folder), len(records))
     return records

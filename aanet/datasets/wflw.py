@@ -15,6 +15,7 @@ from aanet.datasets.records import (
     BadDataLog,
     DataError,
     Record,
+    annotation_lines,
     decode_line,
     validate_record,
 )
@@ -67,27 +68,27 @@ def load_wflw(
     normalizations: tuple[str, ...] = ("inter-ocular",),
 ) -> list[Record]:
     """Read and validate the WFLW ``split``; bad lines are skipped with a count or raise. A face
-    whose distance under one of ``normalizations`` is zero is a bad line (``validate_record``)."""
+    whose distance under one of ``normalizations`` is zero is a bad line (``validate_record``).
+    A file that leaves no face (empty, or every line bad) is a ``ValueError`` naming it."""
     root = Path(root)
     path = annotation_file(root, split)
     if not path.is_file():
         raise FileNotFoundError(f"WFLW annotations not found: {path}")
     bad = BadDataLog(on_error)
     records = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                text = decode_line(raw, where, first=number == 1)
-                record = parse_line(text, where, root / IMAGE_DIR)
-                validate_record(record, normalizations=normalizations)
-            except DataError as error:
-                bad.report(error)
-                continue
-            records.append(record)
+    for number, raw in enumerate(annotation_lines(path), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = parse_line(decode_line(raw, where), where, root / IMAGE_DIR)
+            validate_record(record, normalizations=normalizations)
+        except DataError as error:
+            bad.report(error)
+            continue
+        records.append(record)
     bad.summarize(str(path), len(records))
+    bad.require_faces(str(path), len(records))
     return records
 
 

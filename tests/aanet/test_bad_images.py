@@ -114,6 +114,20 @@ def test_a_hostile_wflw_image_is_a_bad_entry_named_by_its_line(tmp_path, kind, c
         wflw.load_wflw(root, "train", on_error="stop")
 
 
+def test_a_wflw_image_path_too_long_for_the_file_system_is_a_bad_entry(tmp_path, caplog):
+    """Until 2026-12-03 a path the file system refuses (a name of 300 characters: ENAMETOOLONG)
+    ended the whole load with an OSError naming no line, even under ``skip``."""
+    root = _wflw_set(tmp_path)
+    path = wflw.annotation_file(root, "train")
+    good = path.read_text().splitlines()[0].split()
+    with path.open("a") as annotations:
+        annotations.write(" ".join(good[:-1] + ["a" * 300 + ".png"]) + "\n")
+    assert len(wflw.load_wflw(root, "train", on_error="skip")) == 3
+    assert f"{path}:4: image path not usable: " in caplog.text
+    with pytest.raises(DataError, match=r":4: image path not usable: .*File name too long"):
+        wflw.load_wflw(root, "train", on_error="stop")
+
+
 @pytest.mark.parametrize("kind", HOSTILE)
 def test_a_hostile_300w_image_is_a_bad_entry_named_by_its_file(tmp_path, kind):
     folder = _w300_set(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import cv2
 import numpy as np
@@ -51,6 +52,50 @@ def test_synthetic_set_is_reproducible(tmp_path):
     assert text_a == wflw.annotation_file(b, "train").read_text()
     other = synthetic.generate(tmp_path / "c", dataclasses.replace(config, seed=8))
     assert wflw.annotation_file(other, "train").read_text() != text_a
+
+
+def test_an_interrupted_regeneration_is_not_taken_for_a_whole_set(tmp_path, monkeypatch):
+    """A regeneration with other settings stopped part way (killed, or Ctrl-C) has overwritten
+    the first images. Until 2026-12-03 the stamp of the earlier set stayed until the end, so
+    the next run with the earlier settings reused the mix: the new run's faces under the old
+    run's landmarks. The stamp now goes before the first file is rewritten."""
+    config = synthetic.SyntheticConfig(num_train=3, num_test=1, image_size=64)
+    root = synthetic.generate(tmp_path / "set", config)
+    fresh = synthetic.generate(tmp_path / "fresh", config)
+    image = "WFLW_images/synthetic_train/00000.png"
+    write = cv2.imwrite
+    written = []
+
+    def killed_after_two_images(path, pixels):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path)
+        return write(path, pixels)
+
+    monkeypatch.setattr(cv2, "imwrite", killed_after_two_images)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.generate(root, dataclasses.replace(config, num_train=20, seed=1))
+    monkeypatch.setattr(cv2, "imwrite", write)
+    assert not (root / synthetic.STAMP).exists()
+    assert (root / image).read_bytes() != (fresh / image).read_bytes()  # the seed-1 face
+    synthetic.generate(root, config)
+    assert (root / image).read_bytes() == (fresh / image).read_bytes()
+    assert (root / synthetic.STAMP).read_text() == (fresh / synthetic.STAMP).read_text()
+
+
+@pytest.mark.parametrize("stamp", [b'{"num_train": 2\n', b"\xff\xfe", b""])
+def test_an_unreadable_stamp_regenerates_the_set_with_a_warning_naming_it(tmp_path, caplog, stamp):
+    """Until 2026-12-03 a damaged ``synthetic.json`` stopped ``generate`` and ``train`` with an
+    error naming no file ("Invalid control character at: line 1 column 9", or a UTF-8 decode
+    error), and kept doing so: the set could not be made again without deleting it."""
+    config = synthetic.SyntheticConfig(num_train=2, num_test=1, image_size=64)
+    root = synthetic.generate(tmp_path, config)
+    good = (root / synthetic.STAMP).read_text()
+    (root / synthetic.STAMP).write_bytes(stamp)
+    synthetic.generate(root, config)
+    assert f"{root / synthetic.STAMP}: unreadable" in caplog.text
+    assert (root / synthetic.STAMP).read_text() == good
+    assert len(wflw.load_wflw(root, "train", on_error="stop")) == 2
 
 
 def test_attribute_flags_follow_the_drawn_conditions():
@@ -136,6 +181,17 @@ def test_a_wflw_image_path_with_spaces_is_read_whole(tmp_path):
     records = wflw.load_wflw(root, "train", on_error="stop")
     assert [r.image_path for r in records][0] == named
     assert len(records) == 2
+
+
+@pytest.mark.parametrize("before", ["\t", "  ", " \t "])
+def test_blanks_before_and_after_a_wflw_image_path_are_separators(tmp_path, before):
+    """Several blanks or tabs may stand between fields, the path's field too, so blanks that
+    open or close the path are separators, not part of its name (inside it they are kept)."""
+    line = _one_image_wflw(tmp_path, "my  photo.jpg")
+    numbers = line[: -len("my  photo.jpg")].rstrip()
+    wflw.annotation_file(tmp_path, "train").write_text(f"{numbers}{before}my  photo.jpg \t\n")
+    records = wflw.load_wflw(tmp_path, "train", on_error="stop")
+    assert [r.image_path.name for r in records] == ["my  photo.jpg"]
 
 
 @pytest.mark.parametrize(
@@ -380,6 +436,55 @@ def test_annotation_files_saved_on_windows_read_as_published(tmp_path):
     text = f"n_points:  68\r\n\r\n{{\r\n{body}\r\n}}\r\n\r\n"
     (tmp_path / "a.pts").write_bytes(b"\xef\xbb\xbf" + text.encode())
     np.testing.assert_allclose(w300.parse_pts(tmp_path / "a.pts"), points, atol=1e-4)
+
+
+def _one_image_wflw(root, name="a.jpg"):
+    """A WFLW root with one 64x64 image ``name`` and the annotation line of a face in it."""
+    (root / wflw.IMAGE_DIR).mkdir(parents=True)
+    cv2.imwrite(str(root / wflw.IMAGE_DIR / name), np.zeros((64, 64, 3), np.uint8))
+    wflw.annotation_file(root, "train").parent.mkdir(parents=True)
+    face = np.random.default_rng(6).uniform(5, 60, size=(98, 2))
+    return wflw.format_line(face, np.array([2, 2, 62, 62]), np.zeros(6), name)
+
+
+@pytest.mark.parametrize(
+    ("body", "numbers"),
+    [
+        (b"{line}\r{line}\r", [1, 2]),  # CR only: old Mac files
+        (b"{line}\r\n\r{line}\n", [1, 3]),  # the three line ends mixed, a blank line between
+        (b"\xef\xbb\xbf\r\n{line}\r\n", [2]),  # a byte order mark, then a blank first line
+    ],
+)
+def test_wflw_lines_end_at_cr_lf_or_crlf_and_a_byte_order_mark_may_precede_a_blank_line(
+    tmp_path, body, numbers
+):
+    """Until 2026-12-03 the WFLW loader split only at LF (a CR-only file was one line, its "image
+    path" too long to open: ``[Errno 36] File name too long``), and took the byte order mark off
+    the first non-blank line only, so a blank line after it was line 1, "expected 207 fields
+    ..., got 0"."""
+    line = _one_image_wflw(tmp_path)
+    path = wflw.annotation_file(tmp_path, "train")
+    path.write_bytes(body.replace(b"{line}", line.encode()))
+    records = wflw.load_wflw(tmp_path, "train", on_error="stop")
+    assert [r.where for r in records] == [f"{path}:{number}" for number in numbers]
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "1 2 3 a.jpg\n"])
+def test_an_annotation_file_or_folder_without_a_face_is_an_error_naming_it(tmp_path, content):
+    """Until 2026-12-03 an empty or all-bad annotation file loaded as no records, and the data
+    set refused them naming nothing: "records: expected at least one annotated face, got
+    none"."""
+    _one_image_wflw(tmp_path)
+    path = wflw.annotation_file(tmp_path, "train")
+    path.write_text(content)
+    why = "all 1 of its entries are bad" if content.strip() else "it holds no annotation"
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: no annotated face .*{why}"):
+        wflw.load_wflw(tmp_path, "train", on_error="skip")
+    folder = tmp_path / "300w"
+    folder.mkdir()
+    (folder / "a.pts").write_text(content)  # not even a header: a bad file, or none
+    with pytest.raises(ValueError, match=f"^{re.escape(str(folder))}: no annotated face"):
+        w300.load_300w(folder, on_error="skip")
 
 
 def test_300w_suffixes_in_any_case(tmp_path):
