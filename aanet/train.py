@@ -131,6 +131,7 @@ def make_loaders(config: Config, group: Dist) -> tuple[DataLoader, DataLoader, E
     """Augmented, sharded training loader, plain test loader, and the training sampler (its
     ``set_epoch`` chooses the epoch's order and augmentations, in the worker processes too)."""
     per_rank = per_rank_batch(config.batch_size, group.world)  # before any data is made
+    sources.check_sources(config)
     if is_main_process():
         sources.prepare(config)
     _barrier(group)

@@ -29,6 +29,24 @@ def prepare(config: Config) -> None:
         log.info("synthetic set ready (%.1f s)", time.perf_counter() - began)
 
 
+def check_sources(config: Config) -> None:
+    """Raise, before any data is read, when the annotations of a split are not where the config
+    says (a missing ``--test-root`` would otherwise show only once the whole training set had
+    loaded). The synthetic set is checked by its generation."""
+    for split in ("train", "test"):
+        if config.data == "wflw":
+            wflw.existing_annotation_file(Path(config.data_root), split)
+        elif config.data == "300w":
+            w300.existing_folder(_300w_folder(config, split))
+
+
+def _300w_folder(config: Config, split: str) -> Path:
+    folder = config.data_root if split == "train" else config.test_root
+    if not folder:
+        raise ValueError("test_root: the 300W test folder is needed for evaluation")
+    return Path(folder)
+
+
 def required_distances(config: Config, split: str) -> tuple[str, ...]:
     """The normalising distances a face of ``split`` must have (not zero) to be loaded: the
     inter-ocular one always (outer eye corners that coincide are a broken annotation, and the
@@ -46,10 +64,8 @@ def load_split(config: Config, split: str) -> list[Record]:
     if config.data in ("synthetic", "wflw"):
         return wflw.load_wflw(config.data_root, split, config.on_error, distances)
     if config.data == "300w":
-        folder = config.data_root if split == "train" else config.test_root
-        if not folder:
-            raise ValueError("test_root: the 300W test folder is needed for evaluation")
-        records = w300.load_300w(Path(folder), config.on_error, distances, split)
+        folder = _300w_folder(config, split)
+        records = w300.load_300w(folder, config.on_error, distances, split)
         if split == "test":
             w300.warn_without_subsets(records, folder)
         return records

@@ -148,6 +148,14 @@ def release_folders(folder: Path, split: str) -> list[Path] | None:
     return [child for child in found if child is not None]
 
 
+def existing_folder(folder: Path | str) -> Path:
+    """``folder`` as a Path, or ``FileNotFoundError`` naming it when it is not a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"300W folder not found: {folder}")
+    return folder
+
+
 def load_300w(
     folder: Path | str,
     on_error: str = "skip",
@@ -165,9 +173,7 @@ def load_300w(
     1-based ``.pts`` convention (the one menpo, the iBUG group's reader, assumes) to 0-based
     pixels.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"300W folder not found: {folder}")
+    folder = existing_folder(folder)
     bad = BadDataLog(on_error)
     records = []
     roots = release_folders(folder, split) if split else None

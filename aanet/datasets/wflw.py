@@ -34,6 +34,14 @@ def annotation_file(root: Path, split: str) -> Path:
     return Path(root) / ANNOTATION_DIR / f"list_98pt_rect_attr_{split}.txt"
 
 
+def existing_annotation_file(root: Path, split: str) -> Path:
+    """:func:`annotation_file`, or ``FileNotFoundError`` naming it when it is not there."""
+    path = annotation_file(root, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"WFLW annotations not found: {path}")
+    return path
+
+
 def parse_line(line: str, where: str, image_root: Path) -> Record:
     """One annotation line to a :class:`Record`; :class:`DataError` names ``where`` on failure."""
     # The path is the rest of the line after the 206 numbers: a file name may hold spaces.
@@ -71,9 +79,7 @@ def load_wflw(
     whose distance under one of ``normalizations`` is zero is a bad line (``validate_record``).
     A file that leaves no face (empty, or every line bad) is a ``ValueError`` naming it."""
     root = Path(root)
-    path = annotation_file(root, split)
-    if not path.is_file():
-        raise FileNotFoundError(f"WFLW annotations not found: {path}")
+    path = existing_annotation_file(root, split)
     bad = BadDataLog(on_error)
     records = []
     for number, raw in enumerate(annotation_lines(path), start=1):

@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from aanet.config import Config
+import aanet.train
+from aanet.config import Config, make_config
 from aanet.datasets import sources, synthetic, w300, wflw
 from aanet.datasets.augment import AugmentConfig, augment_sample
 from aanet.datasets.records import DataError
@@ -608,3 +609,30 @@ def test_flip_happens_for_some_seed_and_keeps_left_eye_left():
         assert moved[WFLW.left_eye_outer, 0] < moved[WFLW.right_eye_outer, 0]
         assert moved[33, 0] < moved[46, 0] and moved[96, 0] < moved[97, 0]
     assert min(dets) < 0 < max(dets)
+
+
+@pytest.mark.parametrize(
+    ("data", "test_root", "error", "message"),
+    [
+        ("300w", "", ValueError, "test_root: the 300W test folder is needed"),
+        ("300w", "absent", FileNotFoundError, "300W folder not found: .*absent"),
+        ("wflw", "", FileNotFoundError, "WFLW annotations not found: .*_train.txt"),
+    ],
+)
+def test_training_names_a_missing_split_before_loading_any(
+    tmp_path, monkeypatch, data, test_root, error, message
+):
+    """A missing --test-root was named only once the whole training set had loaded."""
+
+    def load_split(config, split):
+        raise AssertionError(f"loaded the {split} split before checking the sources")
+
+    monkeypatch.setattr(sources, "load_split", load_split)
+    config = make_config(
+        {
+            "data": data, "data_root": str(tmp_path), "device": "cpu", "out": str(tmp_path / "run"),
+            "test_root": str(tmp_path / test_root) if test_root else "",
+        }
+    )  # fmt: skip
+    with pytest.raises(error, match=message):
+        aanet.train.train(config, progress=False)
