@@ -103,18 +103,18 @@ def amp_dtype(device: torch.device) -> torch.dtype:
 
 
 def subset_report(predictions: Predictions) -> dict[str, Any]:
-    """Metrics of the full set, of each WFLW subset (faces whose flag is set) and of the 300W
-    ``common`` and ``challenging`` subsets (on 68-point sets: a subset without faces has count 0
-    and undefined metrics, and when neither has one ``"subsets_missing"`` says why), under
+    """Metrics of the full set and of every subset, one without faces with count 0 and undefined
+    metrics: on 68-point sets the 300W ``common`` and ``challenging`` (when neither has a face
+    ``"subsets_missing"`` says why), on others the six WFLW ones (faces whose flag is set); under
     ``"confidence"`` how well the landmark confidences track the errors, and under
     ``"normalization"`` the NME's. ``"full"`` also counts the faces ``left_out`` (not measured:
     their image does not decode)."""
     errors, flags = predictions.face_errors, predictions.flags
     report: dict[str, Any] = {"full": {**summarize(errors), "left_out": len(predictions.left_out)}}
-    if flags.numel() and flags.any():
+    if predictions.point_errors.shape[-1] != w300.NUM_POINTS:
         for column, name in enumerate(WFLW_ATTRIBUTES):
             report[name] = summarize(errors[flags[:, column] == 1])
-    if predictions.point_errors.shape[-1] == w300.NUM_POINTS:
+    else:
         subsets = predictions.subsets or (None,) * len(errors)
         for name in w300.SUBSETS:
             chosen = torch.tensor([subset == name for subset in subsets], dtype=torch.bool)
