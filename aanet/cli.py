@@ -21,9 +21,14 @@ from aanet.config import (
 )
 from aanet.ranks import is_main_process, rank_and_world
 
-# What `aanet evaluate` does not use: it takes every option from the checkpoint's config, so a
-# flag among these would be ignored without a word (a config file may still hold them).
-_TRAINING_ONLY = ("lr", "weight_decay", "epochs", "loss", "heatmap_reg", "compile", "on_nan", "out")
+# What `aanet evaluate` does not use: it takes every option from the checkpoint's config and
+# measures the test set on disk (a synthetic one as training generated it: nothing is drawn
+# again), so a flag among these would be ignored without a word (a config file may still hold
+# them).
+_UNUSED_BY_EVALUATE = (
+    "lr", "weight_decay", "epochs", "loss", "heatmap_reg", "compile", "on_nan", "out",
+    "num_train", "num_test", "image_size", "seed",
+)  # fmt: skip
 
 
 def _user_path(text: str) -> str:
@@ -247,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_user_path,
         help="where to write the report (default: eval.json beside the checkpoint)",
     )
-    _add_config_flags(ev, skip=_TRAINING_ONLY, default_note="default: the checkpoint's")
+    _add_config_flags(ev, skip=_UNUSED_BY_EVALUATE, default_note="default: the checkpoint's")
     ev.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="detect faces in an image and draw their landmarks")

@@ -91,11 +91,17 @@ def test_run_help_shows_the_cpu_preset_it_starts_from(capsys):
 
 
 def test_evaluate_offers_no_flag_it_would_ignore(capsys):
+    """Until 2026-12-03 it offered the synthetic set's --num-train, --num-test, --image-size and
+    --seed, and ignored them: it measures the test set on disk, drawn as the training run drew
+    it."""
     text = help_of(capsys, "evaluate")
     assert "--lr" not in text and "--epochs" not in text and "--out " not in text
+    for unused in ("--num-train", "--num-test", "--image-size", "--seed"):
+        assert unused not in text
     assert "--batch-size BATCH_SIZE default: the checkpoint's" in text
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["evaluate", "--checkpoint", "c.pt", "--out", "elsewhere"])
+    for flag, value in (("--out", "elsewhere"), ("--num-test", "4"), ("--seed", "1")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["evaluate", "--checkpoint", "c.pt", flag, value])
 
 
 def test_generate_help_lists_its_defaults(capsys):
