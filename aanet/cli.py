@@ -6,6 +6,7 @@ import argparse
 import functools
 import logging
 import os
+import re
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -29,6 +30,14 @@ _UNUSED_BY_EVALUATE = (
     "lr", "weight_decay", "epochs", "loss", "heatmap_reg", "compile", "on_nan", "out",
     "num_train", "num_test", "image_size", "seed",
 )  # fmt: skip
+# How torch re-raises the error of a DataLoader worker: the worker's whole traceback is its
+# message, the original one on the last line that starts with its type (qualified by its
+# module unless a builtin); what a caller added after it stays.
+_WORKER_TRACEBACK = re.compile(
+    r"Caught (?P<type>\w+) in DataLoader worker process \d+\.\n"
+    r"Original Traceback \(most recent call last\):\n.*\n(?:[\w.]+\.)?(?P=type): (?P<message>.*)\n",
+    re.DOTALL,
+)
 
 
 def _user_path(text: str) -> str:
@@ -301,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_worker_traceback(message: str) -> str:
+    """``message`` with a DataLoader worker's traceback (:data:`_WORKER_TRACEBACK`) replaced by
+    the message of the error it ends with, as ``--workers 0`` gives it."""
+    found = _WORKER_TRACEBACK.search(message)
+    if found is None:
+        return message
+    return message[: found.start()] + found["message"] + message[found.end() :]
+
+
 def _what_is_saved(args: argparse.Namespace) -> str:
     """For an interrupted ``train`` or ``run``: what ``last.pt`` holds and how to go on."""
     config = getattr(args, "resolved_config", None)
@@ -354,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f" on rank {rank} of {world}" if world > 1 else ""
         print(
-            f"aanet {args.command}: error{where}: {error} (aanet --debug: traceback)",
+            f"aanet {args.command}: error{where}: {_without_worker_traceback(str(error))} "
+            "(aanet --debug: traceback)",
             file=sys.stderr,
         )
         return 2

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 
@@ -229,6 +230,30 @@ def test_evaluate_refuses_a_json_it_cannot_write_before_it_evaluates(tmp_path, m
         assert main(["evaluate", "--checkpoint", str(saved), "--json", str(json_path)]) == 2
         error = capsys.readouterr().err
         assert "aanet evaluate: error: json: " in error and message in error, error
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line_as_without_workers(tmp_path, capsys):
+    """Until 2026-12-03, with ``--workers 1``, an image that does not decode under ``--on-error
+    stop`` ended the run with the worker's whole traceback (``Caught DataError in DataLoader
+    worker process 0. Original Traceback ...``, some 30 lines) where ``--workers 0`` gave one line
+    naming the file and line."""
+    from aanet.datasets import synthetic
+
+    root = synthetic.generate(tmp_path / "data", synthetic.SyntheticConfig(4, 1, 32))
+    image = root / "WFLW_images" / "synthetic_train" / "00001.png"
+    jpeg = cv2.imencode(".jpg", cv2.imread(str(image)))[1].tobytes()
+    image.write_bytes(jpeg[: len(jpeg) * 2 // 3])  # a cut-off JPEG: loads, does not decode
+    errors = []
+    for workers in ("0", "1"):
+        argv = ["train", "--data", "wflw", "--data-root", str(root), "--input-size", "32",
+                "--width", "16", "--blocks", "1", "1", "--batch-size", "4", "--epochs", "1",
+                "--device", "cpu", "--no-progress", "--on-error", "stop", "--workers", workers,
+                "--out", str(tmp_path / f"run{workers}")]  # fmt: skip
+        assert main(argv) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1], errors[1]
+    assert errors[1].count("\n") == 1 and "Traceback" not in errors[1]
+    assert f"cannot decode image {image}" in errors[1] and "no epoch has completed" in errors[1]
 
 
 @pytest.mark.parametrize(
