@@ -143,7 +143,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from aanet.train import attention_backend, pick_device
 
     out = Path(args.json or Path(args.checkpoint).parent / "eval.json")
-    check_report_path(out)  # before the model runs over the whole test set
+    check_report_path(out, args.checkpoint)  # before the model runs over the whole test set
     saved = checkpoint.load(args.checkpoint)
     checkpoint.require(saved, ("model", "config"), args.checkpoint)
     trained = saved_config(saved, args.checkpoint)
@@ -181,7 +181,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     image = Path(args.image)
     out = Path(args.output or image.with_name(f"{image.stem}_landmarks.png"))
-    check_image_output(out, image)
+    check_image_output(out, {"input image": image, "checkpoint": args.checkpoint})
     device = pick_device(args.device)
     model = load_model(args.checkpoint, device)
     with attention_backend(args.backend):
@@ -201,11 +201,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from aanet.export import SUFFIXES, check_output_name, export, format_for
+    from aanet.files import check_output_path
     from aanet.inference import load_model
 
     fmt = format_for(args.output, args.format)
     out = Path(args.output or Path(args.checkpoint).with_suffix(SUFFIXES[fmt]))
-    check_output_name(out, fmt)  # before the checkpoint is read
+    # Both before the checkpoint is read, not after:
+    check_output_name(out, fmt)
+    check_output_path(out, "output", {"checkpoint": args.checkpoint})
     error = export(load_model(args.checkpoint), out, fmt, args.backend)
     print(f"wrote {out} ({fmt}); max output difference from eager: {error:.3g}")
 

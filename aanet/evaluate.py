@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from aanet.datasets import w300
 from aanet.datasets.records import DataError
-from aanet.files import replacing
+from aanet.files import check_output_path, replacing
 from aanet.landmarks import WFLW_ATTRIBUTES
 from aanet.metrics import DegenerateFaceError, confidence_summary, point_errors, summarize
 
@@ -158,20 +157,14 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_report_path(path: Path | str) -> None:
+def check_report_path(path: Path | str, checkpoint: Path | str) -> None:
     """Raise naming ``json`` unless a report can be written at ``path`` (checked before the
-    evaluation, not after it): not a folder, no file where one of its folders would be, and the
-    nearest folder of it that exists writable."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"json: {path} is a folder; give a file name (such as eval.json)")
-    for folder in path.parents:
-        if folder.exists():
-            if not folder.is_dir():
-                raise NotADirectoryError(f"json: {folder} is a file, not a folder, in {path}")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise PermissionError(f"json: cannot write in {folder}, for {path}")
-            break
+    evaluation, not after it): not the ``checkpoint`` evaluated, a file that can be made there
+    (:func:`~aanet.files.check_output_path`), and named ``.json`` (a report written over a
+    ``log.csv`` would lose it)."""
+    check_output_path(path, "json", {"checkpoint": checkpoint})
+    if Path(path).suffix.lower() != ".json":
+        raise ValueError(f"json: expected a file name ending in .json, got {str(path)!r}")
 
 
 def write_json(report: dict[str, Any], path: Path | str) -> None:
