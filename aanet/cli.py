@@ -6,6 +6,7 @@ import argparse
 import functools
 import logging
 import os
+import re
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -21,9 +22,22 @@ from aanet.config import (
 )
 from aanet.ranks import is_main_process, rank_and_world
 
-# What `aanet evaluate` does not use: it takes every option from the checkpoint's config, so a
-# flag among these would be ignored without a word (a config file may still hold them).
-_TRAINING_ONLY = ("lr", "weight_decay", "epochs", "loss", "heatmap_reg", "compile", "on_nan", "out")
+# What `aanet evaluate` does not use: it takes every option from the checkpoint's config and
+# measures the test set on disk (a synthetic one as training generated it: nothing is drawn
+# again), so a flag among these would be ignored without a word (a config file may still hold
+# them).
+_UNUSED_BY_EVALUATE = (
+    "lr", "weight_decay", "epochs", "loss", "heatmap_reg", "compile", "on_nan", "out",
+    "num_train", "num_test", "image_size", "seed",
+)  # fmt: skip
+# How torch re-raises the error of a DataLoader worker: the worker's whole traceback is its
+# message, the original one on the last line that starts with its type (qualified by its
+# module unless a builtin); what a caller added after it stays.
+_WORKER_TRACEBACK = re.compile(
+    r"Caught (?P<type>\w+) in DataLoader worker process \d+\.\n"
+    r"Original Traceback \(most recent call last\):\n.*\n(?:[\w.]+\.)?(?P=type): (?P<message>.*)\n",
+    re.DOTALL,
+)
 
 
 def _user_path(text: str) -> str:
@@ -129,7 +143,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from aanet.train import attention_backend, pick_device
 
     out = Path(args.json or Path(args.checkpoint).parent / "eval.json")
-    check_report_path(out)  # before the model runs over the whole test set
+    check_report_path(out, args.checkpoint)  # before the model runs over the whole test set
     saved = checkpoint.load(args.checkpoint)
     checkpoint.require(saved, ("model", "config"), args.checkpoint)
     trained = saved_config(saved, args.checkpoint)
@@ -167,7 +181,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     image = Path(args.image)
     out = Path(args.output or image.with_name(f"{image.stem}_landmarks.png"))
-    check_image_output(out, image)
+    check_image_output(out, {"input image": image, "checkpoint": args.checkpoint})
     device = pick_device(args.device)
     model = load_model(args.checkpoint, device)
     with attention_backend(args.backend):
@@ -187,11 +201,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from aanet.export import SUFFIXES, check_output_name, export, format_for
+    from aanet.files import check_output_path
     from aanet.inference import load_model
 
     fmt = format_for(args.output, args.format)
     out = Path(args.output or Path(args.checkpoint).with_suffix(SUFFIXES[fmt]))
-    check_output_name(out, fmt)  # before the checkpoint is read
+    # Both before the checkpoint is read, not after:
+    check_output_name(out, fmt)
+    check_output_path(out, "output", {"checkpoint": args.checkpoint})
     error = export(load_model(args.checkpoint), out, fmt, args.backend)
     print(f"wrote {out} ({fmt}); max output difference from eager: {error:.3g}")
 
@@ -247,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_user_path,
         help="where to write the report (default: eval.json beside the checkpoint)",
     )
-    _add_config_flags(ev, skip=_TRAINING_ONLY, default_note="default: the checkpoint's")
+    _add_config_flags(ev, skip=_UNUSED_BY_EVALUATE, default_note="default: the checkpoint's")
     ev.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="detect faces in an image and draw their landmarks")
@@ -294,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
     return parser
+
+
+def _without_worker_traceback(message: str) -> str:
+    """``message`` with a DataLoader worker's traceback (:data:`_WORKER_TRACEBACK`) replaced by
+    the message of the error it ends with, as ``--workers 0`` gives it."""
+    found = _WORKER_TRACEBACK.search(message)
+    if found is None:
+        return message
+    return message[: found.start()] + found["message"] + message[found.end() :]
 
 
 def _what_is_saved(args: argparse.Namespace) -> str:
@@ -349,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f" on rank {rank} of {world}" if world > 1 else ""
         print(
-            f"aanet {args.command}: error{where}: {error} (aanet --debug: traceback)",
+            f"aanet {args.command}: error{where}: {_without_worker_traceback(str(error))} "
+            "(aanet --debug: traceback)",
             file=sys.stderr,
         )
         return 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from aanet.datasets import w300
 from aanet.datasets.records import DataError
-from aanet.files import replacing
+from aanet.files import check_output_path, replacing
 from aanet.landmarks import WFLW_ATTRIBUTES
 from aanet.metrics import DegenerateFaceError, confidence_summary, point_errors, summarize
 
@@ -103,18 +102,18 @@ def amp_dtype(device: torch.device) -> torch.dtype:
 
 
 def subset_report(predictions: Predictions) -> dict[str, Any]:
-    """Metrics of the full set, of each WFLW subset (faces whose flag is set) and of the 300W
-    ``common`` and ``challenging`` subsets (on 68-point sets: a subset without faces has count 0
-    and undefined metrics, and when neither has one ``"subsets_missing"`` says why), under
+    """Metrics of the full set and of every subset, one without faces with count 0 and undefined
+    metrics: on 68-point sets the 300W ``common`` and ``challenging`` (when neither has a face
+    ``"subsets_missing"`` says why), on others the six WFLW ones (faces whose flag is set); under
     ``"confidence"`` how well the landmark confidences track the errors, and under
     ``"normalization"`` the NME's. ``"full"`` also counts the faces ``left_out`` (not measured:
     their image does not decode)."""
     errors, flags = predictions.face_errors, predictions.flags
     report: dict[str, Any] = {"full": {**summarize(errors), "left_out": len(predictions.left_out)}}
-    if flags.numel() and flags.any():
+    if predictions.point_errors.shape[-1] != w300.NUM_POINTS:
         for column, name in enumerate(WFLW_ATTRIBUTES):
             report[name] = summarize(errors[flags[:, column] == 1])
-    if predictions.point_errors.shape[-1] == w300.NUM_POINTS:
+    else:
         subsets = predictions.subsets or (None,) * len(errors)
         for name in w300.SUBSETS:
             chosen = torch.tensor([subset == name for subset in subsets], dtype=torch.bool)
@@ -158,20 +157,14 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_report_path(path: Path | str) -> None:
+def check_report_path(path: Path | str, checkpoint: Path | str) -> None:
     """Raise naming ``json`` unless a report can be written at ``path`` (checked before the
-    evaluation, not after it): not a folder, no file where one of its folders would be, and the
-    nearest folder of it that exists writable."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"json: {path} is a folder; give a file name (such as eval.json)")
-    for folder in path.parents:
-        if folder.exists():
-            if not folder.is_dir():
-                raise NotADirectoryError(f"json: {folder} is a file, not a folder, in {path}")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise PermissionError(f"json: cannot write in {folder}, for {path}")
-            break
+    evaluation, not after it): not the ``checkpoint`` evaluated, a file that can be made there
+    (:func:`~aanet.files.check_output_path`), and named ``.json`` (a report written over a
+    ``log.csv`` would lose it)."""
+    check_output_path(path, "json", {"checkpoint": checkpoint})
+    if Path(path).suffix.lower() != ".json":
+        raise ValueError(f"json: expected a file name ending in .json, got {str(path)!r}")
 
 
 def write_json(report: dict[str, Any], path: Path | str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from aanet.files import replacing
+from aanet.files import check_output_path, replacing
 from aanet.model import AANet
 from aanet_kernels import use_backend
 
@@ -94,8 +94,7 @@ def export(
         raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
     path = Path(path)
     check_output_name(path, fmt)
-    if path.is_dir():
-        raise IsADirectoryError(f"output: {path} is a folder; give a file name")
+    check_output_path(path, "output")
     if fmt == "onnx":
         missing = [name for name in _ONNX_PACKAGES if importlib.util.find_spec(name) is None]
         if missing:

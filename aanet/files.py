@@ -35,7 +35,10 @@ def replacing(path: Path | str) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix, suffix = _temporary_affixes(path)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+    try:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+    except OSError as error:  # its message names the temporary, which the user never gave
+        raise OSError(error.errno, _failed_write(path, error.strerror)) from error
     tmp = Path(name)
     try:
         # mkstemp makes the file private (0600); give it the mode any other file would get.
@@ -56,6 +59,40 @@ def replacing(path: Path | str) -> Iterator[Path]:
         raise RuntimeError(_failed_write(path, str(error))) from error
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_output_path(
+    path: Path | str, option: str, inputs: dict[str, Path | str] | None = None
+) -> None:
+    """Raise naming ``option`` unless a file can be written at ``path`` (checked before the work
+    that makes it, not after): not one of the ``inputs`` (what the command reads, by what it is:
+    ``{"checkpoint": ...}``), which it would overwrite; not a folder; no file where one of its
+    folders would be; and a file can be made in the nearest of its folders that exists (a
+    probe, not ``os.access``: root may write anywhere by the permissions, not in ``/proc``)."""
+    path = Path(path)
+    for what, given in (inputs or {}).items():
+        if _same_file(path, given):
+            raise ValueError(f"{option}: {path} is the {what}, which it would overwrite")
+    if path.is_dir():
+        raise IsADirectoryError(f"{option}: {path} is a folder; give a file name")
+    for folder in path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"{option}: {folder} is a file, not a folder, in {path}")
+            try:
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as error:
+                message = f"{option}: cannot write in {folder}, for {path} ({error.strerror})"
+                raise type(error)(message) from error  # PermissionError stays one
+            break
+
+
+def _same_file(path: Path, other: Path | str) -> bool:
+    """Whether ``path`` and ``other`` are one file (through links and ``..`` too)."""
+    try:
+        return os.path.samefile(path, other)
+    except OSError:  # one of them does not exist (or lies below a file): nothing to overwrite
+        return False
 
 
 def _failed_write(path: Path, reason: str) -> str:

@@ -14,7 +14,7 @@ import torch
 from aanet.datasets.augment import augment_sample
 from aanet.datasets.dataset import to_tensor
 from aanet.datasets.images import read_image
-from aanet.files import replacing
+from aanet.files import check_output_path, replacing
 from aanet.model import AANet
 
 log = logging.getLogger("aanet.predict")
@@ -154,24 +154,16 @@ def _weights_note(model: torch.nn.Module) -> str:
     return "its weights are finite"
 
 
-def check_image_output(out: Path, image: Path | str | None = None) -> None:
-    """Raise naming ``output`` unless OpenCV can write an image named ``out`` (by its extension),
-    ``out`` is not the input ``image`` (which it would overwrite) and no file stands where its
-    folder would be."""
+def check_image_output(out: Path, inputs: dict[str, Path | str]) -> None:
+    """Raise naming ``output`` unless OpenCV can write an image named ``out`` (by its extension)
+    and a file can be written there that is none of the ``inputs`` (the photo, the checkpoint:
+    :func:`~aanet.files.check_output_path`)."""
     if not cv2.haveImageWriter(str(out)):
         raise ValueError(
             f"output: expected an image file name OpenCV can write (.png, .jpg, .bmp, .tif, ...), "
             f"got {str(out)!r}"
         )
-    if image is not None and Path(out).resolve() == Path(image).resolve():
-        raise ValueError(f"output: {out} is the input image, which it would overwrite")
-    if Path(out).is_dir():
-        raise IsADirectoryError(f"output: {out} is a folder; give an image file name")
-    for folder in Path(out).parents:
-        if folder.exists():
-            if not folder.is_dir():
-                raise NotADirectoryError(f"output: {folder} is a file, not a folder, in {out}")
-            break
+    check_output_path(out, "output", inputs)
 
 
 def results(image_path: Path | str, annotated: np.ndarray, faces: list[dict[str, Any]]) -> dict:

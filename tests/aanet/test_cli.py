@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 
@@ -91,11 +92,17 @@ def test_run_help_shows_the_cpu_preset_it_starts_from(capsys):
 
 
 def test_evaluate_offers_no_flag_it_would_ignore(capsys):
+    """Until 2026-12-03 it offered the synthetic set's --num-train, --num-test, --image-size and
+    --seed, and ignored them: it measures the test set on disk, drawn as the training run drew
+    it."""
     text = help_of(capsys, "evaluate")
     assert "--lr" not in text and "--epochs" not in text and "--out " not in text
+    for unused in ("--num-train", "--num-test", "--image-size", "--seed"):
+        assert unused not in text
     assert "--batch-size BATCH_SIZE default: the checkpoint's" in text
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["evaluate", "--checkpoint", "c.pt", "--out", "elsewhere"])
+    for flag, value in (("--out", "elsewhere"), ("--num-test", "4"), ("--seed", "1")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["evaluate", "--checkpoint", "c.pt", flag, value])
 
 
 def test_generate_help_lists_its_defaults(capsys):
@@ -206,14 +213,19 @@ def test_a_preset_under_the_flags_is_not_warned_about(caplog):
     assert not [r for r in caplog.records if "changes nothing" in r.getMessage()]
 
 
-def test_evaluate_refuses_a_json_it_cannot_write_before_it_evaluates(tmp_path, monkeypatch, capsys):
-    """A --json that is a folder, or below a file, was found after the whole evaluation."""
+def tiny_checkpoint(path: Path) -> Path:
+    """An untrained model's checkpoint at ``path``."""
     from aanet.model import build_model
 
     config = make_config({"input_size": 32, "width": 16, "blocks": [1, 1], "device": "cpu"})
-    saved = tmp_path / "last.pt"
     model = build_model(config.model_config())
-    checkpoint.save_atomic({"model": model.state_dict(), "config": config.to_dict()}, saved)
+    checkpoint.save_atomic({"model": model.state_dict(), "config": config.to_dict()}, path)
+    return path
+
+
+def test_evaluate_refuses_a_json_it_cannot_write_before_it_evaluates(tmp_path, monkeypatch, capsys):
+    """A --json that is a folder, or below a file, was found after the whole evaluation."""
+    saved = tiny_checkpoint(tmp_path / "last.pt")
     monkeypatch.setattr("aanet.evaluate.predict_errors", lambda *a, **k: pytest.fail("evaluated"))
     write(tmp_path / "a_file", "")
     for json_path, message in (
@@ -223,6 +235,55 @@ def test_evaluate_refuses_a_json_it_cannot_write_before_it_evaluates(tmp_path, m
         assert main(["evaluate", "--checkpoint", str(saved), "--json", str(json_path)]) == 2
         error = capsys.readouterr().err
         assert "aanet evaluate: error: json: " in error and message in error, error
+
+
+def test_evaluate_refuses_a_json_that_is_its_checkpoint_or_not_json(tmp_path, monkeypatch, capsys):
+    """Until 2026-12-03 ``--json last.pt`` replaced the checkpoint by its own report, and
+    ``--json log.csv`` the training log, exit status 0; a report where no file can be made
+    (``/proc``) was named by its temporary file, after the evaluation."""
+    from aanet.evaluate import write_json
+
+    saved = tiny_checkpoint(tmp_path / "last.pt")
+    log_csv = write(tmp_path / "log.csv", "epoch,train_loss\n1,0.5\n")
+    before = {path: path.read_bytes() for path in (saved, log_csv)}
+    (tmp_path / "sub").mkdir()
+    monkeypatch.setattr("aanet.evaluate.predict_errors", lambda *a, **k: pytest.fail("evaluated"))
+    for json_path, message in (
+        (saved, f"{saved} is the checkpoint, which it would overwrite"),
+        (tmp_path / "sub" / ".." / "last.pt", "last.pt is the checkpoint"),
+        (log_csv, f"expected a file name ending in .json, got {str(log_csv)!r}"),
+        (Path("/proc/e.json"), "cannot write in /proc, for /proc/e.json"),
+    ):
+        assert main(["evaluate", "--checkpoint", str(saved), "--json", str(json_path)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("aanet evaluate: error: json: ") and message in error, error
+    assert {path: path.read_bytes() for path in before} == before
+    with pytest.raises(OSError, match=r"could not write /proc/e.json \("):
+        write_json({}, "/proc/e.json")
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line_as_without_workers(tmp_path, capsys):
+    """Until 2026-12-03, with ``--workers 1``, an image that does not decode under ``--on-error
+    stop`` ended the run with the worker's whole traceback (``Caught DataError in DataLoader
+    worker process 0. Original Traceback ...``, some 30 lines) where ``--workers 0`` gave one line
+    naming the file and line."""
+    from aanet.datasets import synthetic
+
+    root = synthetic.generate(tmp_path / "data", synthetic.SyntheticConfig(4, 1, 32))
+    image = root / "WFLW_images" / "synthetic_train" / "00001.png"
+    jpeg = cv2.imencode(".jpg", cv2.imread(str(image)))[1].tobytes()
+    image.write_bytes(jpeg[: len(jpeg) * 2 // 3])  # a cut-off JPEG: loads, does not decode
+    errors = []
+    for workers in ("0", "1"):
+        argv = ["train", "--data", "wflw", "--data-root", str(root), "--input-size", "32",
+                "--width", "16", "--blocks", "1", "1", "--batch-size", "4", "--epochs", "1",
+                "--device", "cpu", "--no-progress", "--on-error", "stop", "--workers", workers,
+                "--out", str(tmp_path / f"run{workers}")]  # fmt: skip
+        assert main(argv) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1], errors[1]
+    assert errors[1].count("\n") == 1 and "Traceback" not in errors[1]
+    assert f"cannot decode image {image}" in errors[1] and "no epoch has completed" in errors[1]
 
 
 @pytest.mark.parametrize(

@@ -204,6 +204,26 @@ def test_subset_report_uses_the_flagged_faces():
     assert "common" not in report and report["normalization"] == "inter-ocular"
 
 
+@pytest.mark.parametrize("flagged", [0, 1])
+def test_a_wflw_report_has_all_six_subsets_whatever_the_flags(tmp_path, flagged):
+    """Until 2026-12-03 a WFLW test set with no face flagged gave a report without the six
+    subsets, one flagged face a report with all six: now always all six, an empty one with
+    count 0 and null metrics in the JSON, as 300W's two."""
+    from aanet.evaluate import write_json
+
+    errors = torch.full((4,), 0.05, dtype=torch.float64)
+    flags = torch.zeros(4, 6, dtype=torch.long)
+    flags[:flagged, 0] = 1
+    points = errors[:, None].expand(4, 98)
+    report = subset_report(Predictions(errors, points, torch.rand(4, 98), flags))
+    assert [name for name in report if name in WFLW_ATTRIBUTES] == list(WFLW_ATTRIBUTES)
+    assert report["pose"]["count"] == flagged and report["blur"]["count"] == 0
+    write_json(report, tmp_path / "eval.json")
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["blur"] == {"nme": None, "fr": None, "auc": None, "count": 0}
+    assert "common" not in written
+
+
 @pytest.mark.parametrize(
     ("path", "subset"),
     [

@@ -190,8 +190,10 @@ def test_checkpoint_errors_name_the_file_and_say_what_it_is(checkpoint, tmp_path
         exported: "model.pt2: an exported model (torch.export, what `aanet export` writes), not",
         scripted: "model.ts.pt: an exported model (TorchScript, what `aanet export` writes), not",
     }
+    # An --output of its own: export's default for model.pt2 is model.pt2, refused as the input.
+    export_argv = ["export", "--output", str(tmp_path / "again.pt2")]
     for path, message in cases.items():
-        for command in (["predict", str(photo), "--no-detect"], ["export"], ["evaluate"]):
+        for command in (["predict", str(photo), "--no-detect"], export_argv, ["evaluate"]):
             assert main([*command, "--checkpoint", str(path)]) == 2, (command, path)
             err = capsys.readouterr().err
             assert message in err and err.count("\n") == 1, (command, err)
@@ -334,6 +336,36 @@ def test_export_takes_its_format_from_the_output_name_and_refuses_a_name_of_anot
         assert main(["export", "--checkpoint", str(tmp_path / "none.pt"), *flags]) == 2
         assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ts.pt"]
+
+
+def test_export_and_predict_refuse_an_output_in_the_way_before_reading_the_checkpoint(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    """Until 2026-12-03 ``aanet export --checkpoint m.pt2`` (whose default output is the
+    checkpoint's name with .pt2) and ``aanet predict --output`` could write over the checkpoint;
+    an export ``--output`` below a file was ``[Errno 17] File exists``, and one in a folder where
+    no file can be made (``/proc``) named the temporary file, both once the checkpoint was
+    loaded."""
+    monkeypatch.setattr("aanet.inference.load_model", lambda *a, **k: pytest.fail("loaded"))
+    as_pt2, as_png = tmp_path / "m.pt2", tmp_path / "c.png"
+    for copy in (as_pt2, as_png):
+        copy.write_bytes(checkpoint.read_bytes())
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), np.full((40, 50, 3), 127, np.uint8))
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["export", "--checkpoint", str(as_pt2)], f"output: {as_pt2} is the checkpoint"),
+        (["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "a_file/m.pt2")],
+         f"output: {tmp_path / 'a_file'} is a file, not a folder"),
+        (["export", "--checkpoint", str(checkpoint), "--output", "/proc/m.pt2"],
+         "output: cannot write in /proc, for /proc/m.pt2"),
+        (["predict", str(photo), "--checkpoint", str(as_png), "--output", str(as_png)],
+         f"output: {as_png} is the checkpoint, which it would overwrite"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert as_pt2.read_bytes() == as_png.read_bytes() == checkpoint.read_bytes()
 
 
 def test_a_file_that_fails_its_check_is_not_left_behind(checkpoint, tmp_path):
