@@ -104,7 +104,8 @@ def test_a_yaml_key_that_is_a_list_or_mapping_is_named(tmp_path, text):
     """An unhashable key raised a bare TypeError from the duplicate-key check (exit 1)."""
     path = tmp_path / "run.yaml"
     path.write_text(text)
-    with pytest.raises(ValueError, match=f"(?s)config {path}: not valid YAML: .*found unhashable key"):
+    message = f"(?s)config {path}: not valid YAML: .*found unhashable key"
+    with pytest.raises(ValueError, match=message):
         read_config_file(path)
 
 
