@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -305,5 +306,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"wrote {trace} (open in https://ui.perfetto.dev) and {table_path}")
 
 
+def _cli() -> None:
+    """``main`` as a command: a refusal (``SystemExit(message)``) ends as argparse's do, with
+    ``PROG: error: message`` and exit status 2 rather than the message alone and status 1."""
+    try:
+        main()
+    except SystemExit as refusal:
+        if not isinstance(refusal.code, str):
+            raise
+        print(f"python -m aanet_kernels.profile: error: {refusal.code}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    _cli()

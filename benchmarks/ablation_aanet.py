@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -117,6 +118,16 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         plt.close(fig)
 
 
+def _name(text: str) -> str:
+    """``--name``: letters, digits, ``_`` and ``-`` (it goes into the result files' names; a
+    ``/`` would put them elsewhere, and nothing else is checked until both variants trained)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise argparse.ArgumentTypeError(
+            f"expected letters, digits, '_' and '-' only, got {text!r}"
+        )
+    return text
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--config", default="cpu", help="preset name or YAML/JSON file")
@@ -130,7 +141,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--name", default="synthetic_cpu", help="suffix of the result files")
+    parser.add_argument(
+        "--name", type=_name, default="synthetic_cpu", help="suffix of the result files"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the variants' checkpoints")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -142,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     try:  # a bad preset or value is refused here, by name, before either variant trains
         configs = {name: variant_config(args, on, name) for name, on in VARIANTS.items()}
     except (OSError, ValueError) as error:
-        raise SystemExit(f"ablation_aanet.py: {error}") from None
+        raise SystemExit(str(error)) from None
     out_dir = common.out_dir(args.out_dir)  # checked now, not after the training
     results = {
         name: run_variant(config, args.resume, not args.no_progress)
@@ -170,4 +183,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

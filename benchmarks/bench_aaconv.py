@@ -302,11 +302,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--batch", type=common.positive_int, default=None, help="default: 8 on cpu, 32 on cuda"
     )
-    p.add_argument("--channels", type=int, nargs="*", default=None, choices=CHANNELS,
+    p.add_argument("--channels", type=int, nargs="+", default=None, choices=CHANNELS,
                    metavar="C", help="subset of 256 512")  # fmt: skip
-    p.add_argument("--sizes", type=int, nargs="*", default=None, choices=SIZES, metavar="S",
+    p.add_argument("--sizes", type=int, nargs="+", default=None, choices=SIZES, metavar="S",
                    help="subset of 56 28 14")  # fmt: skip
-    p.add_argument("--methods", nargs="*", default=None, help="default: every backend + conv2d")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every backend + conv2d")
     p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"),
                    help="autocast dtype on cuda (the CPU runs fp32)")  # fmt: skip
     p.add_argument(
@@ -358,4 +358,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

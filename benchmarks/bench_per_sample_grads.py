@@ -193,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     device = common.benchmark_device(args.device)
     methods = common.pick_subset(args.methods, methods_for(device), "methods")
     samples = args.samples or (16 if device.type == "cpu" else 64)
-    cases = [Case(samples, args.channels, size) for size in args.sizes]
+    # One case per size: a repeated size would repeat its rows, the ratios all against the first.
+    cases = [Case(samples, args.channels, size) for size in dict.fromkeys(args.sizes)]
     meta = common.run_metadata(device)
 
     rows: list[dict[str, object]] = []
@@ -291,4 +292,4 @@ def write_results(
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

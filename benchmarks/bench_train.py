@@ -188,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         memory_worker_main()
         return []
     device = common.benchmark_device(args.device)
+    if args.max_batch and device.type != "cuda":  # the search runs until CUDA memory runs out
+        raise SystemExit(f"--max-batch: expected --device cuda, got {args.device}")
     variants = common.pick_subset(args.variants, variants_for(device), "variants")
     out_dir = common.out_dir(args.out_dir)
     compilers = ("none", args.compile) if args.compile else ("none",)
@@ -270,4 +272,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -18,7 +18,7 @@ are measured and written the same way:
   ``benchmarks/results/``, each written whole or not at all (``aanet.files.replacing``).
 - ``positive_int``, ``non_negative_int``, ``non_negative_float``, ``file_tag``, ``out_dir``,
   ``benchmark_device``: the command lines' checks, so that a bad argument is refused by name
-  before anything is measured.
+  before anything is measured; ``run_cli``: such a refusal ends the command as argparse's do.
 """
 
 from __future__ import annotations
@@ -93,6 +93,19 @@ def _number(kind: type, least: float, what: str) -> Callable[[str], Any]:
 positive_int = _number(int, 1, "a positive integer")
 non_negative_int = _number(int, 0, "an integer >= 0")
 non_negative_float = _number(float, 0.0, "a number >= 0")
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's ``main``: a refusal raised as ``SystemExit(message)`` ends it as argparse's
+    own refusals do, ``PROG: error: message`` and exit status 2 (a message alone exits 1, which
+    reads as a failed run rather than a bad command line)."""
+    try:
+        main()
+    except SystemExit as refusal:
+        if not isinstance(refusal.code, str):
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {refusal.code}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def file_tag(text: str) -> str:

@@ -17,6 +17,25 @@
 # benchmark shape (clocks left alone), as .ncu-rep and a text summary.
 # A failing step does not stop the others; the script exits 1 if any failed and says which.
 set -uo pipefail
+# A misspelt step would run nothing and report "all steps passed"; a STEP_TIMEOUT that timeout(1)
+# cannot read would fail every step: both refused before anything runs.
+ALL_STEPS="build tests attention aaconv train profile sanitize ncu"
+STEPS="${STEPS:-$ALL_STEPS}"
+read -ra steps_given <<< "$STEPS"
+if ((${#steps_given[@]} == 0)); then
+  echo "STEPS: expected some of: $ALL_STEPS; got none" >&2
+  exit 2
+fi
+for step in "${steps_given[@]}"; do
+  if [[ " $ALL_STEPS " != *" $step "* ]]; then
+    echo "STEPS: expected some of: $ALL_STEPS; got '$step'" >&2
+    exit 2
+  fi
+done
+if [[ -n "${STEP_TIMEOUT:-}" && ! "$STEP_TIMEOUT" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)[smhd]?$ ]]; then
+  echo "STEP_TIMEOUT=$STEP_TIMEOUT: expected seconds, as timeout(1) reads them (180, 2.5, 3m)" >&2
+  exit 2
+fi
 # $OUT is taken relative to where the script was called from, before the cd to the repository.
 if [[ -n "${OUT:-}" ]]; then
   if ! mkdir -p "$OUT" 2>/dev/null || [[ ! -w "$OUT" ]]; then
@@ -29,7 +48,6 @@ cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python}"
 OUT_DIR="${OUT_DIR:-benchmarks/results}"
-STEPS="${STEPS:-build tests attention aaconv train profile sanitize ncu}"
 mkdir -p "$OUT_DIR"
 failed=()
 
@@ -66,6 +84,12 @@ gpu_backends() {  # the GPU backends, one line; a failed import or none at all f
   "$PY" -c "import triton; print('triton', triton.__version__)" || echo "triton: not installed"
 } > "$OUT_DIR/environment.txt" 2>&1
 cat "$OUT_DIR/environment.txt"
+# Every step needs a GPU: without one, say so now, not once per step (or after a build).
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "no CUDA GPU is visible to $PY (torch.cuda.is_available() is False, or torch does not" \
+    "import): this suite needs one" >&2
+  exit 2
+fi
 
 # The toolkit root, as the Makefile finds it, unless the caller set one: torch's own guess is the
 # folder above the nvcc on PATH, which is wrong where that nvcc is a wrapper script.

@@ -334,8 +334,11 @@ def test_gpu_suite_sanitizes_both_gpu_backends(tmp_path):
     sanitizer = stub_dir / "compute-sanitizer"
     sanitizer.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "{tmp_path}/args_$2"\n')
     sanitizer.chmod(0o755)
+    python = stub_dir / "python"  # answers the suite's GPU check (only named to the sanitizer)
+    python.write_text("#!/usr/bin/env bash\nexit 0\n")
+    python.chmod(0o755)
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PATH": f"{stub_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+    env = {**os.environ, "PATH": f"{stub_dir}:{os.environ['PATH']}", "PYTHON": str(python),
            "OUT": str(tmp_path / "out"), "STEPS": "sanitize"}  # fmt: skip
     run = subprocess.run(["bash", str(root / "benchmarks" / "run_gpu_suite.sh")], env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip

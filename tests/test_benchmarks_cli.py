@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,14 +92,20 @@ REFUSALS = [
     ("bench_aaconv", ["--sizes", "7"], "--sizes: invalid choice: 7"),
     ("bench_aaconv", ["--methods", "nope"], "--methods: expected some of"),
     ("bench_aaconv", ["--repeats", "0"], "--repeats: expected a positive integer"),
+    # an empty list was read as "every one": the whole grid ran
+    ("bench_aaconv", ["--methods"], "--methods: expected at least one argument"),
+    ("bench_aaconv", ["--sizes"], "--sizes: expected at least one argument"),
     ("bench_train", ["--device", "nope"], "--device: expected cpu or cuda, got 'nope'"),
     ("bench_train", ["--batch-size", "0"], "--batch-size: expected a positive integer"),
     ("bench_train", ["--input-size", "20"], "--input-size: input_size: expected a multiple of 16"),
     ("bench_train", ["--repeats", "0"], "--repeats: expected a positive integer"),
+    ("bench_train", ["--max-batch"], "--max-batch: expected --device cuda, got cpu"),  # ignored
     ("bench_per_sample_grads", ["--channels", "8"], "--channels 8: dv: expected fewer than"),
     ("bench_per_sample_grads", ["--budget", "-1"], "--budget: expected a number >= 0"),
     ("ablation_aanet", ["--config", "nope"], "config: no such file nope"),
     ("ablation_aanet", ["--epochs", "0"], "--epochs: expected a positive integer"),
+    # the result files' names: checked only when writing them, after both variants trained
+    ("ablation_aanet", ["--name", "../x"], "--name: expected letters, digits, '_' and '-' only"),
     ("profile", ["--device", "nope"], "--device: expected cpu or cuda, got 'nope'"),
     ("profile", ["--backend", "cuda"], "--backend cuda: the 'cuda' backend takes CUDA tensors"),
     ("profile", ["--steps", "0"], "--steps: expected an integer >= 1, got '0'"),
@@ -138,6 +145,45 @@ def test_bench_cli_refuses_an_out_dir_that_is_a_file_before_measuring(
     assert not measured
     assert not (tmp_path / "runs").exists()  # the ablation trained nothing
     assert a_file.read_text() == "not a folder"
+
+
+ENTRY_POINTS = {
+    "bench_attention": ["benchmarks/bench_attention.py"],
+    "bench_aaconv": ["benchmarks/bench_aaconv.py"],
+    "bench_train": ["benchmarks/bench_train.py"],
+    "bench_per_sample_grads": ["benchmarks/bench_per_sample_grads.py"],
+    "ablation_aanet": ["benchmarks/ablation_aanet.py"],
+    "kernel_resources": ["benchmarks/kernel_resources.py"],
+    "profile": ["-m", "aanet_kernels.profile"],
+}
+
+
+@pytest.mark.parametrize("name", list(ENTRY_POINTS))
+def test_bench_cli_refusal_is_one_line_and_exit_status_2(name, tmp_path):
+    """A refusal of the scripts' own (not argparse's) exited 1 with the bare message: a bad
+    command line read as a failed run. Now as argparse's: ``PROG: error: ...``, status 2."""
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    base = [] if name == "kernel_resources" else _base_args(name, tmp_path)
+    run = subprocess.run(
+        [sys.executable, *ENTRY_POINTS[name], *base, "--out-dir", str(taken)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    prog = "python -m aanet_kernels.profile" if name == "profile" else f"{name}.py"
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines() == [f"{prog}: error: --out-dir {taken}: expected a folder, "
+                                       "got a file"]  # fmt: skip
+
+
+def test_bench_per_sample_grads_measures_a_repeated_size_once(tmp_path):
+    """``--sizes 5 5`` measured the case twice: two rows, the second's ratio against the
+    first's time (0.76x against itself)."""
+    from benchmarks import bench_per_sample_grads as bench
+
+    rows = bench.main([*_base_args("bench_per_sample_grads", tmp_path), "--sizes", "5", "5",
+                       "--out-dir", str(tmp_path)])  # fmt: skip
+    assert [(r["size"], r["method"]) for r in rows] == [(5, "vmap_reference")]
 
 
 def test_benchmark_device_refuses_a_device_of_another_kind():
@@ -408,6 +454,40 @@ def test_gpu_suite_out_is_relative_to_the_callers_folder(tmp_path):
     assert (tmp_path / "rel" / "out" / "build.log").exists()
     assert (tmp_path / "rel" / "out" / "times.txt").exists()
     assert not (ROOT / "rel").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"STEPS": "atention"}, "STEPS: expected some of: build tests attention"),  # ran nothing
+        ({"STEPS": " "}, "STEPS: expected some of: build tests attention"),
+        ({"STEPS": "build", "STEP_TIMEOUT": "3 min"}, "STEP_TIMEOUT=3 min: expected seconds"),
+    ],
+)
+def test_gpu_suite_refuses_unknown_steps_and_bad_timeouts_before_any_step(tmp_path, env, expected):
+    """A misspelt step ran nothing and said "all steps passed"; a STEP_TIMEOUT that timeout(1)
+    cannot read failed every step, each with timeout's usage."""
+    stub = _stub_python(tmp_path)
+    run = _suite({"PYTHON": str(stub), "OUT": str(tmp_path / "out"), **env})
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert expected in run.stderr
+    assert "===" not in run.stdout and "passed" not in run.stdout
+
+
+def test_gpu_suite_without_a_gpu_says_so_before_any_step(tmp_path):
+    """Without a GPU every step failed on its own (after minutes of building), each deep in its
+    log; now the suite stops first, saying why."""
+    stub = tmp_path / "python"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ "$2" == *"sys.exit(0 if torch.cuda.is_available()"* ]]; then exit 1; fi\n'
+        'echo "ran: $*"\n'
+    )
+    stub.chmod(0o755)
+    run = _suite({"PYTHON": str(stub), "OUT": str(tmp_path / "out"), "STEPS": "build attention"})
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "no CUDA GPU is visible to" in run.stderr
+    assert "===" not in run.stdout
 
 
 def test_gpu_suite_refuses_an_out_that_is_a_file(tmp_path):
