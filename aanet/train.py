@@ -31,7 +31,7 @@ from aanet.files import remove_stale_temporaries, replacing
 from aanet.losses import build_training_loss
 from aanet.metrics import summarize
 from aanet.model import HEATMAP_STRIDE, build_model
-from aanet.ranks import is_main_process, rank_and_world
+from aanet.ranks import is_main_process, local_rank, rank_and_world
 from aanet_kernels import resolve_backend, use_backend
 
 log = logging.getLogger("aanet.train")
@@ -73,12 +73,11 @@ class Dist:
 
 def init_distributed(device: torch.device) -> Dist:
     """Join the ``torchrun`` group when ``WORLD_SIZE > 1`` (NCCL on GPUs, gloo on the CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if rank_and_world()[1] == 1:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank())
 
 
 def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
@@ -369,7 +368,7 @@ def train(
     """
     # The device first (torchrun's LOCAL_RANK picks the GPU): it decides the backend, and
     # `auto` on a GPU machine is NCCL's.
-    device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", "0")), rank_and_world()[1])
+    device = pick_device(config.device, local_rank(), rank_and_world()[1])
     if config.attention:  # a backend that cannot run on this device fails before the data is read
         resolve_backend(config.backend, device)
     group = init_distributed(device)

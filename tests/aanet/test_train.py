@@ -484,6 +484,36 @@ def test_ddp_evaluate_runs_once_on_rank_0(ddp_cli_run, tmp_path):
     assert json.loads(out.read_text())["full"]["count"] == 8
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RANK": "1"}, "RANK=1, WORLD_SIZE unset: not a process of a torchrun launch"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2, WORLD_SIZE=2: not a process of a torchrun"),
+        (
+            {"WORLD_SIZE": "two"},
+            "WORLD_SIZE: expected a whole number (torchrun sets it), got 'two'",
+        ),
+        ({"LOCAL_RANK": "x"}, "LOCAL_RANK: expected a whole number (torchrun sets it), got 'x'"),
+    ],
+)
+def test_launch_variables_that_no_torchrun_sets_are_refused_in_one_line(
+    env, message, tmp_path, monkeypatch, capsys
+):
+    """Until 2026-12-03 a ``RANK=1`` left in the shell made a lone process train as rank 1: no
+    checkpoint, no log line, exit status 0; a ``WORLD_SIZE`` that is not a number was a
+    traceback."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = tiny_config(tmp_path, epochs=1)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(config.to_dict()))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 2
+    assert f"aanet train: error: {message}" in capsys.readouterr().err
+    assert not Path(config.out).exists()
+
+
 def test_aanet_run_on_another_rank_than_0_stops_after_training(tmp_path, monkeypatch):
     """Under ``torchrun`` rank 1's ``train`` returns no report; ``aanet run`` there has nothing
     more to do (until 2026-12-01 it failed with ``KeyError: 'report'``, and ``torchrun`` then
