@@ -98,8 +98,25 @@ def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
             )
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        check_gpu_index(device, name, world)
         torch.cuda.set_device(device)
     return device
+
+
+def check_gpu_index(device: torch.device, name: str, world: int) -> None:
+    """Refuse a GPU this process cannot see, naming what to change: CUDA's own error is "invalid
+    device ordinal" and four lines of advice on asynchronous kernel errors, and under ``torchrun``
+    it is what ``--nproc-per-node`` above the number of GPUs gives."""
+    count = torch.cuda.device_count()
+    if device.index < count:
+        return
+    visible = f"{count} GPU(s) visible (cuda:0 to cuda:{count - 1})" if count else "no GPU visible"
+    if world > 1:
+        raise ValueError(
+            f"device: {name!r} on a rank of LOCAL_RANK {device.index} needs GPU {device.index}, "
+            f"and this machine has {visible}: give torchrun --nproc-per-node {count} at most"
+        )
+    raise ValueError(f"device: {name!r} requested, and this machine has {visible}")
 
 
 def attention_backend(name: str) -> contextlib.AbstractContextManager[None]:
