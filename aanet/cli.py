@@ -20,7 +20,7 @@ from aanet.config import (
     unread_options,
     upsampling_warning,
 )
-from aanet.ranks import is_main_process, rank_and_world
+from aanet.ranks import rank_and_world
 
 # What `aanet evaluate` does not use: it takes every option from the checkpoint's config and
 # measures the test set on disk (a synthetic one as training generated it: nothing is drawn
@@ -346,7 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     the error level (every rank reads the same data: its warnings would repeat once per rank),
     an error names the rank that raised it, and commands other than ``train`` and ``run`` run on
     rank 0 alone."""
-    main_process = is_main_process()
+    args = build_parser().parse_args(argv)
+    try:
+        rank, world = rank_and_world()
+    except ValueError as error:  # RANK, WORLD_SIZE as no torchrun launch sets them
+        if args.debug:
+            raise
+        print(f"aanet {args.command}: error: {error} (aanet --debug: traceback)", file=sys.stderr)
+        return 2
+    main_process = rank == 0
     # aanet's own progress at INFO; other libraries (onnxscript prints hundreds of INFO lines on
     # an ONNX export) from WARNING up.
     logging.basicConfig(
@@ -354,8 +362,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aanet").setLevel(logging.INFO if main_process else logging.ERROR)
-    args = build_parser().parse_args(argv)
-    rank, world = rank_and_world()
     if world > 1 and args.command not in ("train", "run"):
         # One process's work (two would print twice and write the same files at once).
         if rank > 0:

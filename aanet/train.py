@@ -31,7 +31,7 @@ from aanet.files import remove_stale_temporaries, replacing
 from aanet.losses import build_training_loss
 from aanet.metrics import summarize
 from aanet.model import HEATMAP_STRIDE, build_model
-from aanet.ranks import is_main_process, rank_and_world
+from aanet.ranks import is_main_process, local_rank, rank_and_world
 from aanet_kernels import resolve_backend, use_backend
 
 log = logging.getLogger("aanet.train")
@@ -73,12 +73,11 @@ class Dist:
 
 def init_distributed(device: torch.device) -> Dist:
     """Join the ``torchrun`` group when ``WORLD_SIZE > 1`` (NCCL on GPUs, gloo on the CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if rank_and_world()[1] == 1:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank())
 
 
 def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
@@ -99,8 +98,25 @@ def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
             )
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        check_gpu_index(device, name, world)
         torch.cuda.set_device(device)
     return device
+
+
+def check_gpu_index(device: torch.device, name: str, world: int) -> None:
+    """Refuse a GPU this process cannot see, naming what to change: CUDA's own error is "invalid
+    device ordinal" and four lines of advice on asynchronous kernel errors, and under ``torchrun``
+    it is what ``--nproc-per-node`` above the number of GPUs gives."""
+    count = torch.cuda.device_count()
+    if device.index < count:
+        return
+    visible = f"{count} GPU(s) visible (cuda:0 to cuda:{count - 1})" if count else "no GPU visible"
+    if world > 1:
+        raise ValueError(
+            f"device: {name!r} on a rank of LOCAL_RANK {device.index} needs GPU {device.index}, "
+            f"and this machine has {visible}: give torchrun --nproc-per-node {count} at most"
+        )
+    raise ValueError(f"device: {name!r} requested, and this machine has {visible}")
 
 
 def attention_backend(name: str) -> contextlib.AbstractContextManager[None]:
@@ -369,7 +385,7 @@ def train(
     """
     # The device first (torchrun's LOCAL_RANK picks the GPU): it decides the backend, and
     # `auto` on a GPU machine is NCCL's.
-    device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", "0")), rank_and_world()[1])
+    device = pick_device(config.device, local_rank(), rank_and_world()[1])
     if config.attention:  # a backend that cannot run on this device fails before the data is read
         resolve_backend(config.backend, device)
     group = init_distributed(device)

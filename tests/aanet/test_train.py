@@ -27,7 +27,7 @@ from aanet.export import export
 from aanet.inference import load_model
 from aanet.losses import build_loss, heatmap_divergence
 from aanet.model import HEATMAP_STRIDE, ModelConfig, build_model
-from aanet.train import train
+from aanet.train import pick_device, train
 from aanet_kernels import reference, use_backend
 
 HERE = Path(__file__).parent
@@ -353,6 +353,7 @@ def test_ddp_on_gpus_with_device_auto_joins_with_nccl(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(str(device)))
 
@@ -376,6 +377,22 @@ def test_ddp_with_a_numbered_gpu_is_refused(tmp_path, monkeypatch):
         ValueError, match=r"device: 'cuda:1' would put all 2 processes.*--device cuda"
     ):
         train(tiny_config(tmp_path, device="cuda:1"), progress=False)
+
+
+def test_a_gpu_this_machine_does_not_have_is_refused_naming_what_to_change(monkeypatch):
+    """``torchrun --nproc-per-node 4`` on a 2-GPU machine: ranks 2 and 3 are refused in one line
+    naming the flag (until 2026-12-03 CUDA's "invalid device ordinal" and its four lines of
+    advice on asynchronous errors), as is a single process's ``--device cuda:2``."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", pytest.fail)
+    visible = r"2 GPU\(s\) visible \(cuda:0 to cuda:1\)"
+    with pytest.raises(ValueError, match=rf"LOCAL_RANK 2 needs GPU 2.*{visible}.*-per-node 2 at"):
+        pick_device("auto", local_rank=2, world=4)
+    with pytest.raises(
+        ValueError, match=rf"device: 'cuda:2' requested, and this machine has {visible}"
+    ):
+        pick_device("cuda:2")
 
 
 def test_curves_are_replaced_atomically(tmp_path, monkeypatch):
@@ -482,6 +499,36 @@ def test_ddp_evaluate_runs_once_on_rank_0(ddp_cli_run, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("NME %") == 1 and done.stdout.count(f"wrote {out}") == 1
     assert json.loads(out.read_text())["full"]["count"] == 8
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RANK": "1"}, "RANK=1, WORLD_SIZE unset: not a process of a torchrun launch"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2, WORLD_SIZE=2: not a process of a torchrun"),
+        (
+            {"WORLD_SIZE": "two"},
+            "WORLD_SIZE: expected a whole number (torchrun sets it), got 'two'",
+        ),
+        ({"LOCAL_RANK": "x"}, "LOCAL_RANK: expected a whole number (torchrun sets it), got 'x'"),
+    ],
+)
+def test_launch_variables_that_no_torchrun_sets_are_refused_in_one_line(
+    env, message, tmp_path, monkeypatch, capsys
+):
+    """Until 2026-12-03 a ``RANK=1`` left in the shell made a lone process train as rank 1: no
+    checkpoint, no log line, exit status 0; a ``WORLD_SIZE`` that is not a number was a
+    traceback."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = tiny_config(tmp_path, epochs=1)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(config.to_dict()))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 2
+    assert f"aanet train: error: {message}" in capsys.readouterr().err
+    assert not Path(config.out).exists()
 
 
 def test_aanet_run_on_another_rank_than_0_stops_after_training(tmp_path, monkeypatch):
