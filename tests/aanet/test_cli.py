@@ -308,10 +308,8 @@ def test_the_cli_logs_aanet_progress_but_not_other_libraries_info(tmp_path):
     script = (
         "import logging\n"
         "from aanet.cli import main\n"
-        "try:\n"
-        "    main(['--help'])\n"
-        "except SystemExit:\n"
-        "    pass\n"
+        # A command that parses and then fails at once (a user error): logging is set up by then.
+        "assert main(['export', '--checkpoint', 'missing.pt']) == 2\n"
         "logging.getLogger('onnxscript.optimizer').info('third-party detail')\n"
         "logging.getLogger('onnxscript.optimizer').warning('third-party warning')\n"
         "logging.getLogger('aanet.export').info('aanet progress')\n"
