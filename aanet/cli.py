@@ -344,8 +344,8 @@ def _what_is_saved(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``aanet`` console script. Under ``torchrun`` only rank 0 logs below
     the error level (every rank reads the same data: its warnings would repeat once per rank),
-    an error names the rank that raised it, and commands other than ``train`` and ``run`` run on
-    rank 0 alone."""
+    an error names the rank that raised it, Ctrl-C is reported by rank 0 alone, and commands
+    other than ``train`` and ``run`` run on rank 0 alone."""
     args = build_parser().parse_args(argv)
     try:
         rank, world = rank_and_world()
@@ -374,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
+        if rank > 0:
+            # Ctrl-C reaches every rank of a torchrun launch: rank 0's line (it writes last.pt)
+            # says it all, once.
+            return 130
         print(f"aanet {args.command}: interrupted{_what_is_saved(args)}", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError, FloatingPointError) as error:

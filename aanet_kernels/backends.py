@@ -118,8 +118,8 @@ def resolve_backend_for_call(
 def _resolve(backend: str, device: torch.device, exceeds: Callable[[str], bool]) -> str:
     # Read and compared here, outside the constant function below, so that under torch.compile
     # they become guards: the use_backend in force (a changed one retraces), and the sizes that
-    # ``exceeds`` compares, SymInts under dynamic shapes. The environment variable is read at
-    # trace time.
+    # ``exceeds`` compares, SymInts under dynamic shapes. Dynamo guards on the environment
+    # variable read here as well (torch 2.14): a changed one retraces.
     check_backend_name(backend)
     origin = ""
     if backend == "auto":

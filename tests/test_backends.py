@@ -201,6 +201,25 @@ def test_compiled_code_follows_the_use_backend_in_force():
 
 
 @needs_extension
+def test_compiled_code_follows_a_changed_environment_variable(monkeypatch):
+    # Dynamo guards on the variable read at trace time: a change retraces rather than keeping
+    # the backend the first trace chose (the README says so).
+    graphs: list[str] = []
+    compiled = torch.compile(
+        lambda q: ak.attention_2d(q, q, q, height=2, width=3),
+        fullgraph=True,
+        backend=_graph_recorder(graphs),
+    )
+    q = torch.randn(1, 2, 6, 4)
+    for backend in ("cpu", "reference", "cpu"):
+        monkeypatch.setenv(ENV_VAR, backend)
+        compiled(q)
+    assert len(graphs) == 2, "the second cpu call should reuse the first graph"
+    assert "aanet_kernels.attention_2d_fwd" in graphs[0]
+    assert "aanet_kernels.attention_2d_fwd" not in graphs[1]
+
+
+@needs_extension
 def test_use_backend_inside_a_compiled_function_chooses_for_its_block_only():
     # Until 2026-12-02 a use_backend inside the compiled function failed under fullgraph=True
     # (Dynamo cannot trace ContextVar.set) and broke the graph otherwise.

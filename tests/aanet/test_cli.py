@@ -158,6 +158,17 @@ def test_a_second_run_in_one_out_says_it_replaces_the_first(tmp_path, monkeypatc
     assert "earlier run" not in caplog.text
 
 
+def test_ctrl_c_under_torchrun_is_one_line_rank_0s(tmp_path, monkeypatch, capsys):
+    """Ctrl-C reaches every process of a launch: each printed its own line until 2026-12-04."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert interrupted_train(tmp_path, monkeypatch, epoch=1) == 130
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert interrupted_train(tmp_path, monkeypatch, epoch=1) == 130
+    assert capsys.readouterr().err.startswith("aanet train: interrupted; ")
+
+
 def test_ctrl_c_names_an_earlier_runs_checkpoint_as_such(tmp_path, monkeypatch, capsys):
     (tmp_path / "run").mkdir()
     checkpoint.save_atomic({"epoch": 4, "model": {}}, tmp_path / "run" / "last.pt")
