@@ -195,7 +195,7 @@ def run(
                     failed[method] = common.error_status(error)
         timings = common.time_interleaved(
             steps, device, warmup=args.warmup, repeats=args.repeats,
-            min_repeats=min(3, args.repeats), budget_s=args.budget_s,
+            min_repeats=min(3, args.repeats), budget_s=args.budget,
         )  # fmt: skip
         del steps
         for method in methods:
@@ -317,9 +317,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=common.non_negative_int, default=1)
     p.add_argument("--repeats", type=common.positive_int, default=5)
+    # --budget as in the other benchmarks; --budget-s, its first name, still works.
     p.add_argument(
-        "--budget-s", type=common.non_negative_float, default=10.0, help="stop repeating after this"
-    )
+        "--budget", "--budget-s", dest="budget", type=common.non_negative_float, default=10.0,
+        help="seconds of timed calls per case (stop repeating after this)",
+    )  # fmt: skip
     p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -141,10 +141,19 @@ def memory_worker_main() -> None:
     out = {}
     for item in json.load(sys.stdin):
         job = Job(**item)
-        step = make_step(job, device)
-        step()  # first step: one-time costs and the optimizer state are not the step's
-        out[job.label] = common.rss_peak_bytes(step)
+        # After a first step (one-time costs and the optimizer state are not the step's); a
+        # variant that fails gets its reason, the others are still measured.
+        out[job.label] = common.warm_peak_memory(lambda job=job: make_step(job, device), device)
     print(json.dumps(out))
+
+
+def record_peak(row: dict[str, object], peak: int | str) -> None:
+    """Put a measured peak (bytes) in ``row``, or why it is missing in its status: a variant whose
+    memory step failed keeps its timing."""
+    if isinstance(peak, int):
+        row["peak_mib"] = peak / 2**20
+    else:
+        row["status"] = f"memory {peak}"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -217,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         elif timing is not None:
             row.update(step_ms=timing.median_s * 1e3, steps_per_s=1 / timing.median_s)
             if device.type == "cuda":
-                row["peak_mib"] = common.cuda_peak_bytes(steps[job.label], device) / 2**20
+                warm = common.warm_peak_memory(lambda step=steps[job.label]: step, device)
+                record_peak(row, warm)
         if args.max_batch and device.type == "cuda" and row["status"] == "ok":
             row["largest_batch"] = largest_batch_cell(job, device, args.max_batch_limit)
         print(row, flush=True)
@@ -229,11 +239,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         labels = [r["label"] for r in rows if r["status"] == "ok"]
         peaks = common.worker_memory(worker, ok, labels)
         for row in rows:
-            peak = peaks.get(row["label"])
-            if isinstance(peak, int):
-                row["peak_mib"] = peak / 2**20
-            elif isinstance(peak, str):
-                row["status"] = f"memory {peak}"
+            if row["label"] in peaks:
+                record_peak(row, peaks[row["label"]])
 
     plain = next(
         (r for r in rows if r["variant"] == PLAIN and r["compiler"] == "none" and "step_ms" in r),

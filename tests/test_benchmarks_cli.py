@@ -7,7 +7,9 @@ GPU (stand-in interpreters). Seconds of CPU work; speed is never asserted.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
+import io
 import json
 import os
 import subprocess
@@ -92,6 +94,9 @@ REFUSALS = [
     ("bench_aaconv", ["--sizes", "7"], "--sizes: invalid choice: 7"),
     ("bench_aaconv", ["--methods", "nope"], "--methods: expected some of"),
     ("bench_aaconv", ["--repeats", "0"], "--repeats: expected a positive integer"),
+    # --budget as elsewhere; --budget-s, its name until 2026-12-04, still parses
+    ("bench_aaconv", ["--budget", "-1"], "--budget/--budget-s: expected a number >= 0"),
+    ("bench_aaconv", ["--budget-s", "-1"], "--budget/--budget-s: expected a number >= 0"),
     # an empty list was read as "every one": the whole grid ran
     ("bench_aaconv", ["--methods"], "--methods: expected at least one argument"),
     ("bench_aaconv", ["--sizes"], "--sizes: expected at least one argument"),
@@ -258,6 +263,29 @@ def test_bench_train_records_a_variant_that_fails_and_times_the_others(tmp_path,
                       "plain_conv": "ok"}  # fmt: skip
     md = (tmp_path / f"train_{common.device_slug('cpu')}.md").read_text()
     assert "KernelCompileError" in md
+
+
+def test_bench_train_memory_worker_measures_the_variants_after_one_that_fails(monkeypatch, capsys):
+    """Until 2026-12-04 a variant whose step raised in the CPU memory worker ended the worker:
+    no variant's memory was measured."""
+    from benchmarks import bench_train
+
+    jobs = [bench_train.Job(v, 2, 32, "float32") for v in ("reference", bench_train.PLAIN)]
+    real = bench_train.make_step
+
+    def make_step(job, device):
+        if job.variant == "reference":
+            raise KernelCompileError("no kernel image")
+        return real(job, device)
+
+    monkeypatch.setattr(bench_train, "make_step", make_step)
+    for name, value in common._MALLOC_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps([dataclasses.asdict(j) for j in jobs])))
+    bench_train.memory_worker_main()
+    peaks = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert peaks["reference"] == "error: KernelCompileError: no kernel image"
+    assert isinstance(peaks[bench_train.PLAIN], int)  # measured: bytes, not a reason
 
 
 def test_bench_train_largest_batch_search_failure_keeps_the_row(monkeypatch):
