@@ -594,6 +594,17 @@ def write_plots(rows: Sequence[Row], modes: Sequence[str], stem: str, out_dir: P
     return paths
 
 
+def remove_stale_plots(stem: str, out_dir: Path, written: Sequence[Path]) -> list[Path]:
+    """Remove the PNGs of ``stem`` for families this run did not plot: drawn by an earlier run,
+    they no longer match the table just written over it."""
+    families = dict.fromkeys(s.family for shapes in PRESETS.values() for s in shapes)
+    stale = [out_dir / f"{stem}_{family}.png" for family in families]
+    removed = [path for path in stale if path not in written and path.is_file()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -690,8 +701,13 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     written = [csv_path, md_path]
     if not args.no_plot:
         written += write_plots(rows, modes, stem, out_dir)
+    removed = remove_stale_plots(stem, out_dir, written)
     print(md)
     print("wrote " + ", ".join(str(p) for p in written))
+    if removed:
+        print(
+            "removed the earlier plots of families not in this run: " + ", ".join(map(str, removed))
+        )
     return rows
 
 

@@ -104,6 +104,12 @@ def test_roofline_time_takes_the_binding_ceiling():
 
 
 def test_bench_attention_tiny_writes_csv_markdown_and_plot(tmp_path):
+    stem = f"attention_{common.device_slug('cpu')}"
+    # An earlier run's plot of a family this run leaves out no longer matches the table: removed
+    # (until 2026-12-04 it stayed). A tagged run's plot is another table's: kept.
+    stale, tagged = tmp_path / f"{stem}_aaconv_dv8.png", tmp_path / f"{stem}_x_aaconv_dv8.png"
+    stale.write_bytes(b"earlier run")
+    tagged.write_bytes(b"a tagged run")
     methods = ["reference", "sdpa_dense", "sdpa_nobias"]
     rows = bench_attention.main([
         "--device", "cpu", "--preset", "tiny", "--methods", ",".join(methods),
@@ -112,7 +118,7 @@ def test_bench_attention_tiny_writes_csv_markdown_and_plot(tmp_path):
     ])  # fmt: skip
     assert len(rows) == len(TINY) * len(methods) * 2
     assert all(r.status == "ok" and r.time_ms > 0 and r.peak_mib is not None for r in rows)
-    stem = f"attention_{common.device_slug('cpu')}"
+    assert not stale.exists() and tagged.read_bytes() == b"a tagged run"
     with (tmp_path / f"{stem}.csv").open() as f:
         written = list(csv.DictReader(f))
     assert len(written) == len(rows)
