@@ -39,6 +39,10 @@ _WORKER_TRACEBACK = re.compile(
     re.DOTALL,
 )
 
+# What gloo raises on a rank whose peer process ended (torch 2.14: "[.../gloo/transport/tcp/
+# pair.cc:545] Read error [127.0.0.1]:6540: Connection reset by peer. This is typically ...").
+_GLOO_PEER_GONE = re.compile(r"^\[[^\]]*gloo[^\]]*\].*\b(?:Connection (?:reset|closed) by peer)")
+
 
 def _user_path(text: str) -> str:
     """A path argument, a leading ``~`` the home folder (``--out=~/runs`` reaches us as it is)."""
@@ -322,6 +326,14 @@ def _without_worker_traceback(message: str) -> str:
     return message[: found.start()] + found["message"] + message[found.end() :]
 
 
+def _error_text(message: str) -> str:
+    """The line an error gets: a DataLoader worker's traceback shortened, and gloo's words for a
+    peer that went away replaced by what happened (that peer's own line gives the cause)."""
+    if _GLOO_PEER_GONE.search(message):
+        return "another process of the launch stopped (its own line says why)"
+    return _without_worker_traceback(message)
+
+
 def _what_is_saved(args: argparse.Namespace) -> str:
     """For an interrupted ``train`` or ``run``: what ``last.pt`` holds and how to go on."""
     config = getattr(args, "resolved_config", None)
@@ -385,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f" on rank {rank} of {world}" if world > 1 else ""
         print(
-            f"aanet {args.command}: error{where}: {_without_worker_traceback(str(error))} "
+            f"aanet {args.command}: error{where}: {_error_text(str(error))} "
             "(aanet --debug: traceback)",
             file=sys.stderr,
         )

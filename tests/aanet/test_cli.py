@@ -169,6 +169,24 @@ def test_ctrl_c_under_torchrun_is_one_line_rank_0s(tmp_path, monkeypatch, capsys
     assert capsys.readouterr().err.startswith("aanet train: interrupted; ")
 
 
+def test_a_rank_whose_peer_stopped_says_so_not_in_gloos_words(tmp_path, monkeypatch, capsys):
+    def fake_train(config, **kwargs):
+        raise RuntimeError(
+            "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+            "[127.0.0.1]:6540: Connection reset by peer. This is typically caused by a remote "
+            "worker hanging or bugs in the application."
+        )
+
+    monkeypatch.setattr("aanet.train.train", fake_train)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "aanet train: error on rank 0 of 2: another process of the launch stopped (its own line "
+        "says why) (aanet --debug: traceback)"
+    )
+
+
 def test_ctrl_c_names_an_earlier_runs_checkpoint_as_such(tmp_path, monkeypatch, capsys):
     (tmp_path / "run").mkdir()
     checkpoint.save_atomic({"epoch": 4, "model": {}}, tmp_path / "run" / "last.pt")

@@ -560,6 +560,9 @@ def test_ddp_an_image_that_fails_on_one_rank_ends_every_rank_naming_it(tmp_path)
     assert done.returncode != 0
     failed = r"aanet train: error on rank [01] of 2: .*:4: cannot decode image"
     assert re.search(failed, done.stderr), done.stderr[-3000:]
+    # The other rank, if its collective failed before torchrun stopped it, says so in our words
+    # (until 2026-12-04 gloo's "Connection reset by peer ... GLHF!").
+    assert "by peer" not in done.stderr, done.stderr[-3000:]
 
 
 def test_ddp_two_cpu_processes_keep_replicas_identical(ddp_run):
