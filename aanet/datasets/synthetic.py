@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from filelock import FileLock, Timeout
 
 from aanet.datasets import wflw
 from aanet.files import remove_stale_temporaries, replacing
@@ -31,6 +32,8 @@ log = logging.getLogger("aanet.data")
 SMALLEST_IMAGE = 8
 # The config a whole set was generated with, in the set's root: written after its last file.
 STAMP = "synthetic.json"
+# Held while a set is checked and written (see generate); left in place, empty, afterwards.
+LOCK = ".synthetic.lock"
 
 
 @dataclass(frozen=True)
@@ -323,15 +326,35 @@ def generate(root: Path | str, config: SyntheticConfig) -> Path:
     Face ``i`` of a split comes from ``default_rng([seed, split, i])``, so the set is the same on
     every machine and any face can be regenerated alone. The stamp ``synthetic.json`` (the
     config) is removed before the first file is rewritten and written, atomically, after the
-    last: a set whose generation was interrupted is never taken for a whole one.
+    last: a set whose generation was interrupted is never taken for a whole one. Two processes
+    asking for a set in one ``root`` at once (two runs sharing a ``--data-root``) take turns
+    under a lock file there: the second waits, then finds the set whole, instead of rewriting
+    files the first has begun to read.
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"{root}: exists and is not a folder (the synthetic set's root)")
     stamp = root / STAMP
     wanted = asdict(config)
-    if _stamped_config(stamp) == wanted:
+    if _stamped_config(stamp) == wanted:  # no lock needed to read a whole set: a read-only root
         return root
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: another process is generating the synthetic set there; waiting", root)
+        lock.acquire()
+    try:
+        if _stamped_config(stamp) != wanted:
+            _write_set(root, config)
+    finally:
+        lock.release()
+    return root
+
+
+def _write_set(root: Path, config: SyntheticConfig) -> None:
+    stamp = root / STAMP
     # From the first file rewritten until the last, the folder holds no whole set: no stamp.
     stamp.unlink(missing_ok=True)
     remove_stale_temporaries(stamp)
@@ -352,8 +375,7 @@ def generate(root: Path | str, config: SyntheticConfig) -> Path:
             )
         wflw.annotation_file(root, split).write_text("\n".join(lines) + "\n")
     with replacing(stamp) as written:
-        written.write_text(json.dumps(wanted))
-    return root
+        written.write_text(json.dumps(asdict(config)))
 
 
 def _stamped_config(stamp: Path) -> object:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
+import threading
 
 import cv2
 import numpy as np
 import pytest
+from filelock import FileLock
 
 import aanet.train
 from aanet.config import Config, make_config
@@ -82,6 +85,30 @@ def test_an_interrupted_regeneration_is_not_taken_for_a_whole_set(tmp_path, monk
     synthetic.generate(root, config)
     assert (root / image).read_bytes() == (fresh / image).read_bytes()
     assert (root / synthetic.STAMP).read_text() == (fresh / synthetic.STAMP).read_text()
+
+
+def test_a_second_process_waits_for_the_first_generation_and_reuses_it(tmp_path, caplog):
+    """Two runs sharing a --data-root generated into it at once: each rewrote images and
+    annotation files the other had begun to read (until 2026-12-04). The second now waits on
+    the lock the first holds, then finds the set whole and writes nothing."""
+    config = synthetic.SyntheticConfig(num_train=2, num_test=1, image_size=64)
+    root = tmp_path / "set"
+    root.mkdir()
+    caplog.set_level(logging.INFO, "aanet.data")
+    first = FileLock(root / synthetic.LOCK)  # the first process, in the middle of its set
+    first.acquire()
+    second = threading.Thread(target=synthetic.generate, args=(root, config))
+    second.start()
+    second.join(timeout=1.0)
+    assert second.is_alive(), "the second generation did not wait for the first"
+    assert "another process is generating the synthetic set there; waiting" in caplog.text
+    assert not (root / synthetic.STAMP).exists() and not (root / wflw.IMAGE_DIR).exists()
+    synthetic._write_set(root, config)  # the first one's work, then its release
+    written = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    first.release()
+    second.join(timeout=30)
+    assert not second.is_alive()
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == written
 
 
 @pytest.mark.parametrize("stamp", [b'{"num_train": 2\n', b"\xff\xfe", b""])
