@@ -9,6 +9,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,7 +484,14 @@ def _train(
                 rate = seen / (time.perf_counter() - began)
                 bar.set_postfix(loss=f"{total / (step - skipped):.4g}", img_s=f"{rate:.1f}")
             trained_lr = optimizer.param_groups[0]["lr"]  # step() sets the next epoch's
-            scheduler.step()
+            with warnings.catch_warnings():
+                # After an epoch whose steps were all skipped (or, under fp16, all left out by
+                # the gradient scaler) torch warns that the schedule "skips its first value":
+                # it follows the epochs here, so that is what it should do.
+                warnings.filterwarnings(
+                    "ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning
+                )
+                scheduler.step()
             left_out = gather_left_out(left_out, group)
             if group.world > 1:
                 # DDP keeps parameters in step but each rank's BatchNorm statistics follow its own
