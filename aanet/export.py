@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -119,15 +120,7 @@ def export(
         with use_backend(backend), torch.no_grad():
             expected = [wrapper(check) for check in checks]
             if fmt == "torchscript":
-                with warnings.catch_warnings():
-                    # "the trace might not generalize", once per shape read in Python (some 25):
-                    # the file is checked on other batch sizes just below, which is the answer.
-                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                    traced = torch.jit.trace(wrapper, example)
-                compiled_ops = "aanet_kernels::" in str(traced.inlined_graph)
-                torch.jit.save(traced, str(tmp))
-                loaded = torch.jit.load(str(tmp))
-                got = [loaded(check) for check in checks]
+                got, compiled_ops = _torchscript(wrapper, example, checks, tmp)
             elif fmt == "export":
                 program = torch.export.export(wrapper, (example,), dynamic_shapes=_DYNAMIC_BATCH)
                 compiled_ops = any(
@@ -160,6 +153,44 @@ def export(
             backend,
         )
     return error
+
+
+# torch 2.14's torch.jit.trace, save and load each warn "`torch.jit.<name>` is deprecated".
+_JIT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"
+
+
+def _torchscript(
+    wrapper: torch.nn.Module, example: torch.Tensor, checks: list[torch.Tensor], path: Path
+) -> tuple[list[list[torch.Tensor]], bool]:
+    """Trace ``wrapper`` to ``path``, reload it and run ``checks``; also whether the file records
+    aanet_kernels' compiled operators. torch's deprecation of TorchScript, some eight warning
+    lines, is said once, in a log line naming the format to use instead."""
+    with warnings.catch_warnings(record=True) as caught:
+        # "the trace might not generalize", once per shape read in Python (some 25): the file
+        # is checked on other batch sizes, which is the answer.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("always", _JIT_DEPRECATED, FutureWarning)
+        traced = torch.jit.trace(wrapper, example)
+        torch.jit.save(traced, str(path))
+        loaded = torch.jit.load(str(path))
+        got = [loaded(check) for check in checks]
+    deprecated = False
+    for warning in caught:
+        if issubclass(warning.category, FutureWarning) and re.search(
+            _JIT_DEPRECATED, str(warning.message)
+        ):
+            deprecated = True
+        else:  # not ours to hide
+            warnings.showwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    if deprecated:
+        log.warning(
+            "torch %s deprecates TorchScript (torch.jit.trace, save and load warn so): "
+            "--format export writes a torch.export .pt2, the format torch keeps",
+            torch.__version__,
+        )
+    return got, "aanet_kernels::" in str(traced.inlined_graph)
 
 
 def _onnx(

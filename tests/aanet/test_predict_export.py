@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
@@ -310,6 +311,27 @@ def test_a_file_recording_the_compiled_kernels_says_it_needs_aanet_kernels(
         main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "r.pt2")]) == 0
     )
     assert "compiled operators" not in caplog.text
+
+
+def test_torchscripts_deprecation_is_one_log_line_not_eight_warnings(
+    checkpoint, tmp_path, caplog, recwarn
+):
+    """torch 2.14's torch.jit.trace, save and load each warn that they are deprecated: a
+    TorchScript export printed eight lines of torch's (until 2026-12-04). One line of ours says
+    it, when torch does, and names the format to use."""
+    with warnings.catch_warnings(record=True) as probe:  # does this torch warn?
+        warnings.simplefilter("always")
+        torch.jit.save(torch.jit.script(torch.nn.Identity()), str(tmp_path / "probe.ts.pt"))
+    torch_warns = any(_deprecation(w) for w in probe)
+    out = tmp_path / "model.ts.pt"
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(out)]) == 0
+    assert not [w for w in recwarn if _deprecation(w)]
+    assert ("deprecates TorchScript" in caplog.text) == torch_warns
+    assert ("--format export writes a torch.export .pt2" in caplog.text) == torch_warns
+
+
+def _deprecation(warning: warnings.WarningMessage) -> bool:
+    return issubclass(warning.category, FutureWarning) and "is deprecated" in str(warning.message)
 
 
 def test_export_takes_its_format_from_the_output_name_and_refuses_a_name_of_another(
