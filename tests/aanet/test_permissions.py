@@ -1,0 +1,49 @@
+"""Files and folders the file system denies: each is one line naming what it is, exit status 2.
+
+The runs go through :mod:`tests.aanet.denied`, so the permissions hold when the suite runs as
+root (CI) too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aanet.datasets import synthetic
+from tests.aanet.denied import error_line, run_denied
+
+SET = ("--num-train", "8", "--num-test", "4", "--image-size", "48")
+TINY = (
+    "--epochs", "1", "--input-size", "32", "--width", "16", "--blocks", "1", "1", "1",
+    "--batch-size", "4", "--device", "cpu", "--no-progress",
+)  # fmt: skip
+
+
+def make_read_only(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+
+
+def test_a_synthetic_root_that_cannot_be_written_names_its_argument(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    root.chmod(0o555)
+    message = error_line(run_denied("generate", "--out", str(root), *SET), "generate")
+    assert message.startswith(f"out: cannot write the synthetic set in {root} (")
+    assert "give a folder you can write to" in message
+    below = root / "inner"  # its parent is the folder that cannot be written
+    args = ("--data-root", str(below), "--out", str(tmp_path / "run"))
+    message = error_line(run_denied("train", *SET, *TINY, *args), "train")
+    assert message.startswith(f"data_root: cannot write the synthetic set in {below} (")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_whole_synthetic_set_that_is_read_only_is_read(tmp_path):
+    root = tmp_path / "data"
+    synthetic.generate(root, synthetic.SyntheticConfig(8, 4, 48, 0))
+    (root / synthetic.LOCK).unlink()  # a copy without it (or made before there was one)
+    make_read_only(root)
+    before = sorted(path.name for path in root.rglob("*"))
+    out = tmp_path / "run"
+    done = run_denied("train", *SET, *TINY, "--data-root", str(root), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "last.pt").is_file()
+    assert sorted(path.name for path in root.rglob("*")) == before
