@@ -377,13 +377,22 @@ def _write_set(root: Path, config: SyntheticConfig) -> None:
             rng = np.random.default_rng([config.seed, split_index, i])
             image, points, flags = render_face(rng, config.image_size)
             name = f"synthetic_{split}/{i:05d}.png"
-            cv2.imwrite(str(root / wflw.IMAGE_DIR / name), image)
+            _write_png(root / wflw.IMAGE_DIR / name, image)
             lines.append(
                 wflw.format_line(points, _box(points, rng, config.image_size), flags, name)
             )
         wflw.annotation_file(root, split).write_text("\n".join(lines) + "\n")
     with replacing(stamp) as written:
         written.write_text(json.dumps(asdict(config)))
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    """``image`` as the PNG ``path``; an ``OSError`` naming it where it cannot be written
+    (``cv2.imwrite`` only returns False there: the set would be stamped whole without it)."""
+    encoded, data = cv2.imencode(".png", image)
+    if not encoded:
+        raise ValueError(f"{path}: OpenCV could not encode the image as PNG")
+    path.write_bytes(data.tobytes())
 
 
 def _stamped_config(stamp: Path) -> object:

@@ -47,3 +47,17 @@ def test_a_whole_synthetic_set_that_is_read_only_is_read(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "last.pt").is_file()
     assert sorted(path.name for path in root.rglob("*")) == before
+
+
+def test_a_face_that_cannot_be_written_stops_the_generation_unstamped(tmp_path):
+    """The old set's image folder denies new files (its faces can still be overwritten): the
+    new, larger set must not be stamped whole with two of its faces missing."""
+    root = tmp_path / "data"
+    synthetic.generate(root, synthetic.SyntheticConfig(8, 4, 48, 0))
+    images = root / "WFLW_images" / "synthetic_train"
+    images.chmod(0o555)
+    argv = ("generate", "--out", str(root), "--num-train", "10", "--num-test", "4")
+    message = error_line(run_denied(*argv, "--image-size", "48"), "generate")
+    assert message.startswith(f"out: cannot write the synthetic set in {root} (")
+    assert str(images / "00008.png") in message
+    assert not (root / synthetic.STAMP).exists()
