@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aanet import checkpoint
 from aanet.datasets import synthetic
 from tests.aanet.denied import error_line, run_denied
 
@@ -61,3 +62,33 @@ def test_a_face_that_cannot_be_written_stops_the_generation_unstamped(tmp_path):
     assert message.startswith(f"out: cannot write the synthetic set in {root} (")
     assert str(images / "00008.png") in message
     assert not (root / synthetic.STAMP).exists()
+
+
+def trained_run(tmp_path: Path) -> Path:
+    """A finished one-epoch run's ``out`` (its set beside it, in ``tmp_path / "data"``)."""
+    out = tmp_path / "run"
+    args = ("--data-root", str(tmp_path / "data"), "--out", str(out))
+    done = run_denied("train", *SET, *TINY, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_a_checkpoint_that_cannot_be_read_is_named_as_one(tmp_path):
+    out = trained_run(tmp_path)
+    saved = out / "last.pt"
+    saved.chmod(0o000)
+    expected = f"checkpoint {saved}: cannot read it (Permission denied)"
+    args = ("--data-root", str(tmp_path / "data"), "--out", str(out))
+    resumed = run_denied("train", *SET, *TINY, "--epochs", "2", *args, "--resume")
+    assert error_line(resumed, "train") == expected
+    again = ("evaluate", "--checkpoint", str(saved), "--json", str(tmp_path / "e.json"))
+    assert error_line(run_denied(*again), "evaluate") == expected
+    photo = next((tmp_path / "data").rglob("*.png"))
+    predicted = run_denied("predict", str(photo), "--checkpoint", str(saved), "--device", "cpu",
+                           "--output", str(tmp_path / "p.png"))  # fmt: skip
+    assert error_line(predicted, "predict") == expected
+    exported = run_denied("export", "--checkpoint", str(saved), "--output", str(tmp_path / "m.pt2"))
+    assert error_line(exported, "export") == expected
+    assert not (tmp_path / "e.json").exists() and not (tmp_path / "p.png").exists()
+    saved.chmod(0o644)
+    assert checkpoint.load(saved)["epoch"] == 0  # the failed resume left it as it was
