@@ -92,3 +92,13 @@ def test_a_checkpoint_that_cannot_be_read_is_named_as_one(tmp_path):
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "p.png").exists()
     saved.chmod(0o644)
     assert checkpoint.load(saved)["epoch"] == 0  # the failed resume left it as it was
+
+
+def test_a_config_file_that_cannot_be_read_is_named_as_the_config(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 1\n")
+    config.chmod(0o000)
+    args = ("--config", str(config), "--out", str(tmp_path / "run"))
+    message = error_line(run_denied("train", *args, "--data-root", str(tmp_path / "d")), "train")
+    assert message == f"config: cannot read {config} (Permission denied)"
+    assert not (tmp_path / "d").exists()  # refused before the set is generated
