@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from aanet import checkpoint
-from aanet.datasets import synthetic
+from aanet.datasets import synthetic, wflw
 from tests.aanet.denied import error_line, run_denied
 
 SET = ("--num-train", "8", "--num-test", "4", "--image-size", "48")
@@ -102,3 +104,35 @@ def test_a_config_file_that_cannot_be_read_is_named_as_the_config(tmp_path):
     message = error_line(run_denied("train", *args, "--data-root", str(tmp_path / "d")), "train")
     assert message == f"config: cannot read {config} (Permission denied)"
     assert not (tmp_path / "d").exists()  # refused before the set is generated
+
+
+def wflw_set(tmp_path: Path) -> Path:
+    """The synthetic set, to be read as WFLW (``--data wflw``): its layout."""
+    return synthetic.generate(tmp_path / "wflw", synthetic.SyntheticConfig(8, 4, 48, 0))
+
+
+def test_a_wflw_annotation_file_that_cannot_be_read_is_named_as_one(tmp_path):
+    root = wflw_set(tmp_path)
+    annotations = wflw.annotation_file(root, "train")
+    annotations.chmod(0o000)
+    args = ("--data", "wflw", "--data-root", str(root), "--out", str(tmp_path / "run"))
+    message = error_line(run_denied("train", *TINY, *args), "train")
+    assert message == f"cannot read the annotation file {annotations} (Permission denied)"
+
+
+@pytest.mark.parametrize("on_error", ["skip", "stop"])
+def test_a_wflw_image_that_cannot_be_read_is_skipped_or_stops_naming_it(tmp_path, on_error):
+    root = wflw_set(tmp_path)
+    image = root / "WFLW_images" / "synthetic_train" / "00003.png"
+    image.chmod(0o000)
+    out = tmp_path / "run"
+    args = ("--data", "wflw", "--data-root", str(root), "--out", str(out), "--on-error", on_error)
+    done = run_denied("train", *TINY, *args)
+    where = f"{wflw.annotation_file(root, 'train')}:4: unreadable image {image}"
+    if on_error == "stop":
+        assert error_line(done, "train").startswith(where)
+        assert not (out / "last.pt").exists()
+    else:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "skipped 1 bad entries, kept 7" in done.stderr and where in done.stderr
+        assert (out / "last.pt").is_file()
