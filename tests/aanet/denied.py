@@ -27,16 +27,28 @@ def _drop_permission_override() -> None:
             raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {capability})")
 
 
-def run_denied(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``python -m aanet *argv`` with the permissions in force (see the module's docstring)."""
-    return subprocess.run(
+def start_denied(*argv: str) -> subprocess.Popen[str]:
+    """``python -m aanet *argv`` started with the permissions in force (see the module's
+    docstring), its output piped."""
+    return subprocess.Popen(
         [sys.executable, "-m", "aanet", *argv],
         cwd=REPO,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
         preexec_fn=_drop_permission_override if os.geteuid() == 0 else None,
     )
+
+
+def run_denied(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """:func:`start_denied`, waited for."""
+    with start_denied(*argv) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def error_line(result: subprocess.CompletedProcess[str], command: str) -> str:

@@ -5,13 +5,15 @@ root (CI) too."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from aanet import checkpoint
 from aanet.datasets import synthetic, wflw
-from tests.aanet.denied import error_line, run_denied
+from tests.aanet.denied import error_line, run_denied, start_denied
 
 SET = ("--num-train", "8", "--num-test", "4", "--image-size", "48")
 TINY = (
@@ -136,3 +138,25 @@ def test_a_wflw_image_that_cannot_be_read_is_skipped_or_stops_naming_it(tmp_path
         assert done.returncode == 0, done.stderr[-3000:]
         assert "skipped 1 bad entries, kept 7" in done.stderr and where in done.stderr
         assert (out / "last.pt").is_file()
+
+
+def test_an_out_made_read_only_mid_run_ends_it_saying_what_is_saved(tmp_path):
+    """``out`` turns read-only once the first epoch's checkpoint is there (the run began where
+    it could write): a later output fails; the line says so, and where the run can go on."""
+    synthetic.generate(tmp_path / "data", synthetic.SyntheticConfig(8, 4, 48, 0))
+    out = tmp_path / "run"
+    args = ("--data-root", str(tmp_path / "data"), "--out", str(out), "--epochs", "3")
+    with start_denied("train", *SET, *TINY, *args) as process:
+        deadline = time.monotonic() + 240
+        while not (out / "last.pt").exists() and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(0.02)
+        out.chmod(0o555)
+        stdout, stderr = process.communicate(timeout=240)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    message = error_line(result, "train")
+    assert message.startswith(f"could not write {out}/") and ": Permission denied; " in message
+    saved = f"the last completed epoch is in {out / 'last.pt'} (resume with --resume)"
+    assert message.endswith(saved)
+    out.chmod(0o755)
+    assert checkpoint.load(out / "last.pt")["epoch"] < 2  # whole: the last write that ended
