@@ -27,7 +27,10 @@ def load(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    exported = exported_kind(path)
+    try:
+        exported = exported_kind(path)  # the first read of the file
+    except OSError as error:  # a bare "[Errno 13] Permission denied: 'last.pt'" otherwise
+        raise type(error)(f"checkpoint {path}: cannot read it ({error.strerror})") from error
     if exported:
         raise ValueError(
             f"{path}: an exported model ({exported}, what `aanet export` writes), not a "

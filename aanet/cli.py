@@ -114,7 +114,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from aanet.datasets.synthetic import SyntheticConfig, generate
 
     root = generate(
-        args.out, SyntheticConfig(args.num_train, args.num_test, args.image_size, args.seed)
+        args.out,
+        SyntheticConfig(args.num_train, args.num_test, args.image_size, args.seed),
+        option="out",
     )
     print(f"synthetic WFLW-layout set in {root}")
 

@@ -117,6 +117,8 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
         )
     try:
         text = path.read_text(encoding="utf-8")
+    except OSError as error:  # a bare "[Errno 13] Permission denied: 'run.yaml'" otherwise
+        raise type(error)(f"config: cannot read {path} ({error.strerror})") from error
     except UnicodeDecodeError as error:
         line = error.object[: error.start].count(b"\n") + 1
         raise ValueError(

@@ -334,6 +334,17 @@ def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 @contextlib.contextmanager
+def _write_errors_name(saved: Path) -> Iterator[None]:
+    """An epoch's outputs that cannot be written (``out`` made read-only, the disk full) end the
+    run: the error also says what it leaves (each output is replaced whole or not at all)."""
+    try:
+        yield
+    except OSError as error:
+        # strerror: the message without the "[Errno 13] " that str() puts before it.
+        raise type(error)(f"{error.strerror or error}; {saved_so_far(saved)}") from error
+
+
+@contextlib.contextmanager
 def _data_errors_name(saved: Path) -> Iterator[None]:
     """Under ``on_error="stop"`` an image that does not decode ends the run: the error also says
     what it leaves (the checkpoint of the last completed epoch is kept as it was)."""
@@ -544,9 +555,10 @@ def _train(
                         "train": sorted(train_left_out), "test": sorted(test_left_out)
                     },
                 }  # fmt: skip
-                checkpoint.save_atomic(state, out / "last.pt")
-                _write_csv(out / "log.csv", history)
-                plot_curves(history, out / "curves.png")
+                with _write_errors_name(out / "last.pt"):
+                    checkpoint.save_atomic(state, out / "last.pt")
+                    _write_csv(out / "log.csv", history)
+                    plot_curves(history, out / "curves.png")
             _barrier(group)
 
     result: dict[str, Any] = {"history": history, "out": str(out), "model": model}

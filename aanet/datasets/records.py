@@ -38,7 +38,11 @@ def annotation_lines(path: Path) -> list[bytes]:
     Windows editors such as Notepad put before a file they save) is removed from the file's
     start, whatever its first line holds; it would otherwise stick to the first field, or make
     a blank first line look like a short one."""
-    return path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines()
+    try:
+        data = path.read_bytes()
+    except OSError as error:  # a bare "[Errno 13] Permission denied: '...'" otherwise
+        raise type(error)(f"cannot read the annotation file {path} ({error.strerror})") from error
+    return data.removeprefix(codecs.BOM_UTF8).splitlines()
 
 
 def decode_line(raw: bytes, where: str) -> str:

@@ -320,7 +320,7 @@ def _box(points: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(np.concatenate([low, high]), 0, size - 1)
 
 
-def generate(root: Path | str, config: SyntheticConfig) -> Path:
+def generate(root: Path | str, config: SyntheticConfig, option: str = "data_root") -> Path:
     """Write the synthetic set under ``root`` in the WFLW layout; reuse it if already written.
 
     Face ``i`` of a split comes from ``default_rng([seed, split, i])``, so the set is the same on
@@ -329,7 +329,8 @@ def generate(root: Path | str, config: SyntheticConfig) -> Path:
     last: a set whose generation was interrupted is never taken for a whole one. Two processes
     asking for a set in one ``root`` at once (two runs sharing a ``--data-root``) take turns
     under a lock file there: the second waits, then finds the set whole, instead of rewriting
-    files the first has begun to read.
+    files the first has begun to read. A root where the set cannot be written raises naming
+    ``option`` (the argument that gave the root: ``out`` for ``aanet generate``).
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
@@ -338,18 +339,25 @@ def generate(root: Path | str, config: SyntheticConfig) -> Path:
     wanted = asdict(config)
     if _stamped_config(stamp) == wanted:  # no lock needed to read a whole set: a read-only root
         return root
-    root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(root / LOCK)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("%s: another process is generating the synthetic set there; waiting", root)
-        lock.acquire()
-    try:
-        if _stamped_config(stamp) != wanted:
-            _write_set(root, config)
-    finally:
-        lock.release()
+        root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(root / LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("%s: another process is generating the synthetic set there; waiting", root)
+            lock.acquire()
+        try:
+            if _stamped_config(stamp) != wanted:
+                _write_set(root, config)
+        finally:
+            lock.release()
+    except PermissionError as error:  # its own message names a file inside, or the lock file
+        where = f"{error.filename}" if error.filename else "there"
+        raise PermissionError(
+            f"{option}: cannot write the synthetic set in {root} ({error.strerror}: {where}); "
+            "give a folder you can write to, or one holding the whole set"
+        ) from error
     return root
 
 
@@ -369,13 +377,22 @@ def _write_set(root: Path, config: SyntheticConfig) -> None:
             rng = np.random.default_rng([config.seed, split_index, i])
             image, points, flags = render_face(rng, config.image_size)
             name = f"synthetic_{split}/{i:05d}.png"
-            cv2.imwrite(str(root / wflw.IMAGE_DIR / name), image)
+            _write_png(root / wflw.IMAGE_DIR / name, image)
             lines.append(
                 wflw.format_line(points, _box(points, rng, config.image_size), flags, name)
             )
         wflw.annotation_file(root, split).write_text("\n".join(lines) + "\n")
     with replacing(stamp) as written:
         written.write_text(json.dumps(asdict(config)))
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    """``image`` as the PNG ``path``; an ``OSError`` naming it where it cannot be written
+    (``cv2.imwrite`` only returns False there: the set would be stamped whole without it)."""
+    encoded, data = cv2.imencode(".png", image)
+    if not encoded:
+        raise ValueError(f"{path}: OpenCV could not encode the image as PNG")
+    path.write_bytes(data.tobytes())
 
 
 def _stamped_config(stamp: Path) -> object:

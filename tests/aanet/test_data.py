@@ -67,7 +67,7 @@ def test_an_interrupted_regeneration_is_not_taken_for_a_whole_set(tmp_path, monk
     root = synthetic.generate(tmp_path / "set", config)
     fresh = synthetic.generate(tmp_path / "fresh", config)
     image = "WFLW_images/synthetic_train/00000.png"
-    write = cv2.imwrite
+    write = synthetic._write_png
     written = []
 
     def killed_after_two_images(path, pixels):
@@ -76,10 +76,10 @@ def test_an_interrupted_regeneration_is_not_taken_for_a_whole_set(tmp_path, monk
         written.append(path)
         return write(path, pixels)
 
-    monkeypatch.setattr(cv2, "imwrite", killed_after_two_images)
+    monkeypatch.setattr(synthetic, "_write_png", killed_after_two_images)
     with pytest.raises(KeyboardInterrupt):
         synthetic.generate(root, dataclasses.replace(config, num_train=20, seed=1))
-    monkeypatch.setattr(cv2, "imwrite", write)
+    monkeypatch.setattr(synthetic, "_write_png", write)
     assert not (root / synthetic.STAMP).exists()
     assert (root / image).read_bytes() != (fresh / image).read_bytes()  # the seed-1 face
     synthetic.generate(root, config)
