@@ -397,12 +397,13 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 def _stamped_config(stamp: Path) -> object:
     """What the stamp says the set beside it was generated with; None when there is none, or
-    when it does not read (cut short, not UTF-8, not JSON): the set is then regenerated, the
-    stamp being ours, not the user's."""
+    when it does not read (cut short, not UTF-8, not JSON, no read permission): the set is then
+    regenerated, the stamp being ours, not the user's."""
     if not stamp.is_file():
         return None
     try:
         return json.loads(stamp.read_bytes().decode("utf-8"))
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        log.warning("%s: unreadable (%s); generating the synthetic set again", stamp, exc)
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
+        why = exc.strerror if isinstance(exc, OSError) else exc  # no "[Errno 13]"
+        log.warning("%s: unreadable (%s); generating the synthetic set again", stamp, why)
         return None

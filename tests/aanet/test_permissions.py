@@ -5,6 +5,7 @@ root (CI) too."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -52,6 +53,20 @@ def test_a_whole_synthetic_set_that_is_read_only_is_read(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "last.pt").is_file()
     assert sorted(path.name for path in root.rglob("*")) == before
+
+
+def test_a_stamp_that_cannot_be_read_regenerates_the_set_with_a_warning(tmp_path):
+    """Until 2026-12-04 it ended generate with a bare "[Errno 13] Permission denied"."""
+    root = tmp_path / "data"
+    synthetic.generate(root, synthetic.SyntheticConfig(8, 4, 48, 0))
+    (root / synthetic.STAMP).chmod(0o000)
+    done = run_denied("generate", "--out", str(root), *SET)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stamp = root / synthetic.STAMP
+    assert f"{stamp}: unreadable (Permission denied); generating the synthetic set again" in (
+        done.stderr
+    )
+    assert json.loads(stamp.read_text())["num_train"] == 8  # written again, readable
 
 
 def test_a_face_that_cannot_be_written_stops_the_generation_unstamped(tmp_path):
