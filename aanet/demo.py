@@ -22,7 +22,8 @@ def demo_photo(path: Path, seed: int = 12345, size: int = 320) -> np.ndarray:
 
     image, points, _ = render_face(np.random.default_rng([seed, 99]), size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), image)
+    if not cv2.imwrite(str(path), image):  # it returns False rather than raise
+        raise OSError(f"cannot write the demo photo {path}")
     return np.concatenate([points.min(axis=0), points.max(axis=0)])
 
 

@@ -349,3 +349,13 @@ def test_the_cli_logs_aanet_progress_but_not_other_libraries_info(tmp_path):
     assert "INFO aanet.export: aanet progress" in result.stderr
     assert "WARNING onnxscript.optimizer: third-party warning" in result.stderr
     assert "third-party detail" not in result.stderr
+
+
+def test_aanet_runs_demo_photo_that_cannot_be_written_is_an_error(tmp_path, monkeypatch):
+    """``cv2.imwrite`` returns False rather than raise: until 2026-12-04 ``aanet run`` went on to
+    read the photo it had not written."""
+    from aanet.demo import demo_photo
+
+    monkeypatch.setattr(cv2, "imwrite", lambda path, image: False)
+    with pytest.raises(OSError, match=r"cannot write the demo photo .*photo\.png"):
+        demo_photo(tmp_path / "photo.png")
