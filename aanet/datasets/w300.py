@@ -38,10 +38,11 @@ log = logging.getLogger("aanet.data")
 
 def parse_pts(path: Path) -> np.ndarray:
     """The ``(n_points, 2)`` array of a ``.pts`` file (``version``, ``n_points``, ``{ ... }``)."""
-    lines = [
-        decode_line(raw, f"{path}:{n}").strip()
-        for n, raw in enumerate(annotation_lines(Path(path)), start=1)
-    ]
+    try:
+        raw_lines = annotation_lines(Path(path))
+    except OSError as error:  # one face's file: skipped under on_error="skip", as a damaged one is
+        raise DataError(str(error)) from error
+    lines = [decode_line(raw, f"{path}:{n}").strip() for n, raw in enumerate(raw_lines, start=1)]
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln]
     header = {}
     body_start = None

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import re
 import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -356,6 +357,26 @@ def _write_pts(path, points, count=None, close=True):
     body = "\n".join(f"{x} {y}" for x, y in points)
     text = f"version: 1\nn_points: {count or len(points)}\n{{\n{body}\n" + ("}\n" if close else "")
     path.write_text(text)
+
+
+def test_a_300w_pts_that_cannot_be_read_is_skipped_as_a_damaged_one_is(tmp_path, monkeypatch):
+    """Until 2026-12-04 one unreadable ``.pts`` ended the whole load under ``on_error="skip"``."""
+    points = np.random.default_rng(2).uniform(5, 60, size=(68, 2)).round(3)
+    for name in ("a", "b"):
+        _write_pts(tmp_path / f"{name}.pts", points)
+        cv2.imwrite(str(tmp_path / f"{name}.png"), np.zeros((64, 64, 3), np.uint8))
+    read_bytes = Path.read_bytes
+
+    def denied_for_b(path):
+        if path.name == "b.pts":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied_for_b)
+    assert [r.where for r in w300.load_300w(tmp_path, on_error="skip")] == [f"{tmp_path}/a.pts:1"]
+    expected = f"cannot read the annotation file {tmp_path / 'b.pts'} (Permission denied)"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        w300.load_300w(tmp_path, on_error="stop")
 
 
 def test_300w_pts_parsing_good_and_bad(tmp_path):
