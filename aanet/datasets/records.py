@@ -154,7 +154,9 @@ def validate_record(
         with open_image(record.image_path) as image:
             width, height = upright_size(image)
     except OSError as exc:
-        raise DataError(record.where, f"unreadable image {record.image_path}: {exc}") from exc
+        # An errno error's own text repeats the path ("[Errno 13] Permission denied: '...'").
+        reason = exc.strerror or str(exc)
+        raise DataError(record.where, f"unreadable image {record.image_path}: {reason}") from exc
     if not np.isfinite(record.landmarks).all():
         raise DataError(record.where, "landmarks contain NaN or infinity")
     x_min, y_min, x_max, y_max = (float(c) for c in record.box)
