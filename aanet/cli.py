@@ -328,9 +328,15 @@ def _without_worker_traceback(message: str) -> str:
     return message[: found.start()] + found["message"] + message[found.end() :]
 
 
-def _error_text(message: str) -> str:
-    """The line an error gets: a DataLoader worker's traceback shortened, and gloo's words for a
-    peer that went away replaced by what happened (that peer's own line gives the cause)."""
+def _error_text(error: Exception) -> str:
+    """The line an error gets: an errno error as a sentence (``str()`` starts it with
+    ``[Errno 13]`` and quotes its file), a DataLoader worker's traceback shortened, and gloo's
+    words for a peer that went away replaced by what happened (that peer's own line gives the
+    cause)."""
+    message = str(error)
+    if isinstance(error, OSError) and error.strerror:
+        files = [str(f) for f in (error.filename, error.filename2) if f is not None]
+        message = ": ".join([" -> ".join(files), error.strerror] if files else [error.strerror])
     if _GLOO_PEER_GONE.search(message):
         return "another process of the launch stopped (its own line says why)"
     return _without_worker_traceback(message)
@@ -399,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f" on rank {rank} of {world}" if world > 1 else ""
         print(
-            f"aanet {args.command}: error{where}: {_error_text(str(error))} "
+            f"aanet {args.command}: error{where}: {_error_text(error)} "
             "(aanet --debug: traceback)",
             file=sys.stderr,
         )

@@ -359,3 +359,27 @@ def test_aanet_runs_demo_photo_that_cannot_be_written_is_an_error(tmp_path, monk
     monkeypatch.setattr(cv2, "imwrite", lambda path, image: False)
     with pytest.raises(OSError, match=r"cannot write the demo photo .*photo\.png"):
         demo_photo(tmp_path / "photo.png")
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (OSError(28, "could not write run/log.csv (No space left on device)"),
+         "could not write run/log.csv (No space left on device)"),
+        (FileNotFoundError(2, "No such file or directory", "faces/a.png"),
+         "faces/a.png: No such file or directory"),
+        (OSError("a message of our own"), "a message of our own"),
+    ],
+)  # fmt: skip
+def test_an_os_error_is_a_sentence_without_its_errno(error, line, monkeypatch, capsys):
+    """``str()`` of an errno error reads "[Errno 28] ..." (and quotes its file): until
+    2026-12-04 the CLI printed that."""
+
+    def fake_train(config, **kwargs):
+        raise error
+
+    monkeypatch.setattr("aanet.train.train", fake_train)
+    assert main(["train", "--no-progress"]) == 2
+    assert (
+        capsys.readouterr().err.strip() == f"aanet train: error: {line} (aanet --debug: traceback)"
+    )
