@@ -405,8 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f" on rank {rank} of {world}" if world > 1 else ""
         print(
-            f"aanet {args.command}: error{where}: {_error_text(error)} "
-            "(aanet --debug: traceback)",
+            f"aanet {args.command}: error{where}: {_error_text(error)} (aanet --debug: traceback)",
             file=sys.stderr,
         )
         return 2
