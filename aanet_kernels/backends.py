@@ -134,7 +134,12 @@ def _resolve(backend: str, device: torch.device, exceeds: Callable[[str], bool])
     passed_over = ()
     if backend == "auto":
         passed_over = tuple(name for name in _auto_order(device) if exceeds(name))
-    return _resolve_backend(backend, device, passed_over, origin)
+    chosen, reason = _resolve_backend(backend, device, passed_over)
+    if reason is not None:
+        # Raised here, not in the constant function: torch.compile reports an error raised in
+        # there as its own InternalTorchDynamoError.
+        raise RuntimeError(f"backend={backend!r}{origin} is not available: {reason}")
+    return chosen
 
 
 def _auto_order(device: torch.device) -> tuple[str, ...]:
@@ -145,17 +150,15 @@ def _auto_order(device: torch.device) -> tuple[str, ...]:
 # treats their result as a constant rather than tracing them.
 @torch.compiler.assume_constant_result
 def _resolve_backend(
-    backend: str, device: torch.device, passed_over: tuple[str, ...], origin: str
-) -> str:
+    backend: str, device: torch.device, passed_over: tuple[str, ...]
+) -> tuple[str, str | None]:
+    """The backend to run, and why it cannot run (None when it can)."""
     if backend == "auto":
         for candidate in _auto_order(device):
             if candidate not in passed_over and _why_unavailable(candidate, device) is None:
-                return candidate
-        return "reference"
-    reason = _why_unavailable(backend, device)
-    if reason is not None:
-        raise RuntimeError(f"backend={backend!r}{origin} is not available: {reason}")
-    return backend
+                return candidate, None
+        return "reference", None
+    return backend, _why_unavailable(backend, device)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,25 @@ def test_unavailable_backend_is_an_error_not_a_fallback():
         ak.resolve_backend("cuda", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_compiled_call_on_a_backend_that_cannot_run_is_the_eager_error(fullgraph):
+    """Until 2026-12-04 torch.compile reported it as its own InternalTorchDynamoError, fullgraph
+    or not (it was raised inside the function Dynamo takes as a constant), which reads as a bug
+    in torch."""
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda q: ak.attention_2d(q, q, q, height=2, width=3, backend="cuda"),
+        backend="eager",
+        fullgraph=fullgraph,
+    )
+    # fullgraph=True: Dynamo's Unsupported "Observed exception", as for any error of the call,
+    # the message in its debug context (the README says so).
+    expected = torch._dynamo.exc.Unsupported if fullgraph else RuntimeError
+    with pytest.raises(expected, match="backend='cuda' is not available: .*CUDA tensors") as e:
+        compiled(torch.randn(1, 2, 6, 4))
+    assert type(e.value) is expected
+
+
 def test_a_str_device_is_taken():
     assert ak.resolve_backend("reference", "cpu") == "reference"
     assert ak.resolve_backend("auto", "cpu") == ak.resolve_backend("auto", torch.device("cpu"))
