@@ -232,7 +232,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviations (argparse takes `--ep` for `--epochs` by default): a later option sharing
     # a prefix would silently change what a saved command line means.
-    parser = argparse.ArgumentParser(prog="aanet", description=__doc__, allow_abbrev=False)
+    # The docstring without its reST literal marks (double backquotes).
+    description = (__doc__ or "").replace("``", "")
+    parser = argparse.ArgumentParser(prog="aanet", description=description, allow_abbrev=False)
     parser.add_argument(
         "--debug", action="store_true", help="on an error, the full traceback, not one line"
     )

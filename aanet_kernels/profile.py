@@ -240,7 +240,7 @@ def _at_least(least: int) -> Callable[[str], int]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m aanet_kernels.profile",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),  # no reST literal marks
         allow_abbrev=False,
     )
     parser.add_argument("--op", choices=OPS, default="attention_2d")

@@ -129,7 +129,7 @@ def _name(text: str) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=common.description(__doc__), allow_abbrev=False)
     parser.add_argument("--config", default="cpu", help="preset name or YAML/JSON file")
     parser.add_argument("--epochs", type=common.positive_int, help="default: the preset's")
     parser.add_argument("--heatmap-reg", type=float, help="default: the preset's or Config's")

@@ -296,7 +296,9 @@ def render_markdown(rows: Sequence[Row], meta: dict[str, str]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
+        description=common.description(__doc__, whole=True),
+        formatter_class=argparse.RawTextHelpFormatter,
+        allow_abbrev=False,
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument(

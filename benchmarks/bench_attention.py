@@ -609,7 +609,7 @@ def remove_stale_plots(stem: str, out_dir: Path, written: Sequence[Path]) -> lis
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=common.description(__doc__), allow_abbrev=False)
     parser.add_argument(
         "--device", default=common.default_device(), help="cpu or cuda (default: cuda if present)"
     )

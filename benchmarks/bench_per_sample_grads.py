@@ -160,7 +160,7 @@ def memory_worker_main() -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=common.description(__doc__), allow_abbrev=False)
     parser.add_argument("--device", default=common.default_device())
     parser.add_argument(
         "--samples", type=common.positive_int, default=None, help="N (default: 16 CPU, 64 GPU)"

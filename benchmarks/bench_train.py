@@ -160,7 +160,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from aanet.config import Config
 
     defaults = Config()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=common.description(__doc__), allow_abbrev=False)
     parser.add_argument("--device", default=common.default_device())
     parser.add_argument("--variants", help=f"comma-separated backends and/or {PLAIN}")
     parser.add_argument("--batch-size", type=common.positive_int, default=defaults.batch_size)

@@ -108,6 +108,13 @@ def run_cli(main: Callable[[], object]) -> None:
         raise SystemExit(2) from None
 
 
+def description(doc: str | None, whole: bool = False) -> str:
+    """A script's ``--help`` text from its docstring: the first paragraph (or all of it with
+    ``whole``), the reST literal marks (double backquotes) taken out."""
+    text = (doc or "").strip()
+    return (text if whole else text.split("\n\n")[0]).replace("``", "")
+
+
 def file_tag(text: str) -> str:
     """An argparse ``type=`` for a word put into result file names: letters, digits, ``-``."""
     if not re.fullmatch(r"[A-Za-z0-9-]+", text):

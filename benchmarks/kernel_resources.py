@@ -148,7 +148,7 @@ def render(rows: list[dict[str, object]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=common.description(__doc__), allow_abbrev=False)
     parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args(argv)
     out_dir = common.out_dir(args.out_dir)  # checked before minutes of compiling

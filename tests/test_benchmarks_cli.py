@@ -560,3 +560,18 @@ def test_a_memory_worker_that_dies_leaves_the_timings_written(tmp_path, monkeypa
     assert all(r.status.startswith("memory not measured: memory worker") for r in rows)
     assert "exit -11" in rows[0].status
     assert (tmp_path / f"attention_{common.device_slug('cpu')}.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["bench_attention", "bench_aaconv", "bench_train", "bench_per_sample_grads",
+     "ablation_aanet", "kernel_resources", "profile"],
+)  # fmt: skip
+def test_help_reads_as_text_without_rest_literal_marks(name, capsys):
+    """The descriptions come from the docstrings, whose double backquotes showed in --help
+    (``attention_2d``) until 2026-12-04."""
+    with pytest.raises(SystemExit) as caught:
+        _module(name).main(["--help"])
+    assert caught.value.code == 0
+    shown = capsys.readouterr().out
+    assert "usage:" in shown and "``" not in shown

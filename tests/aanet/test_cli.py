@@ -383,3 +383,11 @@ def test_an_os_error_is_a_sentence_without_its_errno(error, line, monkeypatch, c
     assert (
         capsys.readouterr().err.strip() == f"aanet train: error: {line} (aanet --debug: traceback)"
     )
+
+
+@pytest.mark.parametrize("argv", [[], ["generate"], ["train"], ["evaluate"], ["run"]])
+def test_help_reads_as_text_without_rest_literal_marks(argv, capsys):
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    shown = capsys.readouterr().out
+    assert "usage: aanet" in shown and "``" not in shown
