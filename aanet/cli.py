@@ -43,6 +43,8 @@ _WORKER_TRACEBACK = re.compile(
 # pair.cc:545] Read error [127.0.0.1]:6540: Connection reset by peer. This is typically ...").
 _GLOO_PEER_GONE = re.compile(r"^\[[^\]]*gloo[^\]]*\].*\b(?:Connection (?:reset|closed) by peer)")
 
+_CHECKPOINT_HELP = "a training checkpoint: the last.pt that `aanet train` writes in its --out"
+
 
 def _user_path(text: str) -> str:
     """A path argument, a leading ``~`` the home folder (``--out=~/runs`` reaches us as it is)."""
@@ -266,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "evaluate", help="NME / FR / AUC on the test set and the WFLW or 300W subsets"
     )
-    ev.add_argument("--checkpoint", required=True, type=_user_path)
+    ev.add_argument("--checkpoint", required=True, type=_user_path, help=_CHECKPOINT_HELP)
     ev.add_argument(
         "--json",
         type=_user_path,
@@ -276,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="detect faces in an image and draw their landmarks")
-    pr.add_argument("image", type=_user_path)
-    pr.add_argument("--checkpoint", required=True, type=_user_path)
+    pr.add_argument(
+        "image", type=_user_path, help="the photo to find faces in (or to crop by --box)"
+    )
+    pr.add_argument("--checkpoint", required=True, type=_user_path, help=_CHECKPOINT_HELP)
     pr.add_argument(
         "--output", type=_user_path, help="annotated image (default: <image>_landmarks.png)"
     )
@@ -292,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_predict)
 
     ex = sub.add_parser("export", help="TorchScript / torch.export / ONNX, checked against eager")
-    ex.add_argument("--checkpoint", required=True, type=_user_path)
+    ex.add_argument("--checkpoint", required=True, type=_user_path, help=_CHECKPOINT_HELP)
     ex.add_argument(
         "--format", choices=("torchscript", "export", "onnx"),
         help="default: the one --output names (.pt2, .onnx, .ts.pt or .ts), else export",
