@@ -43,7 +43,7 @@ _WORKER_TRACEBACK = re.compile(
 # pair.cc:545] Read error [127.0.0.1]:6540: Connection reset by peer. This is typically ...").
 _GLOO_PEER_GONE = re.compile(r"^\[[^\]]*gloo[^\]]*\].*\b(?:Connection (?:reset|closed) by peer)")
 
-_CHECKPOINT_HELP = "a training checkpoint: the last.pt that `aanet train` writes in its --out"
+_CHECKPOINT_HELP = "a training checkpoint (the last.pt that `aanet train` writes)"
 
 
 def _user_path(text: str) -> str:
