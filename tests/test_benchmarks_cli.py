@@ -242,18 +242,25 @@ def test_bench_aaconv_memory_records_a_failing_method(monkeypatch):
     assert out == "error: KernelCompileError: no kernel image"
 
 
-def test_bench_train_records_a_variant_that_fails_and_times_the_others(tmp_path, monkeypatch):
-    pytest.importorskip("aanet.model", reason="the AANet model is not in this checkout")
+def _fail_variant(monkeypatch, variant: str, error: Exception) -> None:
+    """Make bench_train's step of ``variant`` raise ``error`` when built; the others as they are."""
     from benchmarks import bench_train
 
     real = bench_train.make_step
 
     def make_step(job, device):
-        if job.variant == "reference":
-            raise KernelCompileError("inductor: lowering failed")
+        if job.variant == variant:
+            raise error
         return real(job, device)
 
     monkeypatch.setattr(bench_train, "make_step", make_step)
+
+
+def test_bench_train_records_a_variant_that_fails_and_times_the_others(tmp_path, monkeypatch):
+    pytest.importorskip("aanet.model", reason="the AANet model is not in this checkout")
+    from benchmarks import bench_train
+
+    _fail_variant(monkeypatch, "reference", KernelCompileError("inductor: lowering failed"))
     rows = bench_train.main([
         *_base_args("bench_train", tmp_path), "--variants", "reference,plain_conv",
         "--out-dir", str(tmp_path),
@@ -271,14 +278,7 @@ def test_bench_train_memory_worker_measures_the_variants_after_one_that_fails(mo
     from benchmarks import bench_train
 
     jobs = [bench_train.Job(v, 2, 32, "float32") for v in ("reference", bench_train.PLAIN)]
-    real = bench_train.make_step
-
-    def make_step(job, device):
-        if job.variant == "reference":
-            raise KernelCompileError("no kernel image")
-        return real(job, device)
-
-    monkeypatch.setattr(bench_train, "make_step", make_step)
+    _fail_variant(monkeypatch, "reference", KernelCompileError("no kernel image"))
     for name, value in common._MALLOC_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps([dataclasses.asdict(j) for j in jobs])))
