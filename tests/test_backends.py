@@ -56,6 +56,21 @@ def test_a_compiled_call_on_a_backend_that_cannot_run_is_the_eager_error(fullgra
     assert type(e.value) is expected
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_compiled_call_with_a_bad_input_is_the_eager_error_or_dynamos_naming_it(fullgraph):
+    """What the README says a compiled call's input error looks like."""
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda q: ak.attention_2d(q, q, q, height=2, width=4),  # L = 6, not 2 x 4
+        backend="eager",
+        fullgraph=fullgraph,
+    )
+    expected = torch._dynamo.exc.Unsupported if fullgraph else ValueError
+    with pytest.raises(expected, match=r"height \* width") as e:
+        compiled(torch.randn(1, 2, 6, 4))
+    assert type(e.value) is expected
+
+
 def test_a_str_device_is_taken():
     assert ak.resolve_backend("reference", "cpu") == "reference"
     assert ak.resolve_backend("auto", "cpu") == ak.resolve_backend("auto", torch.device("cpu"))
