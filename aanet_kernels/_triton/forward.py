@@ -90,10 +90,11 @@ def attention_2d_fwd_kernel(
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
-    # A fully masked row has l_i = 0: output 0 and lse = -inf.
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    # A fully masked row has l_i = 0 and m_i = -inf: output 0 and lse = m_i + log(1) = -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
     # Summed in the lse dtype: m_i + log(l_i) rounded to fp32 would lose what the backward needs.
-    lse = m_i.to(LSE.dtype.element_ty) + tl.log(l_i).to(LSE.dtype.element_ty)
+    lse = m_i.to(LSE.dtype.element_ty) + tl.log(l_safe).to(LSE.dtype.element_ty)
     out_ptrs = OUT + offs_m[:, None] * stride_ol + offs_dv[None, :] * stride_od
     tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     tl.store(LSE + offs_m, lse, mask=row_ok)
