@@ -396,6 +396,24 @@ def test_inductor_training_with_a_changing_batch() -> None:
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
+def test_inductor_training_with_changing_map_sizes_under_dynamic_false() -> None:
+    # The README's workaround for pytorch#172204 (a symbolic map size fails inside Inductor):
+    # dynamic=False compiles one static graph per map size, each training like eager.
+    torch._dynamo.reset()
+    layer = AAConv2d(4, 12, 3, dk=8, dv=4, num_heads=2, input_size=5, backend="cpu")
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    for size in ((5, 5), (4, 6), (5, 5)):
+        x = torch.randn(2, 4, *size)
+        got = compiled(x)
+        got_grads = torch.autograd.grad(got.square().sum(), list(layer.parameters()))
+        expected = layer(x)
+        expected_grads = torch.autograd.grad(expected.square().sum(), list(layer.parameters()))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for g, e in zip(got_grads, expected_grads, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
 def test_fraction_channels() -> None:
     m = AAConv2d(64, 256, 3)  # kappa = 0.2 -> 51.2 -> 48; upsilon = 0.1 -> 25.6 -> 24 (8 heads)
     assert (m.dk, m.dv, m.dkh) == (48, 24, 6)
