@@ -602,6 +602,26 @@ def test_split_heads_names_the_depth_that_does_not_divide() -> None:
         split_heads(torch.randn(1, 3 + 3 + 4, 2, 2), dk=3, dv=4, num_heads=2)
 
 
+@pytest.mark.parametrize(
+    ("dk", "dv", "channels", "name"),
+    [
+        (0, 10, 10, "dk"),
+        (-2, 14, 10, "dk"),
+        (4, 0, 8, "dv"),
+        (4.0, 2, 10, "dk"),
+        (True, 1, 3, "dk"),
+    ],
+)
+def test_split_heads_names_a_depth_that_is_not_a_positive_int(
+    dk: object, dv: object, channels: int, name: str
+) -> None:
+    # Both once passed (empty heads, left for attention_2d to refuse) or reached torch.split's
+    # message, which names neither depth.
+    qkv = torch.randn(1, channels, 2, 3)
+    with pytest.raises(ValueError, match=rf"{name}: expected a positive int, got"):
+        split_heads(qkv, dk, dv, num_heads=1)  # type: ignore[arg-type]
+
+
 def test_from_conv2d_keeps_the_first_filters() -> None:
     conv = nn.Conv2d(6, 16, 3, stride=2, padding=1)
     aa = AAConv2d.from_conv2d(conv, dk=8, dv=4, num_heads=2)
