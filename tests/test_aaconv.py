@@ -622,6 +622,22 @@ def test_split_heads_names_a_depth_that_is_not_a_positive_int(
         split_heads(qkv, dk, dv, num_heads=1)  # type: ignore[arg-type]
 
 
+def test_fx_symbolic_trace_is_refused_with_the_way_around_it() -> None:
+    # It once said "x: expected a 4-D tensor (B, Cin, H, W), got Proxy".
+    layer = AAConv2d(8, 8, 3, dk=4, dv=2, num_heads=2, input_size=6)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), layer)
+    with pytest.raises(TypeError, match=r"x: a torch.fx Proxy.*leaf module"):
+        torch.fx.symbolic_trace(model)
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+            return isinstance(module, AAConv2d) or super().is_leaf_module(module, name)
+
+    x = torch.randn(2, 3, 6, 6)
+    traced = torch.fx.GraphModule(model, Tracer().trace(model))
+    torch.testing.assert_close(traced(x), model(x))
+
+
 def test_from_conv2d_keeps_the_first_filters() -> None:
     conv = nn.Conv2d(6, 16, 3, stride=2, padding=1)
     aa = AAConv2d.from_conv2d(conv, dk=8, dv=4, num_heads=2)
