@@ -17,6 +17,15 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 def check_feature_map(x: object) -> None:
     """Raise ``ValueError`` unless ``x`` is a 4-D tensor ``(B, Cin, H, W)``."""
+    if isinstance(x, torch.fx.Proxy):
+        # Not "expected a 4-D tensor, got Proxy": the input is fine, the tracer is the problem.
+        raise TypeError(
+            "x: a torch.fx Proxy; torch.fx.symbolic_trace cannot trace into AAConv2d or "
+            "aa_conv2d (they check x's shape and pick a backend from it). Keep AAConv2d a leaf "
+            "module (a Tracer whose is_leaf_module is true for it; torchvision's "
+            "create_feature_extractor takes tracer_kwargs={'leaf_modules': [AAConv2d]}), or "
+            "use torch.export or torch.compile"
+        )
     if not isinstance(x, Tensor) or x.dim() != 4:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x: expected a 4-D tensor (B, Cin, H, W), got {got}")

@@ -91,6 +91,11 @@ def split_heads(qkv: Tensor, dk: int, dv: int, num_heads: int) -> tuple[Tensor, 
     """
     if not isinstance(qkv, Tensor):
         raise TypeError(f"qkv: expected a torch.Tensor, got {type(qkv).__name__}")
+    # Checked here: a zero depth gave empty heads, a negative or float one torch.split's message.
+    for name, depth in (("dk", dk), ("dv", dv)):
+        if not is_int(depth) or depth < 1:
+            raise ValueError(f"{name}: expected a positive int, got {depth!r}")
+    dk, dv = int(dk), int(dv)
     if qkv.dim() != 4 or qkv.shape[1] != 2 * dk + dv:
         raise ValueError(
             f"qkv: expected shape (B, 2 * dk + dv, H, W) = (B, {2 * dk + dv}, H, W), "

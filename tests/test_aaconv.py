@@ -620,6 +620,42 @@ def test_split_heads_names_the_depth_that_does_not_divide() -> None:
         split_heads(torch.randn(1, 3 + 3 + 4, 2, 2), dk=3, dv=4, num_heads=2)
 
 
+@pytest.mark.parametrize(
+    ("dk", "dv", "channels", "name"),
+    [
+        (0, 10, 10, "dk"),
+        (-2, 14, 10, "dk"),
+        (4, 0, 8, "dv"),
+        (4.0, 2, 10, "dk"),
+        (True, 1, 3, "dk"),
+    ],
+)
+def test_split_heads_names_a_depth_that_is_not_a_positive_int(
+    dk: object, dv: object, channels: int, name: str
+) -> None:
+    # Both once passed (empty heads, left for attention_2d to refuse) or reached torch.split's
+    # message, which names neither depth.
+    qkv = torch.randn(1, channels, 2, 3)
+    with pytest.raises(ValueError, match=rf"{name}: expected a positive int, got"):
+        split_heads(qkv, dk, dv, num_heads=1)  # type: ignore[arg-type]
+
+
+def test_fx_symbolic_trace_is_refused_with_the_way_around_it() -> None:
+    # It once said "x: expected a 4-D tensor (B, Cin, H, W), got Proxy".
+    layer = AAConv2d(8, 8, 3, dk=4, dv=2, num_heads=2, input_size=6)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), layer)
+    with pytest.raises(TypeError, match=r"x: a torch.fx Proxy.*leaf module"):
+        torch.fx.symbolic_trace(model)
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+            return isinstance(module, AAConv2d) or super().is_leaf_module(module, name)
+
+    x = torch.randn(2, 3, 6, 6)
+    traced = torch.fx.GraphModule(model, Tracer().trace(model))
+    torch.testing.assert_close(traced(x), model(x))
+
+
 def test_from_conv2d_keeps_the_first_filters() -> None:
     conv = nn.Conv2d(6, 16, 3, stride=2, padding=1)
     aa = AAConv2d.from_conv2d(conv, dk=8, dv=4, num_heads=2)
