@@ -65,7 +65,8 @@ def run_demo(
     print(format_table(report))
     print(
         f"\nAANet ({'with' if config.attention else 'without'} attention), "
-        f"{config.epochs} epochs on the synthetic set: NME {100 * full['nme']:.2f}%  "
+        f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} on the synthetic set: "
+        f"NME {100 * full['nme']:.2f}%  "
         f"FR@0.1 {100 * full['fr']:.2f}%  AUC@0.1 {full['auc']:.4f}"
     )
     print(

@@ -132,7 +132,11 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"NME normalised by the {report['normalization']} distance")
     lines.append(f"{'subset':<14}{'faces':>7}{'NME %':>9}{'FR@0.1 %':>10}{'AUC@0.1':>9}")
     for name, m in report.items():
-        if name not in NOT_SUBSETS:
+        if name in NOT_SUBSETS:
+            continue
+        if m["count"] == 0:  # an empty subset has no metrics ("-", not nan: nan means diverged)
+            lines.append(f"{name:<14}{0:>7}{'-':>9}{'-':>10}{'-':>9}")
+        else:
             lines.append(
                 f"{name:<14}{m['count']:>7}{100 * m['nme']:>9.2f}{100 * m['fr']:>10.2f}"
                 f"{m['auc']:>9.4f}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import cv2
@@ -314,7 +315,11 @@ def test_a_300w_test_set_without_the_subset_folders_says_so(tmp_path, caplog):
     for name in ("common", "challenging"):
         assert report[name]["count"] == 0 and math.isnan(report[name]["nme"])
     assert report["subsets_missing"].startswith(expected)
-    assert f"common and challenging: {expected}" in format_table(report)
+    table = format_table(report)
+    assert f"common and challenging: {expected}" in table
+    for name in ("common", "challenging"):  # empty: no metrics, rather than nan
+        assert re.search(rf"^{name} +0 +- +- +-$", table, re.MULTILINE)
+    assert "nan" not in table
     write_json(report, tmp_path / "eval.json")
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["common"]["nme"] is None and written["subsets_missing"].startswith(expected)
