@@ -157,6 +157,24 @@ def test_cpp_op_refuses_float8():
                 torch.ops.aanet_kernels.attention_2d_fwd(*f8, 3, 4, 1.0)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("name", ["q", "v"])
+def test_cpp_op_refuses_a_head_dim_past_blas_int(name: str):
+    """The CPU kernel hands dkh and dvh to BLAS as int: until 2026-12-06 a head dim of 2^32 + 1
+    wrapped to 1 there (a wrong answer, no error), once 32 GB of inputs were materialized. The
+    inputs are stride-0 views, so the check must come before any copy."""
+    one = torch.ones(1, 1, 1, 1)
+    dims = dict(q=(2**32 + 1, 1), v=(1, 2**32 + 1))[name]
+    qk, v = one.expand(1, 1, 1, dims[0]), one.expand(1, 1, 1, dims[1])
+    dim_name = dict(q="dkh", v="dvh")[name]
+    message = rf"{name}: the CPU kernel takes head dims up to 2147483647 .* {dim_name}=4294967297"
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.aanet_kernels.attention_2d_fwd(qk, qk, v, None, None, 1, 1, 1.0)
+    lse = torch.zeros(1, 1, 1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.aanet_kernels.attention_2d_bwd(v, qk, qk, v, None, None, v, lse, 1, 1, 1.0)
+
+
 def _backward_args(**overrides):
     """attention_2d_bwd's inputs from a real forward, with ``overrides`` replacing some."""
     inputs = _inputs()
