@@ -255,9 +255,37 @@ def attention_2d_autograd(fwd_op: OpOverload, bwd_op: OpOverload) -> Callable[..
         # the innermost transform, which peels one level and calls the op again beneath it.
         return Attention2dFunction.apply(*args)
 
+    class Attention2dBackwardCall(torch.autograd.Function):
+        """A direct call of ``bwd_op`` whose outputs are differentiated (until 2026-12-06
+        PyTorch's autograd fallback gave zero second derivatives there, with only a warning)."""
+
+        @staticmethod
+        def forward(*args):  # type: ignore[no-untyped-def]
+            return bwd_op(*args)  # grad is off in here: the kernel below redispatches
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+            pass
+
+        @staticmethod
+        def backward(ctx, *grads):  # type: ignore[no-untyped-def]
+            raise RuntimeError(
+                f"{bwd_op._schema.name}: the raw backward op is not differentiable; for second "
+                "derivatives differentiate the forward's gradients instead (attention_2d, or "
+                "attention_2d_fwd, with torch.autograd.grad(..., create_graph=True))"
+            )
+
+    def bwd_autograd_kernel(keyset, *args):  # type: ignore[no-untyped-def]
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return Attention2dBackwardCall.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return bwd_op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
     name = fwd_op._schema.name.split("::")[1]
     _LIBRARY.impl(name, autograd_kernel, "Autograd", with_keyset=True, allow_override=True)
     _LIBRARY.impl(name, transform_kernel, "FuncTorchDynamicLayerFrontMode", allow_override=True)
+    bwd_name = bwd_op._schema.name.split("::")[1]
+    _LIBRARY.impl(bwd_name, bwd_autograd_kernel, "Autograd", with_keyset=True, allow_override=True)
     torch.library.register_vmap(bwd_op, batch_folding_vmap(bwd_op, num_tensors=8, query_index=1))
 
     def differentiable_fwd(*args: object) -> Tensor:

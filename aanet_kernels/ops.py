@@ -57,6 +57,9 @@ def fake_attention_2d_fwd(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     check_same_device(q, k=k, v=v, bias_h=bias_h, bias_w=bias_w)
+    # The C++ kernels' checks, which a call on meta tensors never reaches: without them it
+    # returned an output for any shapes and dtypes (an int32 one for int32 inputs).
+    check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale)
     batch, heads, length, _ = q.shape
     out = q.new_empty((batch, heads, length, v.shape[-1]))
     lse = q.new_empty((batch, heads, length), dtype=lse_dtype(q.dtype))
@@ -79,7 +82,20 @@ def fake_attention_2d_bwd(
     check_same_device(
         q, grad_out=grad_out, k=k, v=v, bias_h=bias_h, bias_w=bias_w, out=out, lse=lse
     )
+    check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale)
     batch, heads, length, _ = q.shape
+    # What check_attention_2d_backward_inputs (csrc/ops.cpp) asks of the backward's extra inputs.
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if t.shape != v.shape or t.dtype != q.dtype:
+            raise ValueError(
+                f"{name}: expected shape {tuple(v.shape)} and dtype {q.dtype} (those of the "
+                f"output), got {tuple(t.shape)}, {t.dtype}"
+            )
+    if lse.shape != (batch, heads, length) or lse.dtype != lse_dtype(q.dtype):
+        raise ValueError(
+            f"lse: expected the forward log-sum-exp, shape {(batch, heads, length)}, dtype "
+            f"{lse_dtype(q.dtype)}, got {tuple(lse.shape)}, {lse.dtype}"
+        )
     # An absent bias gets an empty (0-element) gradient: op schemas cannot return None.
     dbias_h = q.new_empty((batch, heads, length, height) if bias_h is not None else (0,))
     dbias_w = q.new_empty((batch, heads, length, width) if bias_w is not None else (0,))

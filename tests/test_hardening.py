@@ -399,6 +399,25 @@ def test_modifying_the_output_in_place_is_refused_not_silently_wrong(backend: st
             out.sum().backward()
 
 
+@pytest.mark.skipif(not FUSED_BACKENDS, reason="the C++ extension is not built")
+def test_differentiating_the_raw_backward_op_is_refused_not_zero():
+    """Until 2026-12-06 the outputs of a direct ``attention_2d_bwd`` call went through PyTorch's
+    autograd fallback, and their gradients were zeros (with only a warning). Second derivatives
+    through the forward op are unaffected (the reference path recomputes them)."""
+    case = Case(1, 2, 3, 4, 4, 3)
+    inputs = make_inputs(case, torch.float64, requires_grad=True)
+    out, lse = torch.ops.aanet_kernels.attention_2d_fwd(*inputs, 3, 4, 1.0)
+    grad_out = torch.randn_like(out)
+    dq, *_ = torch.ops.aanet_kernels.attention_2d_bwd(grad_out, *inputs, out, lse, 3, 4, 1.0)
+    with pytest.raises(RuntimeError, match="attention_2d_bwd: the raw backward op is not diff"):
+        torch.autograd.grad(dq.sum(), inputs[0])
+    (dq_fwd,) = torch.autograd.grad(out, inputs[0], grad_out, create_graph=True)
+    (second,) = torch.autograd.grad(dq_fwd.sum(), inputs[0])
+    assert torch.equal(dq.detach(), dq_fwd.detach()) and second.abs().max() > 0
+    with torch.no_grad():  # without grad nothing changes
+        torch.ops.aanet_kernels.attention_2d_bwd(grad_out, *inputs, out, lse, 3, 4, 1.0)
+
+
 # --- threads and memory -------------------------------------------------------------------------
 
 

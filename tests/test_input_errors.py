@@ -102,6 +102,40 @@ def test_cpp_op_names_the_argument(overrides: dict, message: str):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize(("overrides", "message"), [*CASES[:6], CASES[7]])
+def test_cpp_op_on_meta_tensors_names_the_argument(overrides: dict, message: str):
+    """On meta tensors the op runs its fake, not the C++ checks: until 2026-12-06 it returned an
+    output for any of these (an int32 one for int32 inputs), and for a wrong L."""
+    meta = [None if t is None else t.to("meta") for t in _inputs(**overrides).values()]
+    with pytest.raises((ValueError, TypeError), match=message):
+        torch.ops.aanet_kernels.attention_2d_fwd(*meta, 3, 4, 1.0)
+    meta = [None if t is None else t.to("meta") for t in _inputs().values()]
+    with pytest.raises(ValueError, match="L = 12 does not equal height"):
+        torch.ops.aanet_kernels.attention_2d_fwd(*meta, 4, 4, 1.0)
+    out, lse = torch.ops.aanet_kernels.attention_2d_fwd(*meta, 3, 4, 1.0)
+    assert (out.shape, out.dtype, lse.dtype) == ((2, 2, 12, 3), torch.float32, torch.float64)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize(
+    ("name", "bad", "message"),
+    [
+        ("q", torch.randn(2, 2, 12, 4).int(), "q: expected a floating dtype"),
+        ("grad_out", torch.randn(2, 2, 12, 4), "grad_out: expected shape"),
+        ("out", torch.randn(2, 2, 12, 3).half(), "out: expected shape"),
+        ("lse", torch.randn(2, 2, 12), "lse: expected the forward log-sum-exp"),
+        ("lse", torch.randn(2, 2, 12, 1).double(), "lse: expected the forward log-sum-exp"),
+    ],
+)
+def test_cpp_backward_on_meta_tensors_names_the_argument(name: str, bad, message: str):
+    names = ["grad_out", "q", "k", "v", "bias_h", "bias_w", "out", "lse"]
+    args = [t.to("meta") for t in _backward_args()]
+    args[names.index(name)] = bad.to("meta")
+    with pytest.raises((ValueError, TypeError), match=message):
+        torch.ops.aanet_kernels.attention_2d_bwd(*args, 3, 4, 1.0)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
 @pytest.mark.parametrize("name", ["grad_out", "k", "bias_h", "out", "lse"])
 def test_cpp_backward_names_a_tensor_on_another_device(name: str):
     args = _backward_args()
@@ -155,6 +189,24 @@ def test_cpp_op_refuses_float8():
                 ak.attention_2d(*f8, height=3, width=4, backend="cpu")
             else:
                 torch.ops.aanet_kernels.attention_2d_fwd(*f8, 3, 4, 1.0)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("name", ["q", "v"])
+def test_cpp_op_refuses_a_head_dim_past_blas_int(name: str):
+    """The CPU kernel hands dkh and dvh to BLAS as int: until 2026-12-06 a head dim of 2^32 + 1
+    wrapped to 1 there (a wrong answer, no error), once 32 GB of inputs were materialized. The
+    inputs are stride-0 views, so the check must come before any copy."""
+    one = torch.ones(1, 1, 1, 1)
+    dims = dict(q=(2**32 + 1, 1), v=(1, 2**32 + 1))[name]
+    qk, v = one.expand(1, 1, 1, dims[0]), one.expand(1, 1, 1, dims[1])
+    dim_name = dict(q="dkh", v="dvh")[name]
+    message = rf"{name}: the CPU kernel takes head dims up to 2147483647 .* {dim_name}=4294967297"
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.aanet_kernels.attention_2d_fwd(qk, qk, v, None, None, 1, 1, 1.0)
+    lse = torch.zeros(1, 1, 1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.aanet_kernels.attention_2d_bwd(v, qk, qk, v, None, None, v, lse, 1, 1, 1.0)
 
 
 def _backward_args(**overrides):

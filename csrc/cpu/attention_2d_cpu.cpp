@@ -67,9 +67,9 @@ inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n
 }
 
 // Row-major C = alpha * op(A) @ op(B) + beta * C. BLAS is column-major, and a row-major matrix is
-// its transpose seen column-major, so this computes C^T = op(B)^T op(A)^T. Every leading
-// dimension here is the exact row length of a tile (at most a few thousand), so int is enough
-// and BLAS's ld checks hold.
+// its transpose seen column-major, so this computes C^T = op(B)^T op(A)^T. Every size and leading
+// dimension here is kBlockM, dkh, dvh or a key block's length (at most max(width, 128)), which
+// check_blas_sizes holds to int.
 template <typename T>
 void gemm_row_major(
     bool trans_a,
@@ -402,6 +402,18 @@ void check_cpu(const at::Tensor& q) {
               q.device());
 }
 
+// The tile products pass dkh, dvh and a key block's length (up to the map width) to BLAS as int:
+// a larger one would wrap (2^32 + 1 to 1) and give a wrong answer without an error.
+void check_blas_sizes(const at::Tensor& q, const at::Tensor& v, int64_t width) {
+  constexpr int64_t int_max = std::numeric_limits<int>::max();
+  TORCH_CHECK(q.size(3) <= int_max, "q: the CPU kernel takes head dims up to ", int_max,
+              " (BLAS's int), got dkh=", q.size(3));
+  TORCH_CHECK(v.size(3) <= int_max, "v: the CPU kernel takes head dims up to ", int_max,
+              " (BLAS's int), got dvh=", v.size(3));
+  TORCH_CHECK(width <= int_max, "width: the CPU kernel takes map widths up to ", int_max,
+              " (BLAS's int), got ", width);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_2d_fwd_cpu(
@@ -415,6 +427,7 @@ std::tuple<at::Tensor, at::Tensor> attention_2d_fwd_cpu(
     double scale) {
   check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale);
   check_cpu(q);
+  check_blas_sizes(q, v, width);
   const auto dtype = accumulator_dtype(q.scalar_type());
   const at::Tensor q_c = prepare(q, dtype), k_c = prepare(k, dtype), v_c = prepare(v, dtype);
   const at::Tensor bh = prepare_bias(bias_h, q, height, dtype);
@@ -445,6 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   check_attention_2d_inputs(q, k, v, bias_h, bias_w, height, width, scale);
   check_cpu(q);
   check_attention_2d_backward_inputs(grad_out, q, v, out, lse);
+  check_blas_sizes(q, v, width);
   const auto dtype = accumulator_dtype(q.scalar_type());
   const at::Tensor q_c = prepare(q, dtype), k_c = prepare(k, dtype), v_c = prepare(v, dtype);
   const at::Tensor do_c = prepare(grad_out, dtype), out_c = prepare(out, dtype);
