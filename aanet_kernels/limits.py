@@ -1,4 +1,4 @@
-"""The size limits of the GPU kernels. Each GPU backend refuses a call past its limits, naming the
+"""The size limits of the kernels. Each backend refuses a call past its limits, naming the
 argument; ``auto`` passes over a backend whose limits a call exceeds, to the next one in its order.
 """
 
@@ -25,6 +25,9 @@ TRITON_MAX_SLICE_OFFSET = 2**31 - 1
 # The longest L the CUDA kernels take (they count positions in int; the check is in
 # attention_2d_cuda.cpp).
 CUDA_MAX_LENGTH = (2**31 - 1) // 2
+# The CPU kernel hands head dims (and key blocks, up to the map width) to BLAS, whose sizes are int
+# (check_blas_sizes in attention_2d_cpu.cpp). A width past it needs L >= 2^31: no memory holds that.
+CPU_MAX_HEAD_DIM = 2**31 - 1
 
 
 def slice_reach(t: Tensor) -> int:
@@ -66,10 +69,12 @@ def _exceeds_device_smem(
 
 def exceeds_limits(backend: str, q: Tensor, k: Tensor, v: Tensor, needs_grad: bool = False) -> bool:
     """Whether ``backend`` would refuse a call on ``q``, ``k``, ``v`` (and, if ``needs_grad``,
-    its backward) for its size (the CPU and reference backends have no such limits)."""
+    its backward) for its size (the reference backend has no such limits)."""
+    head_dim = max(q.shape[-1], v.shape[-1])
+    if backend == "cpu":
+        return head_dim > CPU_MAX_HEAD_DIM
     if backend not in MAX_HEAD_DIM:
         return False
-    head_dim = max(q.shape[-1], v.shape[-1])
     if head_dim > MAX_HEAD_DIM[backend]:
         return True
     if q.shape[0] > MAX_GRID_YZ or q.shape[1] > MAX_GRID_YZ:

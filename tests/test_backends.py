@@ -174,8 +174,8 @@ def test_auto_steps_past_a_backend_that_would_refuse_the_size(
     assert resolve_backend_for_call("triton", q, q, q) == "triton"
 
 
-def test_size_limits_of_each_gpu_kernel():
-    from aanet_kernels.limits import CUDA_MAX_LENGTH, exceeds_limits
+def test_size_limits_of_each_kernel():
+    from aanet_kernels.limits import CPU_MAX_HEAD_DIM, CUDA_MAX_LENGTH, exceeds_limits
 
     # L past the cuda kernels' int positions, as a stride-0 view (nothing allocated): within
     # Triton's offsets, since every row is the same element.
@@ -190,6 +190,10 @@ def test_size_limits_of_each_gpu_kernel():
     assert not exceeds_limits("triton", head_129, head_129, head_129)
     for backend in ("cpu", "reference"):
         assert not exceeds_limits(backend, wide, wide, wide)
+    # A head dim past BLAS's int (stride 0: nothing allocated): the cpu kernel refuses it.
+    blas_wide = torch.empty(1, 1, 1, 1).expand(1, 1, 1, CPU_MAX_HEAD_DIM + 1)
+    assert exceeds_limits("cpu", blas_wide, blas_wide, blas_wide)
+    assert not exceeds_limits("reference", blas_wide, blas_wide, blas_wide)
 
 
 def _graph_recorder(graphs: list[str]):  # type: ignore[no-untyped-def]
