@@ -852,3 +852,14 @@ def test_the_make_run_job_writes_everything_it_promises(tmp_path, capsys):
     assert 0 <= report["full"]["nme"] < 1 and report["full"]["count"] == 8
     printed = capsys.readouterr().out
     assert "NME" in printed and "1 epoch on the synthetic set" in printed
+
+
+@pytest.mark.parametrize("data", ["synthetic", "wflw", "300w"])
+def test_the_make_run_summary_names_the_data_it_trained_on(data):
+    """Until 2026-12-06 ``aanet run --data 300w`` (or ``wflw``) ended with "1 epoch on the
+    synthetic set"."""
+    from aanet.demo import headline
+
+    line = headline(Config(data=data, epochs=1), {"nme": 0.05, "fr": 0.0, "auc": 0.5})
+    name = {"synthetic": "the synthetic set", "wflw": "WFLW", "300w": "300W"}[data]
+    assert line.startswith(f"AANet (with attention), 1 epoch on {name}: NME 5.00%"), line
