@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
         parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False),
     )
 
+    from aanet.config import option_choices
+
+    backends = ", ".join(option_choices()["backend"])  # as train's --help lists them
+
     gen = sub.add_parser("generate", help="write the synthetic WFLW-layout face set")
     gen.add_argument(
         "--out", type=_user_path, default="runs/data/synthetic", help="default: %(default)s"
@@ -292,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--device", default="auto", help="auto, cpu, cuda or cuda:N; default: %(default)s"
     )
-    pr.add_argument("--backend", default="auto", help="attention backend; default: %(default)s")
+    pr.add_argument(
+        "--backend", default="auto", help=f"attention backend: {backends}; default: %(default)s"
+    )
     pr.set_defaults(func=_cmd_predict)
 
     ex = sub.add_parser("export", help="TorchScript / torch.export / ONNX, checked against eager")
@@ -306,7 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_user_path,
         help="default: the checkpoint's name with .pt2, .ts.pt or .onnx for --format",
     )
-    ex.add_argument("--backend", default="reference", help="attention backend recorded in the file")
+    ex.add_argument(
+        "--backend", default="reference",
+        help=f"attention backend recorded in the file: {backends}; default: %(default)s",
+    )  # fmt: skip
     ex.set_defaults(func=_cmd_export)
 
     run = sub.add_parser(

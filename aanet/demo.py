@@ -27,6 +27,21 @@ def demo_photo(path: Path, seed: int = 12345, size: int = 320) -> np.ndarray:
     return np.concatenate([points.min(axis=0), points.max(axis=0)])
 
 
+# What each --data is called in the summary line.
+_DATA_NAMES = {"synthetic": "the synthetic set", "wflw": "WFLW", "300w": "300W"}
+
+
+def headline(config: Config, full: dict[str, float]) -> str:
+    """The summary line of ``aanet run``: the network, its epochs and data, the full set's
+    metrics."""
+    return (
+        f"AANet ({'with' if config.attention else 'without'} attention), "
+        f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} on "
+        f"{_DATA_NAMES.get(config.data, config.data)}: NME {100 * full['nme']:.2f}%  "
+        f"FR@0.1 {100 * full['fr']:.2f}%  AUC@0.1 {full['auc']:.4f}"
+    )
+
+
 def run_demo(
     config: Config, resume: bool = False, progress: bool = True
 ) -> dict[str, dict[str, float]]:
@@ -61,14 +76,8 @@ def run_demo(
         annotated, faces, out / "photo_landmarks.png", out / "photo_landmarks.json", photo
     )
     error = export(model.cpu(), out / "aanet.pt2", "export")
-    full = report["full"]
     print(format_table(report))
-    print(
-        f"\nAANet ({'with' if config.attention else 'without'} attention), "
-        f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} on the synthetic set: "
-        f"NME {100 * full['nme']:.2f}%  "
-        f"FR@0.1 {100 * full['fr']:.2f}%  AUC@0.1 {full['auc']:.4f}"
-    )
+    print(f"\n{headline(config, report['full'])}")
     print(
         f"checkpoint {out / 'last.pt'}, log {out / 'log.csv'}, curves {out / 'curves.png'}, "
         f"report {out / 'eval.json'},\nannotated photo {out / 'photo_landmarks.png'} "

@@ -12,7 +12,7 @@ import torch
 
 from aanet.files import check_output_path, replacing
 from aanet.model import AANet
-from aanet_kernels import use_backend
+from aanet_kernels import resolve_backend, use_backend
 
 log = logging.getLogger("aanet.export")
 
@@ -108,6 +108,17 @@ def export(
                 f"format 'onnx' needs the packages {', '.join(_ONNX_PACKAGES)}, and {lacking} be "
                 "imported here: pip install 'aanet-kernels[onnx]'"
             )
+        # ONNX has no translation of the extension's operators: torch's exporter would end in a
+        # paragraph of advice on registering one.
+        with use_backend(backend):
+            chosen = resolve_backend("auto", next(model.parameters()).device)
+        if chosen != "reference" and getattr(model.config, "attention", True):
+            picks = "" if backend == chosen else f" (which picks {chosen!r} here)"
+            raise ValueError(
+                f"backend: {backend!r}{picks} records aanet_kernels' compiled operators, which "
+                "ONNX has no translation for; --format onnx needs --backend reference (the "
+                "default)"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _Landmarks(model).eval()  # eval() recurses: the wrapper too, which ONNX checks
     size = model.config.input_size
@@ -132,7 +143,7 @@ def export(
                 loaded = torch.export.load(str(tmp)).module()
                 got = [loaded(check) for check in checks]
             else:
-                compiled_ops = False  # the ONNX exporter has no translation for them: it raises
+                compiled_ops = False  # refused above: ONNX has no translation for them
                 got = _onnx(wrapper, example, checks, tmp)
         error = max(
             float((a - b).abs().max())

@@ -75,8 +75,12 @@ def rank_correlation(a: Tensor, b: Tensor) -> float:
 def confidence_summary(errors: Tensor, confidence: Tensor) -> dict[str, float]:
     """Whether per-point confidences mean anything: their median, their rank correlation with the
     per-point errors (negative when the sure points are the accurate ones), and the mean error
-    of the least and of the most confident quarter of the points."""
+    of the least and of the most confident quarter of the points; over the points whose error
+    and confidence are finite (a face without a finite prediction has neither: NaN would sort,
+    and rank, as a number)."""
     errors, confidence = errors.flatten().double(), confidence.flatten().double()
+    finite = errors.isfinite() & confidence.isfinite()
+    errors, confidence = errors[finite], confidence[finite]
     if not errors.numel():
         return {"median": float("nan"), "rank_correlation": float("nan"),
                 "error_least_sure_quarter": float("nan"),

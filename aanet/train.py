@@ -439,7 +439,11 @@ def _train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         follow_config(scheduler, config)
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        # else a run trained without a scaler (no --amp, or on a CPU) resumed with --amp on a
+        # GPU: the new scaler starts at its initial scale (loading the disabled one's empty state
+        # is torch's error "The source state dict is empty")
         checkpoint.set_rng_state(state["rng"])
         history, start = state["history"], state["epoch"] + 1
         named = state.get("named_bad_faces", {})  # absent from older checkpoints

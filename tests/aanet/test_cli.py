@@ -109,6 +109,14 @@ def test_generate_help_lists_its_defaults(capsys):
     assert "--num-train NUM_TRAIN default: 1500" in help_of(capsys, "generate")
 
 
+@pytest.mark.parametrize("command, default", [("predict", "auto"), ("export", "reference")])
+def test_predict_and_export_help_list_the_backends_they_take(capsys, command, default):
+    """Until 2026-12-06 their ``--backend`` said "attention backend" (export: without its default)
+    where train's lists the allowed values, as the README says each command's --help does."""
+    text = help_of(capsys, command)
+    assert f"auto, reference, cpu, cuda, triton; default: {default}" in text, text
+
+
 def test_run_resume_continues_the_training_of_out(monkeypatch):
     seen = {}
     monkeypatch.setattr("aanet.demo.run_demo", lambda config, **kwargs: seen.update(kwargs))

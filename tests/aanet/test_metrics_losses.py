@@ -195,6 +195,22 @@ def test_confidence_summary_tells_informative_from_useless_confidences():
     assert informative["median"] == pytest.approx(float(np.median(1.0 - errors.numpy() * 5)))
 
 
+def test_confidence_summary_leaves_out_points_without_a_finite_prediction():
+    """Until 2026-12-06 a model whose every prediction was NaN (weights gone non-finite under
+    ``--on-nan skip``) was reported with "rank correlation with the error +1.00": NaNs sort as
+    numbers. Over the finite points only, and undefined when none is."""
+    nan = torch.full((8, 98), float("nan"))
+    summary = confidence_summary(nan, nan)
+    assert all(math.isnan(value) for value in summary.values()), summary
+    generator = torch.Generator().manual_seed(5)
+    errors = torch.rand(40, 98, generator=generator) * 0.1
+    with_nan_faces = torch.cat([errors, nan])
+    confidence = torch.cat([1.0 - errors * 5, nan])
+    assert confidence_summary(with_nan_faces, confidence) == confidence_summary(
+        errors, 1.0 - errors * 5
+    )
+
+
 def test_confidence_median_of_an_even_count_is_the_mean_of_the_middle_two():
     confidence = torch.arange(1.0, 9.0) / 10  # 0.1 .. 0.8
     summary = confidence_summary(torch.rand(8), confidence)

@@ -313,6 +313,24 @@ def test_a_file_recording_the_compiled_kernels_says_it_needs_aanet_kernels(
     assert "compiled operators" not in caplog.text
 
 
+@pytest.mark.skipif(
+    "cpu" not in available_backends("cpu"), reason="the C++ extension is not built here"
+)
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_onnx_with_the_compiled_kernels_is_refused_in_one_line(
+    checkpoint, tmp_path, capsys, backend
+):
+    """Until 2026-12-06 ``--format onnx --backend cpu`` (or ``auto``, which picks it where the
+    extension is built) ended in torch's 16-line "Failed to convert the exported program to an
+    ONNX model ... No ONNX function found for aanet_kernels.attention_2d_fwd"."""
+    argv = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--backend", backend]
+    assert main([*argv, "--output", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert f"aanet export: error: backend: {backend!r}" in err, err
+    assert "--format onnx needs --backend reference" in err and len(err.splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_torchscripts_deprecation_is_one_log_line_not_eight_warnings(
     checkpoint, tmp_path, caplog, recwarn
 ):

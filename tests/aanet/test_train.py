@@ -283,6 +283,20 @@ def test_resume_with_options_that_change_the_run_says_so(trained, tmp_path, capl
     ), caplog.text
 
 
+def test_resume_with_amp_of_a_run_trained_without_it_trains_on(trained, tmp_path, monkeypatch):
+    """Until 2026-12-06 ``--resume --amp`` on a GPU of a run trained without ``--amp`` (or on a
+    CPU) stopped with torch's "The source state dict is empty, possibly because it was saved
+    from a disabled instance of GradScaler", where the README promises a warning and training on.
+    The GPU's enabled scaler is stood in for by an enabled CPU one."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: real("cpu"))
+    config = resumable_copy(trained, tmp_path, amp=True, epochs=2)
+    result = train(config, resume="auto", progress=False)
+    assert [row["epoch"] for row in result["history"]] == [1, 2]
+    saved = torch.load(Path(config.out) / "last.pt", weights_only=False)
+    assert saved["scaler"]["scale"] > 0  # the new scaler's state, saved for the next resume
+
+
 def test_a_second_run_into_the_same_out_is_refused(tmp_path):
     """Until 2026-12-02 two runs given one ``--out`` both trained, each replacing the other's
     ``last.pt``, ``log.csv`` and ``curves.png`` every epoch. The lock (what a running ``aanet
@@ -838,3 +852,14 @@ def test_the_make_run_job_writes_everything_it_promises(tmp_path, capsys):
     assert 0 <= report["full"]["nme"] < 1 and report["full"]["count"] == 8
     printed = capsys.readouterr().out
     assert "NME" in printed and "1 epoch on the synthetic set" in printed
+
+
+@pytest.mark.parametrize("data", ["synthetic", "wflw", "300w"])
+def test_the_make_run_summary_names_the_data_it_trained_on(data):
+    """Until 2026-12-06 ``aanet run --data 300w`` (or ``wflw``) ended with "1 epoch on the
+    synthetic set"."""
+    from aanet.demo import headline
+
+    line = headline(Config(data=data, epochs=1), {"nme": 0.05, "fr": 0.0, "auc": 0.5})
+    name = {"synthetic": "the synthetic set", "wflw": "WFLW", "300w": "300W"}[data]
+    assert line.startswith(f"AANet (with attention), 1 epoch on {name}: NME 5.00%"), line
