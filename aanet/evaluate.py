@@ -141,7 +141,9 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{name:<14}{m['count']:>7}{100 * m['nme']:>9.2f}{100 * m['fr']:>10.2f}"
                 f"{m['auc']:>9.4f}"
             )
-    if "confidence" in report:
+    if "confidence" in report and math.isnan(report["confidence"]["median"]):
+        lines.append("landmark confidence: no point has a finite prediction")
+    elif "confidence" in report:
         c = report["confidence"]
         lines.append(
             f"landmark confidence: median {c['median']:.2f}; rank correlation with the error "

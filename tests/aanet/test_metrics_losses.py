@@ -202,6 +202,10 @@ def test_confidence_summary_leaves_out_points_without_a_finite_prediction():
     nan = torch.full((8, 98), float("nan"))
     summary = confidence_summary(nan, nan)
     assert all(math.isnan(value) for value in summary.values()), summary
+    from aanet.evaluate import format_table
+
+    table = format_table({"confidence": summary})
+    assert "landmark confidence: no point has a finite prediction" in table and "nan" not in table
     generator = torch.Generator().manual_seed(5)
     errors = torch.rand(40, 98, generator=generator) * 0.1
     with_nan_faces = torch.cat([errors, nan])
