@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -376,6 +377,19 @@ def test_export_and_compile_with_dynamic_batch_and_map_size(backend: str) -> Non
             torch.testing.assert_close(compiled(x), expected)
 
 
+def _assert_trains_as_eager(
+    compiled: Callable[[Tensor], Tensor], layer: nn.Module, x: Tensor
+) -> None:
+    """``compiled(x)`` and its parameter gradients equal eager ``layer(x)``'s."""
+    got = compiled(x)
+    got_grads = torch.autograd.grad(got.square().sum(), list(layer.parameters()))
+    expected = layer(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(layer.parameters()))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
 def test_inductor_training_with_a_changing_batch() -> None:
     # torch.compile's default compiler, as users run it: the second batch size makes the batch dim
@@ -386,14 +400,7 @@ def test_inductor_training_with_a_changing_batch() -> None:
     layer = AAConv2d(4, 12, 3, dk=8, dv=4, num_heads=2, input_size=5, backend="cpu")
     compiled = torch.compile(layer, fullgraph=True)
     for batch in (3, 2, 5):
-        x = torch.randn(batch, 4, 5, 5)
-        got = compiled(x)
-        got_grads = torch.autograd.grad(got.square().sum(), list(layer.parameters()))
-        expected = layer(x)
-        expected_grads = torch.autograd.grad(expected.square().sum(), list(layer.parameters()))
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        for g, e in zip(got_grads, expected_grads, strict=True):
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+        _assert_trains_as_eager(compiled, layer, torch.randn(batch, 4, 5, 5))
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
@@ -404,14 +411,7 @@ def test_inductor_training_with_changing_map_sizes_under_dynamic_false() -> None
     layer = AAConv2d(4, 12, 3, dk=8, dv=4, num_heads=2, input_size=5, backend="cpu")
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     for size in ((5, 5), (4, 6), (5, 5)):
-        x = torch.randn(2, 4, *size)
-        got = compiled(x)
-        got_grads = torch.autograd.grad(got.square().sum(), list(layer.parameters()))
-        expected = layer(x)
-        expected_grads = torch.autograd.grad(expected.square().sum(), list(layer.parameters()))
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        for g, e in zip(got_grads, expected_grads, strict=True):
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+        _assert_trains_as_eager(compiled, layer, torch.randn(2, 4, *size))
 
 
 def test_fraction_channels() -> None:
